@@ -1,0 +1,52 @@
+"""Stop work for clients that went away, and bound every request in time.
+
+A non-streaming handler does not notice a disconnect by itself: ``until_disconnected`` races the
+work against the ASGI ``http.disconnect`` message (vLLM's ``with_cancellation`` does the same) and
+cancels the work, which cancels the engine row. Streaming responses get this from Starlette, which
+cancels the body iterator on disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+
+from snark.errors import RequestTimeout
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection; nobody is left to answer."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnected(request: Request, work: Awaitable[T], *, timeout_s: float) -> T:
+    """Await ``work``; cancel it if the client disconnects or ``timeout_s`` passes (504)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    if watcher in done:
+        raise ClientDisconnected()
+    raise RequestTimeout(
+        f"The request took longer than {timeout_s:g} s (SNARK_REQUEST_TIMEOUT_S): ask for fewer tokens or retry later."
+    )

@@ -1,0 +1,149 @@
+"""The curl-friendly form endpoints: ``POST /infer/text`` and ``POST /infer/image``.
+
+    curl -F prompt="Describe this picture" -F image_file=@sample.jpeg http://localhost:8123/infer/image
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from snark.api.cancellation import until_disconnected
+from snark.api.state import AppState, get_state
+from snark.config import Settings
+from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams
+from snark.errors import InvalidRequest, PayloadTooLarge
+from snark.media import decode_upload, load_image
+from snark.speech import speak_wav
+
+router = APIRouter(tags=["form endpoints"])
+
+
+class FormInferRequest(BaseModel):
+    """The form fields shared by both endpoints; converts itself into engine parameters."""
+
+    prompt: str = Field(min_length=1, description="The question or instruction.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Default SNARK_DEFAULT_MAX_NEW_TOKENS.")
+    response_format: Literal["json", "text", "wav"] = "json"
+    system: str | None = Field(None, description="Optional system prompt.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default: the model's.")
+    stream: bool = Field(False, description="Send the answer as plain-text chunks while it is generated.")
+    max_image_pixels: int | None = Field(None, ge=1, description="Lower this request's image resolution cap.")
+
+    def to_sampling_params(self, settings: Settings, defaults: SamplingParams) -> SamplingParams:
+        max_new = self.max_new_tokens or settings.default_max_new_tokens
+        if max_new > settings.max_new_tokens_limit:
+            raise InvalidRequest(
+                f"max_new_tokens={max_new} is over this server's limit of {settings.max_new_tokens_limit} "
+                "(SNARK_MAX_NEW_TOKENS_LIMIT): ask for fewer.",
+                param="max_new_tokens",
+            )
+        temperature = defaults.temperature if self.temperature is None else self.temperature
+        sampled = temperature > 0
+        return SamplingParams(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_p=defaults.top_p if sampled else 1.0,
+            top_k=defaults.top_k if sampled else 0,
+            repetition_penalty=defaults.repetition_penalty,
+        )
+
+    def image_pixel_cap(self, settings: Settings) -> int:
+        if self.max_image_pixels is None:
+            return settings.max_image_pixels
+        if self.max_image_pixels > settings.max_image_pixels:
+            raise InvalidRequest(
+                f"max_image_pixels={self.max_image_pixels} is over this server's cap of {settings.max_image_pixels} "
+                "(SNARK_MAX_IMAGE_PIXELS): a request can only lower it.",
+                param="max_image_pixels",
+            )
+        return max(self.max_image_pixels, settings.min_image_pixels)
+
+    def check_format(self) -> None:
+        if self.stream and self.response_format == "wav":
+            raise InvalidRequest(
+                "stream=true sends text chunks; use response_format=wav without stream, or POST /v1/audio/speech.",
+                param="stream",
+            )
+
+    def turns(self, image=None) -> list[ChatTurn]:
+        turns = [ChatTurn("system", [self.system])] if self.system else []
+        return turns + [ChatTurn("user", ([image] if image is not None else []) + [self.prompt])]
+
+
+FormFields = Annotated[FormInferRequest, Form()]
+
+
+@router.post("/infer/text", summary="Answer a text prompt")
+async def infer_text(request: Request, form: FormFields, state: AppState = Depends(get_state)) -> Response:
+    form.check_format()
+    prompt = await state.engine.build_prompt(form.turns(), min_pixels=state.settings.min_image_pixels, max_pixels=state.settings.max_image_pixels)
+    return await _answer(request, state, form, prompt)
+
+
+@router.post("/infer/image", summary="Answer a prompt about one image (image_url or image_file)")
+async def infer_image(
+    request: Request,
+    form: FormFields,
+    image_url: Annotated[str | None, Form(description="http(s) URL or data: URI of the image")] = None,
+    image_file: Annotated[UploadFile | None, File(description="The image, uploaded")] = None,
+    state: AppState = Depends(get_state),
+) -> Response:
+    form.check_format()
+    if (image_url is None) == (image_file is None):
+        raise InvalidRequest("Send exactly one of image_url (a URL or data: URI) or image_file (an upload).", param="image_url")
+    if image_file is not None:
+        image = await decode_upload(await _read_upload(image_file, state.image_limits.max_image_bytes), state.image_limits, filename=image_file.filename)
+    else:
+        image = await load_image(image_url, state.image_limits)
+    max_pixels = form.image_pixel_cap(state.settings)
+    min_pixels = min(state.settings.min_image_pixels, max_pixels)
+    prompt = await state.engine.build_prompt(form.turns(image), min_pixels=min_pixels, max_pixels=max_pixels)
+    return await _answer(request, state, form, prompt)
+
+
+async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+    data = await upload.read(max_bytes + 1)  # read one byte past the cap to know it is over
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(
+            f"image_file is over the {max_bytes}-byte limit (SNARK_MAX_IMAGE_BYTES): send a smaller image.",
+            param="image_file",
+            code="image_too_large",
+        )
+    return data
+
+
+async def _answer(request: Request, state: AppState, form: FormInferRequest, prompt: PromptInputs) -> Response:
+    engine, settings = state.engine, state.settings
+    params = form.to_sampling_params(settings, engine.default_sampling)
+    if form.stream:
+        return StreamingResponse(_text_chunks(state, prompt, params), media_type="text/plain; charset=utf-8")
+    done: GenerationRequest = await until_disconnected(
+        request, engine.generate(prompt, params), timeout_s=settings.request_timeout_s
+    )
+    if form.response_format == "text":
+        return PlainTextResponse(done.text)
+    if form.response_format == "wav":
+        return Response(await speak_wav(state.speaker, done.text), media_type="audio/wav")
+    return JSONResponse(
+        {
+            "text": done.text,
+            "model": engine.model_name,
+            "finish_reason": done.finish_reason.value if done.finish_reason else None,
+            "usage": {"prompt_tokens": prompt.num_tokens, "completion_tokens": done.completion_tokens},
+            "timing": {"queue_s": round(done.queue_s, 6), "generate_s": round(done.generate_s, 6)},
+        }
+    )
+
+
+async def _text_chunks(state: AppState, prompt: PromptInputs, params: SamplingParams) -> AsyncIterator[str]:
+    import asyncio
+
+    async with asyncio.timeout(state.settings.request_timeout_s):
+        async for event in state.engine.stream(prompt, params):
+            if event.text:
+                yield event.text

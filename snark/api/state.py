@@ -1,0 +1,24 @@
+"""What every route needs, built once by ``create_app`` and reached through a dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from snark.config import Settings
+from snark.engine.engine import Engine
+from snark.media import ImageLimits
+from snark.speech import LazySpeaker
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    speaker: LazySpeaker
+    image_limits: ImageLimits
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.snark

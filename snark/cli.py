@@ -1,0 +1,86 @@
+"""``snark serve`` and ``snark tiny-model DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from snark.config import DEFAULT_TINY_DIR, VLM_SIZES
+from snark.errors import ConfigError
+
+log = logging.getLogger("snark.cli")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from snark.config import load_settings
+    from snark.engine.tiny_model import ensure_tiny_model
+    from snark.server import configure_logging, create_app
+
+    configure_logging()
+    overrides: dict[str, object] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.size is not None:
+        overrides["vlm_size"] = args.size
+    if args.model is not None:
+        overrides["vlm_model"] = args.model
+    settings = load_settings(**overrides)
+    if args.tiny:
+        tiny_dir = ensure_tiny_model(settings.tiny_dir)
+        settings = settings.model_copy(update={"vlm_model": str(tiny_dir)})
+        log.info("serving the tiny random-weight test model from %s (answers are noise)", tiny_dir)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
+    server.run()
+    engine = app.state.snark.engine
+    if engine.load_error is not None:
+        print(f"snark: {engine.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from snark.engine.tiny_model import write_tiny_model
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = write_tiny_model(args.dir)
+    print(f"Wrote a tiny random-weight Qwen2.5-VL to {path}. Serve it with: VLM_MODEL={path} snark serve")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snark", description="Serve Qwen2.5-VL over HTTP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the server (settings come from SNARK_* env, flags win)")
+    serve.add_argument("--host", help="bind address (env SNARK_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (env SNARK_PORT, default 8123)")
+    serve.add_argument("--size", help=f"model size: {', '.join(VLM_SIZES)} (env VLM_SIZE, default 7B)")
+    serve.add_argument("--model", help="hub id or local folder (env VLM_MODEL; wins over --size)")
+    serve.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"build (or reuse) a tiny random-weight model in SNARK_TINY_DIR (default {DEFAULT_TINY_DIR}) and serve it",
+    )
+    serve.set_defaults(run=_serve)
+    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight Qwen2.5-VL checkpoint to DIR")
+    tiny.add_argument("dir", help="output folder")
+    tiny.set_defaults(run=_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"snark: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""One typed ``Settings`` object, read from the environment and validated at start-up.
+
+Every setting has an environment name (shown in the ``Field`` alias or ``SNARK_`` + the field name in
+upper case); README.md lists them all. Bad values raise ``ConfigError`` before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from snark.errors import ConfigError
+
+# Published Qwen2.5-VL instruct checkpoints. There is no 14B (Qwen2.5 has a 14B text model, the VL
+# family does not), so VLM_SIZE=14B is refused with this list rather than a 404 from the hub.
+VLM_SIZES = ("3B", "7B", "32B", "72B")
+DEFAULT_TINY_DIR = Path.home() / ".cache" / "snark" / "tiny-qwen2.5-vl"
+
+
+def model_id_for_size(size: str) -> str:
+    """Map ``VLM_SIZE`` (case-insensitive, e.g. ``7b``) to its hub id, or raise ``ConfigError``."""
+    normalised = size.strip().upper()
+    if normalised not in VLM_SIZES:
+        hint = " There is no Qwen2.5-VL-14B." if normalised == "14B" else ""
+        raise ConfigError(
+            f"VLM_SIZE={size!r} is not a Qwen2.5-VL size.{hint} Valid sizes: {', '.join(VLM_SIZES)}; "
+            "or set VLM_MODEL to any hub id or local checkpoint folder "
+            "(or run `snark serve --tiny` to try Snark offline)."
+        )
+    return f"Qwen/Qwen2.5-VL-{normalised}-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SNARK_", extra="ignore", populate_by_name=True)
+
+    # --- model -------------------------------------------------------------------------------
+    vlm_size: str = Field("7B", validation_alias=AliasChoices("VLM_SIZE", "vlm_size"))
+    vlm_model: str | None = Field(None, validation_alias=AliasChoices("VLM_MODEL", "vlm_model"))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False  # CUDA: static KV cache + torch.compile of the decode step
+    tiny_dir: Path = DEFAULT_TINY_DIR  # where `snark serve --tiny` builds its checkpoint
+
+    # --- server ------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8123, ge=1, le=65535)
+    api_key: str | None = None  # one key, or several separated by commas
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+
+    # --- generation --------------------------------------------------------------------------
+    default_max_new_tokens: int = Field(256, gt=0)
+    max_new_tokens_limit: int = Field(2048, gt=0)
+    max_prompt_tokens: int = Field(32768, gt=0)
+    max_batch_size: int = Field(16, ge=1, le=256)
+    batch_wait_ms: float = Field(10.0, ge=0)
+    max_waiting_requests: int = Field(64, ge=1)
+
+    # --- images ------------------------------------------------------------------------------
+    # Operator cap on the pixels an image is resized to before the vision tower (1280 * 28 * 28 is
+    # 1280 image tokens); the published checkpoints allow up to 16384 * 28 * 28.
+    max_image_pixels: int = Field(1280 * 28 * 28, ge=4 * 28 * 28, le=16384 * 28 * 28)
+    min_image_pixels: int = Field(4 * 28 * 28, ge=4 * 28 * 28)
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_source_pixels: int = Field(64_000_000, gt=0)  # decompression-bomb cap, checked before decoding
+    max_images_per_request: int = Field(8, ge=1)
+    image_url_timeout_s: float = Field(10.0, gt=0)
+    image_url_max_redirects: int = Field(3, ge=0)
+    allow_private_urls: bool = False
+
+    # --- speech ------------------------------------------------------------------------------
+    tts_engine: Literal["piper", "coqui"] = "piper"
+    tts_voice: str | None = None  # piper: path to a .onnx voice (default: the bundled joe voice)
+    coqui_model: str = "tts_models/en/ljspeech/vits"
+
+    @field_validator("vlm_size")
+    @classmethod
+    def _known_size(cls, value: str) -> str:
+        try:
+            model_id_for_size(value)
+        except ConfigError as exc:  # pydantic wraps ValueError into a ValidationError
+            raise ValueError(str(exc)) from exc
+        return value.strip().upper()
+
+    @model_validator(mode="after")
+    def _consistent_limits(self) -> "Settings":
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"SNARK_DEFAULT_MAX_NEW_TOKENS ({self.default_max_new_tokens}) exceeds "
+                f"SNARK_MAX_NEW_TOKENS_LIMIT ({self.max_new_tokens_limit})."
+            )
+        if self.min_image_pixels > self.max_image_pixels:
+            raise ValueError("SNARK_MIN_IMAGE_PIXELS must not exceed SNARK_MAX_IMAGE_PIXELS.")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        """What to load: ``VLM_MODEL`` when set, else the hub id for ``VLM_SIZE``."""
+        return self.vlm_model or model_id_for_size(self.vlm_size)
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        if not self.api_key:
+            return ()
+        return tuple(key.strip() for key in self.api_key.split(",") if key.strip())
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (``overrides`` win), turning validation errors into
+    ``ConfigError`` with the offending variable named."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"Invalid Snark settings: {problems}") from exc

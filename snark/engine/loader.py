@@ -1,0 +1,96 @@
+"""Loading Qwen2.5-VL weights and processor onto the right device, with clear failures."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from snark.engine.tiny_model import is_tiny_checkpoint
+from snark.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL_NAME = "snark-tiny-random-qwen2.5-vl"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: object
+    name: str  # what the API reports as "model"
+    device: torch.device
+    dtype: torch.dtype
+    attn_implementation: str
+    is_tiny: bool
+    load_s: float
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("SNARK_DEVICE=cuda but no CUDA device is visible: use SNARK_DEVICE=auto or cpu.")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def pick_attention(device: torch.device) -> str:
+    """flash_attention_2 when flash-attn imports on CUDA (`snark[flash]`), else PyTorch's sdpa."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(model_id: str, *, device: str = "auto") -> LoadedModel:
+    """Load ``model_id`` (hub id or local folder). Raises ``ConfigError`` saying what to do when the
+    weights are not there (offline, typo, no access)."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    target = pick_device(device)
+    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    attn = pick_attention(target)
+    local = Path(model_id).expanduser()
+    if (model_id.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
+        raise ConfigError(
+            f"VLM_MODEL={model_id!r} is not a checkpoint folder (no config.json there). Point VLM_MODEL at a "
+            "folder written by save_pretrained, or run `snark serve --tiny` to try Snark offline."
+        )
+    source = str(local) if local.exists() else model_id
+    log.info("loading %s on %s (%s, attention=%s)", source, target, dtype, attn)
+    started = time.perf_counter()
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            source,
+            dtype=dtype,
+            attn_implementation=attn,
+            device_map="auto" if target.type == "cuda" else None,  # shards across several GPUs
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"Could not load Qwen2.5-VL weights for {model_id!r}: {exc}\n"
+            "Set VLM_MODEL to a local checkpoint folder or a hub id you can download (check the network "
+            "and HF_TOKEN), or run `snark serve --tiny` to try every endpoint offline with a tiny "
+            "random-weight model."
+        ) from exc
+    if target.type == "cpu":
+        model.to(target)
+    model.eval()
+    processor.tokenizer.padding_side = "left"
+    tiny = local.exists() and is_tiny_checkpoint(local)
+    load_s = time.perf_counter() - started
+    log.info("loaded %s in %.1f s%s", source, load_s, " (tiny random-weight test model)" if tiny else "")
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        name=TINY_MODEL_NAME if tiny else model_id,
+        device=next(model.parameters()).device,
+        dtype=dtype,
+        attn_implementation=attn,
+        is_tiny=tiny,
+        load_s=load_s,
+    )

@@ -1,0 +1,185 @@
+"""A generation request as a small typed object with an explicit state.
+
+The HTTP layer builds a ``GenerationRequest`` (prompt + sampling parameters), the engine's worker
+thread moves it through ``RequestState`` and pushes ``StreamEvent``s back to the event loop that
+created it. Timestamps are ``time.perf_counter()`` seconds and feed the JSON ``timing`` field and the
+metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"  # queued, not yet in a batch
+    RUNNING = "running"  # its row is in the batch being generated
+    FINISHED = "finished"  # stop / length
+    CANCELLED = "cancelled"  # the client went away or the request timed out
+    FAILED = "failed"  # the batch raised; the error went to the client
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # end-of-turn token or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0  # HF-style, over prompt and output tokens
+    frequency_penalty: float = 0.0  # OpenAI-style, over output tokens
+    presence_penalty: float = 0.0
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_logits_processing(self) -> bool:
+        """False for plain greedy rows, which then skip the per-row sampler entirely."""
+        return not (
+            self.is_greedy
+            and self.repetition_penalty == 1.0
+            and self.frequency_penalty == 0.0
+            and self.presence_penalty == 0.0
+        )
+
+
+@dataclass
+class ChatTurn:
+    """One chat message: a role and its parts, text or decoded RGB images, in order."""
+
+    role: str  # "system" | "user" | "assistant"
+    parts: list[str | Image.Image]
+
+
+@dataclass
+class PromptInputs:
+    """One request's processor output, before batching (no padding yet)."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None = None  # [patches, channels * temporal * patch * patch]
+    image_grid_thw: torch.Tensor | None = None  # [images, 3]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+
+
+@dataclass
+class StreamEvent:
+    """What the worker thread sends to the client: a text delta, then one final event."""
+
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    error: BaseException | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt: PromptInputs
+    params: SamplingParams
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    state: RequestState = RequestState.WAITING
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
+    text: str = ""  # the full answer, filled in as deltas are sent
+    arrived_at: float = field(default_factory=time.perf_counter)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    _events: asyncio.Queue[StreamEvent] | None = field(default=None, repr=False)
+
+    def bind_to_running_loop(self) -> None:
+        """Attach the caller's event loop: events are delivered there, thread-safely."""
+        self._loop = asyncio.get_running_loop()
+        self._events = asyncio.Queue()
+
+    # --- called from the generation thread ------------------------------------------------------
+    def push(self, event: StreamEvent) -> None:
+        if event.text:
+            self.text += event.text
+        if self._loop is None or self._events is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the loop closed: nobody is listening any more
+            pass
+
+    def finish(self, reason: FinishReason) -> None:
+        self.finish_reason = reason
+        self.state = RequestState.CANCELLED if reason is FinishReason.CANCELLED else RequestState.FINISHED
+        self.finished_at = time.perf_counter()
+        self.push(StreamEvent(finish_reason=reason))
+
+    def fail(self, error: BaseException) -> None:
+        self.state = RequestState.FAILED
+        self.finished_at = time.perf_counter()
+        self.push(StreamEvent(error=error))
+
+    # --- called from anywhere -----------------------------------------------------------------
+    def cancel(self) -> None:
+        """Ask the engine to stop this row at its next decoding step (or never start it)."""
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def is_done(self) -> bool:
+        return self.state in (RequestState.FINISHED, RequestState.CANCELLED, RequestState.FAILED)
+
+    # --- called from the event loop -----------------------------------------------------------
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """Yield events until the final one; raises the engine's error if the batch failed."""
+        if self._events is None:
+            raise RuntimeError("bind_to_running_loop() was not called")
+        while True:
+            event = await self._events.get()
+            if event.error is not None:
+                raise event.error
+            yield event
+            if event.is_final:
+                return
+
+    @property
+    def queue_s(self) -> float:
+        return (self.scheduled_at or self.arrived_at) - self.arrived_at
+
+    @property
+    def generate_s(self) -> float:
+        if self.scheduled_at is None:
+            return 0.0
+        return (self.finished_at or time.perf_counter()) - self.scheduled_at

