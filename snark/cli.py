@@ -13,28 +13,32 @@ log = logging.getLogger("snark.cli")
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from snark.config import load_settings
+
+    overrides = {
+        name: value
+        for name, value in (("host", args.host), ("port", args.port), ("vlm_size", args.size), ("vlm_model", args.model))
+        if value is not None
+    }
+    settings = load_settings(**overrides)  # bad settings fail here, before the slow imports below
+
     import uvicorn
 
-    from snark.config import load_settings
     from snark.engine.tiny_model import ensure_tiny_model
     from snark.server import configure_logging, create_app
 
     configure_logging()
-    overrides: dict[str, object] = {}
-    if args.host is not None:
-        overrides["host"] = args.host
-    if args.port is not None:
-        overrides["port"] = args.port
-    if args.size is not None:
-        overrides["vlm_size"] = args.size
-    if args.model is not None:
-        overrides["vlm_model"] = args.model
-    settings = load_settings(**overrides)
     if args.tiny:
         tiny_dir = ensure_tiny_model(settings.tiny_dir)
         settings = settings.model_copy(update={"vlm_model": str(tiny_dir)})
         log.info("serving the tiny random-weight test model from %s (answers are noise)", tiny_dir)
-    app = create_app(settings)
+    server: uvicorn.Server | None = None
+
+    def stop_serving(exc: BaseException) -> None:  # the model failed to load: leave run() below
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_load_failed=stop_serving)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
     server.run()
     engine = app.state.snark.engine

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -38,7 +39,7 @@ def build_engine(settings: Settings) -> Engine:
 
 
 def _shut_down_on_load_failure(exc: BaseException) -> None:
-    # uvicorn turns SIGTERM into a clean shutdown; `snark serve` then exits non-zero with the message.
+    # uvicorn shuts down on SIGTERM and then re-raises it, so the process exits non-zero.
     log.error("Snark cannot serve without a model; shutting down.")
     signal.raise_signal(signal.SIGTERM)
 
@@ -48,8 +49,10 @@ def create_app(
     *,
     engine: Engine | None = None,
     speaker: LazySpeaker | None = None,
-    exit_on_load_failure: bool = True,
+    on_load_failed: Callable[[BaseException], None] | None = _shut_down_on_load_failure,
 ) -> FastAPI:
+    """The app. ``on_load_failed`` runs (in the engine thread) if the model cannot load; by default
+    it stops the process so a supervisor sees the failure instead of a server that never gets ready."""
     settings = settings or load_settings()
     engine = engine or build_engine(settings)
     state = AppState(
@@ -63,7 +66,7 @@ def create_app(
     async def lifespan(app: FastAPI):
         owns_engine = not engine.started
         if owns_engine:
-            engine.start(on_load_failed=_shut_down_on_load_failure if exit_on_load_failure else None)
+            engine.start(on_load_failed=on_load_failed)
         yield
         if owns_engine:
             engine.stop()

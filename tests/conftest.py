@@ -1,0 +1,90 @@
+"""Shared fixtures: one tiny random-weight Qwen2.5-VL per session, a real engine, real HTTP.
+
+The tiny checkpoint goes through the real builder and loader (real Qwen2 tokenizer, processor and
+model code). Servers are real uvicorn instances on 127.0.0.1, driven by real HTTP clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
+
+from snark.config import Settings, load_settings  # noqa: E402
+from snark.engine.engine import Engine  # noqa: E402
+from snark.engine.loader import load_model  # noqa: E402
+from snark.engine.tiny_model import ensure_tiny_model  # noqa: E402
+from snark.server import create_app  # noqa: E402
+from snark.speech import build_speaker  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    # SNARK_TEST_TINY_DIR lets a developer reuse one build across runs; CI builds it fresh.
+    target = os.environ.get("SNARK_TEST_TINY_DIR") or tmp_path_factory.mktemp("tiny-qwen2.5-vl")
+    return str(ensure_tiny_model(target))
+
+
+def start_engine(model_dir: str, **options) -> Engine:
+    engine = Engine(lambda: load_model(model_dir, device="cpu"), **options)
+    engine.start()
+    engine.wait_ready(120)
+    return engine
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir) -> Iterator[Engine]:
+    engine = start_engine(tiny_model_dir, max_batch_size=8, batch_wait_ms=20)
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def test_settings(tiny_model_dir) -> Settings:
+    # Loopback image URLs are how the tests serve images, hence allow_private_urls.
+    return load_settings(vlm_model=tiny_model_dir, allow_private_urls=True, max_batch_size=8, batch_wait_ms=20)
+
+
+@pytest.fixture(scope="session")
+def speaker(test_settings):
+    return build_speaker(test_settings)  # the real Piper joe voice, loaded on first use
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(app) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn on 127.0.0.1 in a thread; yield its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def base_url(test_settings, tiny_engine, speaker) -> Iterator[str]:
+    """A server on the shared tiny engine, with default test settings."""
+    with serve(create_app(test_settings, engine=tiny_engine, speaker=speaker)) as url:
+        yield url
