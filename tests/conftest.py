@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a
 from snark.config import Settings, load_settings  # noqa: E402
 from snark.engine.engine import Engine  # noqa: E402
 from snark.engine.loader import load_model  # noqa: E402
-from snark.engine.tiny_model import ensure_tiny_model  # noqa: E402
+from snark import cli  # noqa: E402
+from snark.engine.tiny_model import is_tiny_checkpoint  # noqa: E402
 from snark.server import create_app  # noqa: E402
 from snark.speech import build_speaker  # noqa: E402
 
@@ -29,8 +30,10 @@ from snark.speech import build_speaker  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     # SNARK_TEST_TINY_DIR lets a developer reuse one build across runs; CI builds it fresh.
-    target = os.environ.get("SNARK_TEST_TINY_DIR") or tmp_path_factory.mktemp("tiny-qwen2.5-vl")
-    return str(ensure_tiny_model(target))
+    target = os.environ.get("SNARK_TEST_TINY_DIR") or str(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+    if not is_tiny_checkpoint(target):
+        assert cli.main(["tiny-model", target]) == 0  # built the way a user builds it
+    return target
 
 
 def start_engine(model_dir: str, **options) -> Engine:
