@@ -15,8 +15,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from snark.api import forms, health
+from snark.api import forms, health, metrics, openai
+from snark.api.auth import BearerAuth
+from snark.api.body_limit import BodySizeLimit
 from snark.api.errors import install_error_handlers
+from snark.api.metrics import Metrics
 from snark.api.state import AppState
 from snark.config import Settings, load_settings
 from snark.engine.engine import Engine
@@ -60,6 +63,7 @@ def create_app(
         engine=engine,
         speaker=speaker or build_speaker(settings),
         image_limits=ImageLimits.from_settings(settings),
+        metrics=Metrics(engine),
     )
 
     @asynccontextmanager
@@ -80,7 +84,13 @@ def create_app(
     app.state.snark = state
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(forms.router)
+    app.include_router(openai.router)
+    # The last middleware added runs first: auth refuses a stranger before any body byte is read.
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(BearerAuth, keys=settings.api_keys)
     return app
 
 

@@ -3,13 +3,13 @@
 A non-streaming handler does not notice a disconnect by itself: ``until_disconnected`` races the
 work against the ASGI ``http.disconnect`` message (vLLM's ``with_cancellation`` does the same) and
 cancels the work, which cancels the engine row. Streaming responses get this from Starlette, which
-cancels the body iterator on disconnect.
+cancels the body iterator on disconnect; ``within`` bounds a stream in time.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from fastapi import Request
@@ -47,6 +47,29 @@ async def until_disconnected(request: Request, work: Awaitable[T], *, timeout_s:
         pass
     if watcher in done:
         raise ClientDisconnected()
-    raise RequestTimeout(
+    raise _timed_out(timeout_s)
+
+
+def _timed_out(timeout_s: float) -> RequestTimeout:
+    return RequestTimeout(
         f"The request took longer than {timeout_s:g} s (SNARK_REQUEST_TIMEOUT_S): ask for fewer tokens or retry later."
     )
+
+
+async def within(events: AsyncIterator[T], timeout_s: float) -> AsyncIterator[T]:
+    """Yield from ``events`` until ``timeout_s`` from now; then close it and raise ``RequestTimeout`` (504).
+
+    The timeout covers each wait for the next item, never a ``yield``: a timeout left open across a
+    yield would fire inside whatever the consumer happens to be doing (sending a chunk) instead.
+    Cancelling the wait runs ``events``' own ``finally``, which is what stops the engine row.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                item = await anext(events)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise _timed_out(timeout_s) from None
+        yield item

@@ -11,11 +11,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
-from snark.api.cancellation import until_disconnected
+from snark.api.cancellation import until_disconnected, within
 from snark.api.state import AppState, get_state
 from snark.config import Settings
-from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams
+from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams, StreamEvent
 from snark.errors import InvalidRequest, PayloadTooLarge
 from snark.media import decode_upload, load_image
 from snark.speech import speak_wav
@@ -121,14 +122,19 @@ async def _answer(request: Request, state: AppState, form: FormInferRequest, pro
     engine, settings = state.engine, state.settings
     params = form.to_sampling_params(settings, engine.default_sampling)
     if form.stream:
-        return StreamingResponse(_text_chunks(state, prompt, params), media_type="text/plain; charset=utf-8")
+        generation = engine.submit(prompt, params)  # now: a full queue is a 503, not a broken 200
+        return StreamingResponse(
+            _text_chunks(engine.follow(generation), settings.request_timeout_s),
+            media_type="text/plain; charset=utf-8",
+            background=BackgroundTask(engine.cancel, generation),  # for a client gone before the first chunk
+        )
     done: GenerationRequest = await until_disconnected(
         request, engine.generate(prompt, params), timeout_s=settings.request_timeout_s
     )
     if form.response_format == "text":
         return PlainTextResponse(done.text)
     if form.response_format == "wav":
-        return Response(await speak_wav(state.speaker, done.text), media_type="audio/wav")
+        return Response(await state.metrics.timed_tts(speak_wav(state.speaker, done.text)), media_type="audio/wav")
     return JSONResponse(
         {
             "text": done.text,
@@ -140,10 +146,7 @@ async def _answer(request: Request, state: AppState, form: FormInferRequest, pro
     )
 
 
-async def _text_chunks(state: AppState, prompt: PromptInputs, params: SamplingParams) -> AsyncIterator[str]:
-    import asyncio
-
-    async with asyncio.timeout(state.settings.request_timeout_s):
-        async for event in state.engine.stream(prompt, params):
-            if event.text:
-                yield event.text
+async def _text_chunks(events: AsyncIterator[StreamEvent], timeout_s: float) -> AsyncIterator[str]:
+    async for event in within(events, timeout_s):
+        if event.text:
+            yield event.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -11,6 +12,9 @@ from snark.engine.engine import Engine
 from snark.media import ImageLimits
 from snark.speech import LazySpeaker
 
+if TYPE_CHECKING:
+    from snark.api.metrics import Metrics  # metrics.py imports this module for its route
+
 
 @dataclass
 class AppState:
@@ -18,6 +22,7 @@ class AppState:
     engine: Engine
     speaker: LazySpeaker
     image_limits: ImageLimits
+    metrics: Metrics
 
 
 def get_state(request: Request) -> AppState:

@@ -23,6 +23,15 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from snark.engine.batching import bucket_size, collate, select_batch
+from snark.engine.compile import (
+    DecodeCaches,
+    allow_recompiles,
+    compile_config,
+    ensure_compiled,
+    padding_row,
+    require_cuda,
+    warm_up,
+)
 from snark.engine.loader import LoadedModel
 from snark.engine.prompt import PromptBuilder
 from snark.engine.request import (
@@ -33,11 +42,13 @@ from snark.engine.request import (
     SamplingParams,
     StreamEvent,
 )
-from snark.engine.sampling import PerRowSampler
+from snark.engine.sampling import PerRowSampler, sampling_defaults
 from snark.engine.tracker import BatchTracker
 from snark.errors import ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
+
+PREPARING_WAIT_FACTOR = 20  # x batch_wait_ms: how long a forming batch waits for prompts being built
 
 
 class EngineState(enum.Enum):
@@ -57,6 +68,7 @@ class Engine:
         max_waiting_requests: int = 64,
         max_prompt_tokens: int = 32768,
         compile_decode: bool = False,
+        allow_cpu_compile: bool = False,  # tests only: compile with inductor's CPU backend
     ) -> None:
         self._loader = loader
         self.max_batch_size = max_batch_size
@@ -64,12 +76,15 @@ class Engine:
         self.max_waiting_requests = max_waiting_requests
         self.max_prompt_tokens = max_prompt_tokens
         self.compile_decode = compile_decode
+        self.allow_cpu_compile = allow_cpu_compile
+        self._decode_caches: DecodeCaches | None = None  # set once the compiled decode step is warm
         self.state = EngineState.LOADING
         self.load_error: BaseException | None = None
         self.loaded: LoadedModel | None = None
         self.prompts: PromptBuilder | None = None
         self.default_sampling = SamplingParams()
         self._waiting: list[GenerationRequest] = []
+        self._preparing = 0  # prompts being built: requests about to be submitted
         self._running: list[GenerationRequest] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -132,9 +147,16 @@ class Engine:
         return self.prompts
 
     async def build_prompt(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> PromptInputs:
-        """Tokenize and preprocess images in a worker thread (CPU-heavy for big images)."""
+        """Tokenize and preprocess images in a worker thread (CPU-heavy for big images). A batch being
+        formed meanwhile waits a little longer for this request (see ``_next_batch``)."""
         prompts = self._require_ready()
-        return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels)
+        with self._cond:
+            self._preparing += 1
+        try:
+            return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels)
+        finally:
+            with self._cond:
+                self._preparing -= 1  # no notify: submit() notifies when the request arrives
 
     def submit(self, prompt: PromptInputs, params: SamplingParams) -> GenerationRequest:
         """Queue a request; its events arrive on the calling event loop. Raises ``Overloaded``."""
@@ -151,16 +173,18 @@ class Engine:
             self._cond.notify()
         return request
 
-    async def stream(self, prompt: PromptInputs, params: SamplingParams) -> AsyncIterator[StreamEvent]:
-        """Submit and yield events. Leaving the loop early (client gone, timeout) cancels the row."""
-        request = self.submit(prompt, params)
+    def stream(self, prompt: PromptInputs, params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        """Submit now and return the events (see ``follow``). Submitting before the first event means a
+        full queue raises ``Overloaded`` while a route can still answer 503, not inside a started stream."""
+        return self.follow(self.submit(prompt, params))
+
+    async def follow(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Yield a submitted request's events. Leaving the loop early (client gone, timeout) cancels the row."""
         try:
             async for event in request.events():
                 yield event
         finally:
-            if not request.is_done:
-                request.cancel()
-                self._drop_if_waiting(request)
+            self.cancel(request)
 
     async def generate(self, prompt: PromptInputs, params: SamplingParams) -> GenerationRequest:
         """Run to completion and return the finished request (text, counts, timing)."""
@@ -169,10 +193,15 @@ class Engine:
             async for _ in request.events():
                 pass
         finally:
-            if not request.is_done:
-                request.cancel()
-                self._drop_if_waiting(request)
+            self.cancel(request)
         return request
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """Stop ``request`` if it is still live: a waiting one leaves the queue (and frees its place) at
+        once, a running one ends at its next decoding step. A no-op for a finished request."""
+        if not request.is_done:
+            request.cancel()
+            self._drop_if_waiting(request)
 
     def _drop_if_waiting(self, request: GenerationRequest) -> None:
         with self._cond:
@@ -203,6 +232,8 @@ class Engine:
             self._run_batch(batch)
 
     def _load(self) -> None:
+        if self.compile_decode and not self.allow_cpu_compile:
+            require_cuda()  # before minutes of loading weights
         loaded = self._loader()
         self.loaded = loaded
         self.prompts = PromptBuilder(loaded.processor, max_prompt_tokens=self.max_prompt_tokens)
@@ -222,9 +253,15 @@ class Engine:
                 self._cond.wait()
             if self._stopping:
                 return None
-            # Give concurrent arrivals a moment to join, unless the batch is already full.
-            deadline = time.perf_counter() + self.batch_wait_s
-            while len(self._waiting) < self.max_batch_size and (left := deadline - time.perf_counter()) > 0:
+            # Give concurrent arrivals a moment to join, unless the batch is already full. Requests whose
+            # prompts are still being built arrived too (a burst of images takes a while to preprocess):
+            # waiting up to PREPARING_WAIT_FACTOR times longer for them beats leaving them a whole batch behind.
+            first = time.perf_counter()
+            deadline, longest = first + self.batch_wait_s, first + PREPARING_WAIT_FACTOR * self.batch_wait_s
+            while len(self._waiting) < self.max_batch_size:
+                left = (longest if self._preparing else deadline) - time.perf_counter()
+                if left <= 0:
+                    break
                 self._cond.wait(left)
             live = [r for r in self._waiting if not r.cancel_requested]
             for request in self._waiting:
@@ -258,8 +295,8 @@ class Engine:
     def _generate(self, batch: list[GenerationRequest]) -> None:
         loaded = self.loaded
         rows = list(batch)
-        if self.compile_decode:  # fixed batch shapes: pad with finished copies of the first row
-            rows += [_padding_row(batch[0]) for _ in range(bucket_size(len(batch), self.max_batch_size) - len(batch))]
+        if self._decode_caches is not None:  # compiled: fixed batch shapes, filled with finished rows
+            rows += [padding_row(batch[0]) for _ in range(bucket_size(len(batch), self.max_batch_size) - len(batch))]
         inputs = collate([r.prompt for r in rows], pad_token_id=self.pad_token_id, image_token_id=self.image_token_id)
         inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
@@ -268,14 +305,18 @@ class Engine:
         processors = LogitsProcessorList()
         if any(r.params.needs_logits_processing for r in rows):
             processors.append(PerRowSampler([r.params for r in rows], [r.prompt.num_tokens for r in rows], device=loaded.device))
+        max_new = max(r.params.max_new_tokens for r in rows)
         config = GenerationConfig(
-            max_new_tokens=max(r.params.max_new_tokens for r in rows),
+            max_new_tokens=max_new,
             do_sample=False,
-            eos_token_id=self.eos_token_ids,
+            eos_token_id=[],  # the tracker ends each row: at its end-of-turn, or never with ignore_eos
             pad_token_id=self.pad_token_id,
-            **(_static_cache_options(inputs["input_ids"].shape[1], config_max=self.max_prompt_tokens) if self.compile_decode else {}),
         )
-        with torch.inference_mode():
+        with torch.inference_mode():  # the cache's tensors are inference tensors: reset them in this mode too
+            if self._decode_caches is not None:
+                config.compile_config = compile_config(loaded.device)
+                width, ceiling = inputs["input_ids"].shape[1], self.max_prompt_tokens + max_new
+                inputs["past_key_values"] = self._decode_caches.get(len(rows), width + max_new, ceiling=ceiling)
             loaded.model.generate(
                 **inputs,
                 generation_config=config,
@@ -286,27 +327,11 @@ class Engine:
 
     def _warm_up_compiled(self) -> None:
         """Compile the decode step for every batch bucket now, not on the first user's request."""
-        raise NotImplementedError
-
-
-def sampling_defaults(generation_config) -> SamplingParams:
-    """The model's own recommended sampling (generation_config.json), used where a request is silent,
-    as vLLM does. Qwen2.5-VL ships temperature 0.1 / top_k 1 (greedy in effect) and repetition 1.05."""
-    g = generation_config
-    do_sample = bool(getattr(g, "do_sample", False))
-    return SamplingParams(
-        temperature=float(g.temperature or 1.0) if do_sample else 0.0,
-        top_p=float(g.top_p or 1.0) if do_sample else 1.0,
-        top_k=int(g.top_k or 0) if do_sample else 0,
-        repetition_penalty=float(getattr(g, "repetition_penalty", None) or 1.0),
-    )
-
-
-def _padding_row(template: GenerationRequest) -> GenerationRequest:
-    row = GenerationRequest(prompt=PromptInputs(input_ids=template.prompt.input_ids[-1:]), params=template.params)
-    row.state = RequestState.FINISHED  # starts done: the tracker never streams it
-    return row
-
-
-def _static_cache_options(prompt_width: int, *, config_max: int) -> dict:
-    raise NotImplementedError
+        loaded, prompts = self.loaded, self.prompts
+        if not self.allow_cpu_compile:
+            require_cuda(loaded.device)
+        allow_recompiles(self.max_batch_size)
+        self._decode_caches = DecodeCaches(loaded.model.config)
+        prompt = prompts.build([ChatTurn("user", ["Warm up."])], min_pixels=0, max_pixels=0)
+        warm_up(self._generate, prompt, max_batch_size=self.max_batch_size)
+        ensure_compiled(loaded.model)

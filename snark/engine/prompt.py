@@ -10,6 +10,7 @@ template is expanded to its image's token count, exactly as the Qwen2.5-VL proce
 from __future__ import annotations
 
 import re
+import threading
 
 from snark.engine.request import ChatTurn, PromptInputs
 from snark.errors import InvalidRequest
@@ -27,6 +28,10 @@ class PromptBuilder:
         self.image_processor = processor.image_processor
         self.merge_size = int(self.image_processor.merge_size)
         self.max_prompt_tokens = max_prompt_tokens
+        # The fast tokenizer keeps split_special_tokens as state on its shared backend, set by every call:
+        # prompts built in parallel threads would otherwise split the template's control tokens (an
+        # image loses its <|image_pad|> tokens) or let client text through unsplit (a forged <|im_start|>).
+        self._tokenizer_lock = threading.Lock()
 
     def build(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> PromptInputs:
         """Tokenize ``turns`` with the generation prompt appended. CPU work: call it off the loop."""
@@ -60,7 +65,8 @@ class PromptBuilder:
             image_token_counts = (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
 
         rendered = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        input_ids = self._tokenize(rendered, texts, image_token_counts)
+        with self._tokenizer_lock:
+            input_ids = self._tokenize(rendered, texts, image_token_counts)
         if len(input_ids) > self.max_prompt_tokens:
             raise InvalidRequest(
                 f"The prompt is {len(input_ids)} tokens (images included), over this server's limit of "

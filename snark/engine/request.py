@@ -47,6 +47,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF-style, over prompt and output tokens
     frequency_penalty: float = 0.0  # OpenAI-style, over output tokens
     presence_penalty: float = 0.0
+    # Run to max_new_tokens even past end-of-turn (vLLM's flag): benchmarks need fixed output lengths.
+    ignore_eos: bool = False
 
     @property
     def is_greedy(self) -> bool:
@@ -104,6 +106,31 @@ class StreamEvent:
 _ids = itertools.count(1)
 
 
+class Outbox:
+    """One decoding step's events for all rows, delivered with one wake-up per event loop rather
+    than one per row: fewer thread switches while the model waits to run its next step."""
+
+    def __init__(self) -> None:
+        self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[StreamEvent], StreamEvent]]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[StreamEvent], event: StreamEvent) -> None:
+        self._by_loop.setdefault(loop, []).append((queue, event))
+
+    def flush(self) -> None:
+        """Deliver, in the order added. Call from the generation thread once the step is done."""
+        by_loop, self._by_loop = self._by_loop, {}
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop closed: nobody is listening any more
+                pass
+
+
+def _deliver(items: list[tuple[asyncio.Queue[StreamEvent], StreamEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 @dataclass(eq=False)
 class GenerationRequest:
     prompt: PromptInputs
@@ -127,21 +154,25 @@ class GenerationRequest:
         self._events = asyncio.Queue()
 
     # --- called from the generation thread ------------------------------------------------------
-    def push(self, event: StreamEvent) -> None:
+    def push(self, event: StreamEvent, outbox: Outbox | None = None) -> None:
+        """Send ``event`` to the client now, or with the rest of a decoding step's events (``outbox``)."""
         if event.text:
             self.text += event.text
         if self._loop is None or self._events is None:
+            return
+        if outbox is not None:
+            outbox.add(self._loop, self._events, event)
             return
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the loop closed: nobody is listening any more
             pass
 
-    def finish(self, reason: FinishReason) -> None:
+    def finish(self, reason: FinishReason, outbox: Outbox | None = None) -> None:
         self.finish_reason = reason
         self.state = RequestState.CANCELLED if reason is FinishReason.CANCELLED else RequestState.FINISHED
         self.finished_at = time.perf_counter()
-        self.push(StreamEvent(finish_reason=reason))
+        self.push(StreamEvent(finish_reason=reason), outbox)
 
     def fail(self, error: BaseException) -> None:
         self.state = RequestState.FAILED

@@ -66,3 +66,16 @@ class PerRowSampler:
             logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def sampling_defaults(generation_config) -> SamplingParams:
+    """The model's own recommended sampling (generation_config.json), used where a request is silent,
+    as vLLM does. Qwen2.5-VL ships temperature 0.1 / top_k 1 (greedy in effect) and repetition 1.05."""
+    g = generation_config
+    do_sample = bool(getattr(g, "do_sample", False))
+    return SamplingParams(
+        temperature=float(g.temperature or 1.0) if do_sample else 0.0,
+        top_p=float(g.top_p or 1.0) if do_sample else 1.0,
+        top_k=int(g.top_k or 0) if do_sample else 0,
+        repetition_penalty=float(getattr(g, "repetition_penalty", None) or 1.0),
+    )

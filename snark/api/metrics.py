@@ -1,0 +1,111 @@
+"""``GET /metrics``: Prometheus text, names in vLLM's style with a ``snark:`` prefix.
+
+Each app owns its own ``CollectorRegistry`` (not prometheus_client's global one), so several apps in
+one process (tests, embedders) never collide. Request metrics come from the engine's listener hook,
+called in the worker thread when a request leaves a batch; the gauges read the engine when scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from snark.api.state import AppState, get_state
+from snark.engine.engine import Engine
+from snark.engine.request import GenerationRequest, RequestState
+
+router = APIRouter(tags=["operations"])
+T = TypeVar("T")
+
+# vLLM's buckets, so dashboards built for it read Snark's histograms the same way.
+_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)  # fmt: skip
+_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
+_TTS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class Metrics:
+    def __init__(self, engine: Engine) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.time_to_first_token = Histogram(
+            "snark:time_to_first_token_seconds", "From arrival to the first generated token.", buckets=_TTFT_BUCKETS, registry=registry
+        )
+        self.time_per_output_token = Histogram(
+            "snark:time_per_output_token_seconds", "Mean time between output tokens after the first, per request.",
+            buckets=_TPOT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.e2e_latency = Histogram(
+            "snark:e2e_request_latency_seconds", "From arrival to the last token, for finished requests.",
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            # TTFT's fine buckets: on a healthy server most waits are milliseconds.
+            "snark:request_queue_time_seconds", "Time spent waiting for a batch.", buckets=_TTFT_BUCKETS, registry=registry
+        )
+        self.prompt_tokens = Counter("snark:prompt_tokens", "Prefilled prompt tokens, image tokens included.", registry=registry)
+        self.generation_tokens = Counter("snark:generation_tokens", "Generated tokens.", registry=registry)
+        self.requests_finished = Counter(
+            "snark:request_success", "Requests that ended normally, by finish reason (stop, length).",
+            ["finished_reason"], registry=registry,
+        )  # fmt: skip
+        self.requests_cancelled = Counter(
+            "snark:request_cancelled", "Requests cancelled while running (client gone, timeout, shutdown).", registry=registry
+        )
+        self.requests_failed = Counter("snark:request_failed", "Requests whose batch raised an error.", registry=registry)
+        running = Gauge("snark:num_requests_running", "Requests in the batch being generated.", registry=registry)
+        waiting = Gauge("snark:num_requests_waiting", "Requests queued for the next batch.", registry=registry)
+        running.set_function(lambda: engine.num_running)
+        waiting.set_function(lambda: engine.num_waiting)
+        self.tts_seconds = Histogram(
+            "snark:tts_seconds", "Wall time to synthesize one spoken response, first to last audio chunk.",
+            buckets=_TTS_BUCKETS, registry=registry,
+        )  # fmt: skip
+        engine.add_listener(self.observe_request)
+
+    def observe_request(self, request: GenerationRequest) -> None:
+        """The engine listener: runs in the worker thread as each request leaves its batch."""
+        if request.scheduled_at is None:  # never reached a batch: nothing was computed for it
+            return
+        self.queue_time.observe(request.scheduled_at - request.arrived_at)
+        self.prompt_tokens.inc(request.prompt.num_tokens)
+        self.generation_tokens.inc(request.completion_tokens)
+        if request.state is RequestState.CANCELLED:
+            self.requests_cancelled.inc()
+            return
+        if request.state is RequestState.FAILED:
+            self.requests_failed.inc()
+            return
+        self.requests_finished.labels(finished_reason=request.finish_reason.value).inc()
+        finished_at = request.finished_at or time.perf_counter()
+        self.e2e_latency.observe(finished_at - request.arrived_at)
+        if request.first_token_at is not None:
+            self.time_to_first_token.observe(request.first_token_at - request.arrived_at)
+            if request.completion_tokens > 1:
+                self.time_per_output_token.observe((finished_at - request.first_token_at) / (request.completion_tokens - 1))
+
+    async def timed_tts(self, work: Awaitable[T]) -> T:
+        """Await one complete synthesis (a whole WAV file), observing how long it took."""
+        started = time.perf_counter()
+        result = await work
+        self.tts_seconds.observe(time.perf_counter() - started)
+        return result
+
+    async def timed_tts_stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Pass audio chunks through, observing the time once the last one is out. A stream the client
+        abandons is not observed: its time says nothing about synthesis."""
+        started = time.perf_counter()
+        async for chunk in chunks:
+            yield chunk
+        self.tts_seconds.observe(time.perf_counter() - started)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(state: AppState = Depends(get_state)) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,264 @@
+"""The OpenAI-compatible request models (chat, speech), and how a request becomes engine work.
+
+Requests convert themselves: ``ChatCompletionRequest.to_sampling_params`` (defaults in one place,
+features Snark cannot honour refused with a 400 naming the field) and ``to_turns`` (messages ->
+``ChatTurn``s, images fetched through the loader the route passes in). Unknown fields are ignored,
+as OpenAI-compatible servers do, so clients that send newer harmless options keep working.
+Response bodies are built in ``replies``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from snark.config import Settings
+from snark.engine.request import ChatTurn, SamplingParams
+from snark.errors import InvalidRequest, SnarkError
+from snark.speech.base import validate_speed
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_NO_TOOLS = "Snark does not support tool calling (Qwen2.5-VL is served as a plain chat model)"
+
+
+# Options Snark cannot honour: asking for them is a 400 naming the field, never silently ignored.
+# Each test gets the field's value; "off" values (n=1, logprobs=false, tools=[], tool_choice="none") pass.
+_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v not in (None, 1), "n > 1 is not supported: Snark returns one choice; send several requests instead."),
+    "tools": (bool, f"tools are not supported: {_NO_TOOLS}."),
+    "tool_choice": (lambda v: v not in (None, "none"), f"tool_choice must be 'none' or absent: {_NO_TOOLS}."),
+    "functions": (bool, f"functions are not supported: {_NO_TOOLS}."),
+    "function_call": (lambda v: v not in (None, "none"), f"function_call is not supported: {_NO_TOOLS}."),
+    "logprobs": (lambda v: bool(v), "logprobs are not supported by Snark: leave logprobs unset or false."),
+    "top_logprobs": (lambda v: bool(v), "top_logprobs are not supported by Snark: leave it unset."),
+    "logit_bias": (bool, "logit_bias is not supported by Snark: leave it unset."),
+    "response_format": (
+        lambda v: v is not None and v.type != "text",
+        "response_format json_object / json_schema is not supported: Snark cannot constrain output to JSON; "
+        "ask for JSON in the prompt instead.",
+    ),
+    "modalities": (
+        lambda v: v is not None and set(v) != {"text"},
+        "Only the text output modality is supported; use POST /v1/audio/speech for audio.",
+    ),
+    "audio": (lambda v: v is not None, "Audio output is not supported in chat: use POST /v1/audio/speech on the answer."),
+    "prediction": (lambda v: v is not None, "Predicted outputs are not supported by Snark: leave prediction unset."),
+    "web_search_options": (lambda v: v is not None, "Web search is not supported by Snark."),
+    "reasoning_effort": (lambda v: v is not None, "reasoning_effort is not supported: Qwen2.5-VL is not a reasoning model."),
+    "verbosity": (lambda v: v is not None, "verbosity is not supported by Snark: bound the answer with max_tokens."),
+}
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageURL(_Lenient):
+    url: str = Field(description="http(s) URL or data:image/...;base64, URI")
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="Accepted and ignored: the resolution is SNARK_MIN/MAX_IMAGE_PIXELS for every image."
+    )
+
+
+class ContentPart(_Lenient):
+    type: str = Field(description="'text' or 'image_url'")
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class ChatMessage(_Lenient):
+    role: str
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[dict] | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Lenient):
+    type: str
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str | None = Field(None, description="Accepted for compatibility; Snark serves one model.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default: the model's.")
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: no top-k cut (vLLM extension).")
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: str | list[str] | None = Field(None, description="Up to 16 strings; the answer ends before the first.")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="HF-style (vLLM extension).")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(False, description="Run to max_tokens past end-of-turn (vLLM extension, for benchmarks).")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Refused when they ask for something (see _REFUSED):
+    n: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    modalities: list[str] | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
+    web_search_options: dict | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+
+    def to_sampling_params(self, settings: Settings, defaults: SamplingParams) -> SamplingParams:
+        """Engine parameters; where the request is silent, ``defaults`` (the model's generation config)."""
+        for name, (asks_for_it, message) in _REFUSED.items():
+            if asks_for_it(getattr(self, name)):
+                raise InvalidRequest(message, param=name, code="unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed with stream=true.", param="stream_options")
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if len(stops) > 16:
+            raise InvalidRequest(f"stop has {len(stops)} strings; send at most 16.", param="stop")
+
+        param, max_new = "max_tokens", self.max_tokens
+        if self.max_completion_tokens is not None:
+            param, max_new = "max_completion_tokens", self.max_completion_tokens
+        max_new = max_new or settings.default_max_new_tokens
+        if max_new > settings.max_new_tokens_limit:
+            raise InvalidRequest(
+                f"{param}={max_new} is over this server's limit of {settings.max_new_tokens_limit} "
+                "(SNARK_MAX_NEW_TOKENS_LIMIT): ask for fewer.",
+                param=param,
+            )
+        temperature = defaults.temperature if self.temperature is None else self.temperature
+        sampled = temperature > 0  # greedy ignores top_p / top_k, so they are normalised away
+        top_k = defaults.top_k if self.top_k is None else max(self.top_k, 0)
+        return SamplingParams(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_p=(defaults.top_p if self.top_p is None else self.top_p) if sampled else 1.0,
+            top_k=top_k if sampled else 0,
+            seed=self.seed,
+            stop=stops,
+            repetition_penalty=defaults.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            ignore_eos=self.ignore_eos,
+        )
+
+    async def to_turns(self, load_image: Callable[[str], Awaitable[Image.Image]], *, max_images: int) -> list[ChatTurn]:
+        """Messages -> chat turns, images fetched concurrently with ``load_image``. Every message is
+        checked before any image is fetched, so a malformed request costs no downloads."""
+        sources: list[tuple[str, str]] = []  # (param path, url) of every image, in order
+        layout = [_parse_message(i, message, sources) for i, message in enumerate(self.messages)]
+        if len(sources) > max_images:
+            raise InvalidRequest(
+                f"The request has {len(sources)} images; this server accepts at most {max_images} "
+                "(SNARK_MAX_IMAGES_PER_REQUEST).",
+                param="messages",
+            )
+        images = await _load_all(sources, load_image)
+        return [ChatTurn(role, [images[p] if isinstance(p, int) else p for p in parts]) for role, parts in layout]
+
+
+def _parse_message(i: int, message: ChatMessage, sources: list[tuple[str, str]]) -> tuple[str, list[str | int]]:
+    """(engine role, parts): text stays text, an image becomes its index in ``sources`` (appended here)."""
+    where = f"messages[{i}]"
+    role = _ROLES.get(message.role)
+    if role is None:
+        hint = f" ({_NO_TOOLS})" if message.role in ("tool", "function") else ""
+        raise InvalidRequest(
+            f"{where}.role {message.role!r} is not supported{hint}: use system, developer, user or assistant.",
+            param=f"{where}.role",
+        )
+    if message.tool_calls:
+        raise InvalidRequest(f"{where}.tool_calls: {_NO_TOOLS}.", param=f"{where}.tool_calls")
+    if message.content is None:
+        raise InvalidRequest(f"{where}.content is missing: send a string or a list of parts.", param=f"{where}.content")
+    if isinstance(message.content, str):
+        return role, [message.content]
+    parts: list[str | int] = []
+    for j, part in enumerate(message.content):
+        at = f"{where}.content[{j}]"
+        if part.type == "text" and part.text is not None:
+            parts.append(part.text)
+        elif part.type == "image_url" and part.image_url is not None:
+            if role != "user":
+                raise InvalidRequest(f"{at}: images are only accepted in user messages.", param=at)
+            parts.append(len(sources))
+            sources.append((f"{at}.image_url.url", part.image_url.url))
+        else:
+            raise InvalidRequest(
+                f"{at}: a part is {{'type': 'text', 'text': ...}} or "
+                f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}; got type {part.type!r}.",
+                param=f"{at}.type",
+            )
+    return role, parts
+
+
+async def _load_all(sources: list[tuple[str, str]], load_image: Callable[[str], Awaitable[Image.Image]]) -> list[Image.Image]:
+    async def load(param: str, url: str) -> Image.Image:
+        try:
+            return await load_image(url)
+        except SnarkError as exc:
+            exc.param = exc.param or param  # say which image failed
+            raise
+
+    try:  # a TaskGroup cancels the other fetches as soon as one image fails
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(load(param, url)) for param, url in sources]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+# --- speech ---------------------------------------------------------------------------------------
+
+SPEECH_FORMATS = ("wav", "pcm")
+MAX_SPEECH_INPUT_CHARS = 4096  # OpenAI's own cap; longer texts go in several requests
+PCM_SAMPLE_RATE = 24_000  # OpenAI's "pcm" is 24 kHz 16-bit mono little-endian; clients assume it
+
+
+class SpeechVoice(_Lenient):
+    id: str
+
+
+class SpeechRequest(_Lenient):
+    model: str | None = Field(None, description="Accepted for compatibility (tts-1, ...); Snark has one TTS.")
+    input: str = Field(description=f"The text to speak, at most {MAX_SPEECH_INPUT_CHARS} characters.")
+    voice: str | SpeechVoice | None = Field(
+        None, description="Any OpenAI voice name (alloy, echo, ...) is accepted and speaks with the configured voice."
+    )
+    response_format: str = Field("wav", description="wav (default) or pcm (raw 24 kHz 16-bit mono).")
+    speed: float = Field(1.0, description="0.25 to 4.0; 1.0 is normal.")
+    instructions: str | None = None
+    stream_format: str | None = None
+
+    def check_supported(self) -> None:
+        """Raise ``InvalidRequest`` naming the field for anything Snark cannot honour."""
+        if self.response_format not in SPEECH_FORMATS:
+            raise InvalidRequest(
+                f"response_format {self.response_format!r} is not supported: Snark writes only wav and pcm "
+                "(no mp3/opus/aac/flac encoder); ask for 'wav' or 'pcm'.",
+                param="response_format",
+                code="unsupported_parameter",
+            )
+        if not self.input.strip():
+            raise InvalidRequest("input is empty: send the text to speak.", param="input")
+        if len(self.input) > MAX_SPEECH_INPUT_CHARS:
+            raise InvalidRequest(
+                f"input is {len(self.input)} characters; send at most {MAX_SPEECH_INPUT_CHARS} per request.", param="input"
+            )
+        validate_speed(self.speed)
+        if self.instructions:
+            raise InvalidRequest("instructions (voice style prompts) are not supported by Snark's TTS.", param="instructions")
+        if self.stream_format not in (None, "audio"):
+            raise InvalidRequest("stream_format must be 'audio': Snark streams the audio bytes, not SSE.", param="stream_format")

@@ -1,0 +1,109 @@
+"""OpenAI response bodies for chat: the JSON completion, and the Server-Sent Events stream.
+
+    data: {"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant", "content": ""}}], ...}
+    data: {... "delta": {"content": "Hel"} ...}
+    data: {... "delta": {}, "finish_reason": "stop"}
+    data: {... "choices": [], "usage": {...}}          (only with stream_options.include_usage)
+    data: [DONE]
+
+An error after the stream has started cannot change the 200 status any more; it is sent as a
+``data: {"error": {...}}`` event in the one error shape, which OpenAI clients raise as ``APIError``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from snark.api.cancellation import within
+from snark.api.errors import error_body
+from snark.engine.request import FinishReason, GenerationRequest, StreamEvent
+from snark.errors import ModelNotReady, SnarkError
+
+log = logging.getLogger(__name__)
+
+
+def finish_reason_of(reason: FinishReason | None) -> str:
+    """OpenAI's finish_reason. A row the engine cancelled on its own (shutdown) never reaches a
+    client as 'cancelled': it is an error."""
+    if reason is FinishReason.STOP or reason is FinishReason.LENGTH:
+        return reason.value
+    raise ModelNotReady("The server is shutting down and stopped this request; retry it.")
+
+
+class ChatReply:
+    """The fixed parts of one completion (id, created, model, prompt tokens) and the bodies built on them."""
+
+    def __init__(self, *, model: str, prompt_tokens: int) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.prompt_tokens = prompt_tokens  # images included: each is its <|image_pad|> tokens
+
+    def usage(self, completion_tokens: int) -> dict:
+        total = self.prompt_tokens + completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+
+    def completion(self, done: GenerationRequest) -> dict:
+        message = {"role": "assistant", "content": done.text, "refusal": None}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_of(done.finish_reason), "logprobs": None}],
+            "usage": self.usage(done.completion_tokens),
+        }
+
+    def chunk(self, delta: dict, finish_reason: str | None = None, *, usage_field: bool = False) -> dict:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        }
+        if usage_field:
+            body["usage"] = None  # with include_usage, OpenAI sends usage: null on every chunk but the last
+        return body
+
+    def usage_chunk(self, completion_tokens: int) -> dict:
+        body = self.chunk({}, usage_field=True)
+        body["choices"], body["usage"] = [], self.usage(completion_tokens)
+        return body
+
+
+def _sse(body: dict | str) -> str:
+    data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def chat_events(
+    reply: ChatReply,
+    generation: GenerationRequest,
+    events: AsyncIterator[StreamEvent],
+    *,
+    include_usage: bool,
+    timeout_s: float,
+) -> AsyncIterator[str]:
+    """The SSE body for one streamed completion. ``events`` is the engine's stream for ``generation``;
+    each text delta is sent as soon as the engine produced it (already whole characters)."""
+    yield _sse(reply.chunk({"role": "assistant", "content": ""}, usage_field=include_usage))
+    try:
+        async for event in within(events, timeout_s):
+            if event.text:
+                yield _sse(reply.chunk({"content": event.text}, usage_field=include_usage))
+            if event.finish_reason is not None:
+                yield _sse(reply.chunk({}, finish_reason_of(event.finish_reason), usage_field=include_usage))
+        if include_usage:
+            yield _sse(reply.usage_chunk(generation.completion_tokens))
+    except SnarkError as exc:
+        yield _sse(error_body(exc.message, type_=exc.type, code=exc.code, param=exc.param))
+    except Exception:  # a bug: the client still gets the one error shape and the stream still ends
+        log.exception("streamed completion %s failed", reply.id)
+        message = "Internal server error (a bug in Snark; see the server log)."
+        yield _sse(error_body(message, type_="server_error", code="internal_error"))
+    yield _sse("[DONE]")

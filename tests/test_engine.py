@@ -1,0 +1,219 @@
+"""The batching engine on the tiny model: a row's output does not depend on its batch companions,
+and each row streams, ends and is cancelled on its own.
+
+"Ran in one batch" is checked through ``scheduled_at``: the tracker stamps every row of a batch with
+the same instant when the batch starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from snark.engine.engine import PREPARING_WAIT_FACTOR, Engine
+from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, PromptInputs, RequestState, SamplingParams
+from snark.engine.tracker import BatchTracker
+from tests.conftest import start_engine
+
+MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 16 * 28 * 28  # images of 4 to 16 tokens keep the tests fast
+
+
+def _build(engine: Engine, *parts: str | Image.Image) -> PromptInputs:
+    return engine.prompts.build([ChatTurn("user", list(parts))], min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+
+
+def _mixed_prompts(engine: Engine) -> list[PromptInputs]:
+    """Text and image rows of different lengths."""
+    return [
+        _build(engine, "Hi."),
+        _build(engine, Image.new("RGB", (56, 56), (200, 30, 30)), "What colour is this?"),
+        _build(engine, "Write a long and careful answer about the history of the bicycle, " * 3),
+        _build(engine, Image.new("RGB", (112, 84), (20, 90, 220)), "Describe it."),
+        _build(engine, "2 + 2 = ?"),
+    ]
+
+
+def _solo(engine: Engine, prompt: PromptInputs, params: SamplingParams) -> GenerationRequest:
+    return asyncio.run(engine.generate(prompt, params))
+
+
+def _together(engine: Engine, jobs: list[tuple[PromptInputs, SamplingParams]]) -> list[GenerationRequest]:
+    async def run():
+        return await asyncio.gather(*(engine.generate(prompt, params) for prompt, params in jobs))
+
+    return asyncio.run(run())
+
+
+def _one_batch(requests: list[GenerationRequest]) -> bool:
+    return len({r.scheduled_at for r in requests}) == 1 and requests[0].scheduled_at is not None
+
+
+def test_batched_greedy_output_equals_one_at_a_time(tiny_engine):
+    prompts = _mixed_prompts(tiny_engine)
+    assert len({p.num_tokens for p in prompts}) == len(prompts) and sum(p.num_images for p in prompts) == 2
+    params = SamplingParams(max_new_tokens=10)
+    alone = [_solo(tiny_engine, prompt, params) for prompt in prompts]
+    batched = _together(tiny_engine, [(prompt, params) for prompt in prompts])
+    assert _one_batch(batched)
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in alone]
+    assert [r.finish_reason for r in batched] == [r.finish_reason for r in alone]
+    assert all(r.text for r in alone)
+
+
+def test_each_row_keeps_its_own_max_new_tokens_in_one_batch(tiny_engine):
+    prompts = _mixed_prompts(tiny_engine)[:3]
+    limits = [2, 9, 5]
+    done = _together(
+        tiny_engine, [(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(prompts, limits)]
+    )
+    assert _one_batch(done)
+    assert [r.completion_tokens for r in done] == limits
+    assert {r.finish_reason for r in done} == {FinishReason.LENGTH}
+
+
+def test_a_short_row_reaches_its_client_before_the_long_row_ends(tiny_engine):
+    short_prompt, long_prompt = _mixed_prompts(tiny_engine)[:2]
+
+    async def run():
+        short = tiny_engine.submit(short_prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))
+        long_ = tiny_engine.submit(long_prompt, SamplingParams(max_new_tokens=40, ignore_eos=True))
+
+        async def final_event_received_at(request: GenerationRequest) -> float:
+            async for event in request.events():
+                if event.is_final:
+                    return time.perf_counter()
+            raise AssertionError("no final event")
+
+        received = await asyncio.gather(final_event_received_at(short), final_event_received_at(long_))
+        return short, long_, received
+
+    short, long_, (short_received, _) = asyncio.run(run())
+    assert _one_batch([short, long_])
+    assert short.finished_at < long_.finished_at
+    assert short_received < long_.finished_at  # delivered while the long row was still generating
+    assert (short.completion_tokens, long_.completion_tokens) == (2, 40)
+
+
+def test_cancelling_one_row_leaves_the_others_unchanged(tiny_engine):
+    prompts = _mixed_prompts(tiny_engine)[:3]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    alone = [_solo(tiny_engine, prompts[i], params).text for i in (0, 2)]
+
+    async def run():
+        requests = [tiny_engine.submit(prompt, params) for prompt in prompts]
+        events = []
+
+        async def cancel_after_first_event(request: GenerationRequest) -> None:
+            async for event in request.events():
+                events.append(event)
+                request.cancel()  # what a disconnect does; the row ends at its next step
+
+        async def drain(request: GenerationRequest) -> None:
+            async for _ in request.events():
+                pass
+
+        await asyncio.gather(drain(requests[0]), cancel_after_first_event(requests[1]), drain(requests[2]))
+        return requests, events
+
+    (first, cancelled, third), events = asyncio.run(run())
+    assert _one_batch([first, cancelled, third])
+    assert cancelled.state is RequestState.CANCELLED and events[-1].finish_reason is FinishReason.CANCELLED
+    assert cancelled.completion_tokens < 24
+    assert [first.text, third.text] == alone
+    assert first.completion_tokens == third.completion_tokens == 24
+
+
+def test_max_batch_size_one_runs_requests_one_after_another(tiny_model_dir, tiny_engine):
+    prompts = _mixed_prompts(tiny_engine)[:3]
+    params = SamplingParams(max_new_tokens=6)
+    expected = [_solo(tiny_engine, prompt, params).text for prompt in prompts]
+    serial = start_engine(tiny_model_dir, max_batch_size=1, batch_wait_ms=20)
+    try:
+        done = _together(serial, [(prompt, params) for prompt in prompts])
+    finally:
+        serial.stop()
+    assert [r.text for r in done] == expected
+    ordered = sorted(done, key=lambda r: r.scheduled_at)
+    for earlier, later in itertools.pairwise(ordered):
+        assert later.scheduled_at >= earlier.finished_at  # never two rows at once
+
+
+def test_seeded_sampling_is_reproducible_and_ignores_batch_companions(tiny_engine):
+    prompts = _mixed_prompts(tiny_engine)
+    sampled = SamplingParams(max_new_tokens=8, temperature=3.0, seed=1234, ignore_eos=True)
+    first = _solo(tiny_engine, prompts[0], sampled).text
+    assert _solo(tiny_engine, prompts[0], sampled).text == first
+    other_seed = SamplingParams(max_new_tokens=8, temperature=3.0, seed=99, ignore_eos=True)
+    assert _solo(tiny_engine, prompts[0], other_seed).text != first  # the seed is really used
+    done = _together(
+        tiny_engine,
+        [(prompts[1], SamplingParams(max_new_tokens=8)), (prompts[0], sampled), (prompts[2], other_seed)],
+    )
+    assert _one_batch(done)
+    assert done[1].text == first
+
+
+def test_stop_string_cuts_the_text_where_it_starts(tiny_engine):
+    prompt = _mixed_prompts(tiny_engine)[2]
+    full = _solo(tiny_engine, prompt, SamplingParams(max_new_tokens=16, ignore_eos=True)).text
+    assert len(full) >= 8
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    cut = _solo(tiny_engine, prompt, SamplingParams(max_new_tokens=16, ignore_eos=True, stop=(stop,)))
+    assert cut.text == full[: full.index(stop)]
+    assert cut.finish_reason is FinishReason.STOP
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_end_of_turn_ends_a_row_unless_it_ignores_eos(tiny_engine, ignore_eos):
+    eos = tiny_engine.eos_token_ids[0]
+    request = GenerationRequest(
+        prompt=PromptInputs([1, 2]), params=SamplingParams(max_new_tokens=5, ignore_eos=ignore_eos)
+    )
+    tracker = BatchTracker([request], tiny_engine.loaded.processor.tokenizer, tiny_engine.eos_token_ids)
+    done = tracker(torch.tensor([[1, 2, eos]]))
+    assert done.tolist() == [not ignore_eos]
+    if ignore_eos:
+        tracker(torch.tensor([[1, 2, eos, 100]]))
+        tracker.close()
+        assert request.finish_reason is FinishReason.LENGTH and request.completion_tokens == 2
+    else:
+        assert request.finish_reason is FinishReason.STOP and request.completion_tokens == 1
+
+
+def test_a_batch_waits_for_requests_whose_prompts_are_still_being_built(tiny_engine, monkeypatch):
+    # B's prompt takes longer to build than the batch wait (as a burst of images does); A is already
+    # queued. B still joins A's batch, because the engine knows B is on its way.
+    build = tiny_engine.prompts.build
+    release = threading.Event()
+
+    def slow_for_b(turns, **pixels):
+        if turns[0].parts[-1] == "B":
+            release.wait(30)
+        return build(turns, **pixels)
+
+    monkeypatch.setattr(tiny_engine.prompts, "build", slow_for_b)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    assert tiny_engine.batch_wait_s * PREPARING_WAIT_FACTOR >= 0.4
+
+    async def one(text: str) -> GenerationRequest:
+        prompt = await tiny_engine.build_prompt([ChatTurn("user", [text])], min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        return await tiny_engine.generate(prompt, params)
+
+    async def run():
+        b = asyncio.ensure_future(one("B"))
+        a = asyncio.ensure_future(one("A"))
+        while tiny_engine.num_waiting < 1:  # A is queued, B is still being built
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(3 * tiny_engine.batch_wait_s)  # past the plain batch wait, well within the longer one
+        release.set()
+        return await asyncio.gather(a, b)
+
+    a, b = asyncio.run(run())
+    assert _one_batch([a, b])
