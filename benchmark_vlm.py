@@ -138,15 +138,18 @@ def engine_measures(label: str, engine: Engine, workload, args, pixels, levels: 
 def http_measures(
     url: str, workload, args, tokenizer: Callable[[], object], levels: list[int], note: str = ""
 ) -> list[Measure]:
-    target = HttpTarget(url, count_tokens=lambda text: len(tokenizer()(text)["input_ids"]))
-    http_load(target, workload, min(8, args.max_tokens), requests=1, concurrency=1)  # untimed warm-up
+    """Rows "HTTP" (streamed: SSE or text chunks) and "HTTP JSON" (one reply per request)."""
+    count_tokens = lambda text: len(tokenizer()(text)["input_ids"])  # noqa: E731
+    targets = {"HTTP": HttpTarget(url, count_tokens=count_tokens), "HTTP JSON": HttpTarget(url, count_tokens=count_tokens, stream=False)}
+    for target in targets.values():
+        http_load(target, workload, min(8, args.max_tokens), requests=1, concurrency=1)  # untimed warm-up
 
-    def measure(concurrency: int) -> Row:
+    def measure(mode: str, concurrency: int) -> Row:
         count = requests_at(args, concurrency)
-        timings, wall = http_load(target, workload, args.max_tokens, requests=count, concurrency=concurrency)
-        return row_from_timings("HTTP", concurrency, timings, wall, note=note + target.api)
+        timings, wall = http_load(targets[mode], workload, args.max_tokens, requests=count, concurrency=concurrency)
+        return row_from_timings(mode, concurrency, timings, wall, note=note + targets[mode].api)
 
-    return [lambda c=c: measure(c) for c in levels]
+    return [lambda m=m, c=c: measure(m, c) for m in targets for c in levels]
 
 
 def raw_measures(loaded, prompts, pad_token_id: int, args) -> list[Measure]:

@@ -44,14 +44,16 @@ def test_ratios_compare_batched_with_serial_and_the_raw_ceiling():
         Row("serial", 16, 32, 1.0, 100),
         Row("raw generate", 1, 1, 1.0, 105),
         Row("raw generate", 16, 16, 1.0, 600),
-        Row("HTTP", 1, 4, 1.0, 98),
+        Row("HTTP", 1, 4, 1.0, 90),
+        Row("HTTP JSON", 1, 4, 1.0, 98),
     ]
     add_ratios(report, top=16, with_targets=True)
     lines = {ratio.name: ratio for ratio in report.ratios}
     assert lines["batched c=16 vs serial (batch size 1)"].value == pytest.approx(5.4)
     assert lines["batched c=16 vs serial (batch size 1)"].target == 5.0
     assert lines["batched c=16 vs raw generate at batch 16"].value == pytest.approx(0.9)
-    assert "MISSED" in lines["HTTP c=1 vs raw generate at batch 1"].line()  # 93% < 95%
+    assert "MISSED" in lines["HTTP JSON c=1 vs raw generate at batch 1"].line()  # 93% < 95%
+    assert lines["HTTP streamed c=1 vs raw generate at batch 1"].target is None  # reported, no target
     assert report.rows[1].speedup_vs_serial == pytest.approx(5.4)
 
 
@@ -116,14 +118,16 @@ def test_a_small_real_run_in_process_and_over_http(tiny_model_dir, tmp_path, mon
     ]
     assert benchmark_vlm.main([*argv, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "batched c=2 vs serial (batch size 1)" in printed and "HTTP c=1 vs raw generate at batch 1" in printed
+    assert "batched c=2 vs serial (batch size 1)" in printed and "HTTP JSON c=1 vs raw generate at batch 1" in printed
     rows = json.loads(out.read_text())["rows"]
     assert [(r["mode"], r["concurrency"]) for r in rows] == [
-        ("batched", 1), ("batched", 2), ("serial", 2), ("HTTP", 1), ("raw generate", 1), ("raw generate", 2),
+        ("batched", 1), ("batched", 2), ("serial", 2), ("HTTP", 1), ("HTTP JSON", 1),
+        ("raw generate", 1), ("raw generate", 2),
     ]  # fmt: skip
     for row in rows:  # fixed output lengths everywhere, HTTP included (ignore_eos, usage)
         assert row["output_tokens"] == row["requests"] * 3
-    assert "/v1/chat/completions" in rows[3]["note"]
+    assert rows[3]["note"].endswith("/v1/chat/completions streamed")
+    assert rows[4]["note"].endswith("/v1/chat/completions JSON")
 
 
 def test_a_random_weight_model_is_built_and_served_like_a_loaded_one(tiny_model_dir, monkeypatch):

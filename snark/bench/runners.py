@@ -100,8 +100,9 @@ def engine_load(
 class HttpTarget:
     """A running server: the OpenAI route when it has one, else the form endpoints."""
 
-    def __init__(self, url: str, *, count_tokens: Callable[[str], int]) -> None:
+    def __init__(self, url: str, *, count_tokens: Callable[[str], int], stream: bool = True) -> None:
         self.url = url.rstrip("/")
+        self.stream = stream  # False: one JSON reply per request (no TTFT), as most API clients use it
         self.count_tokens = count_tokens  # for the form endpoints, which report no usage
         reply = httpx.get(f"{self.url}/v1/models", timeout=30)
         self.openai = reply.status_code == 200
@@ -109,7 +110,8 @@ class HttpTarget:
 
     @property
     def api(self) -> str:
-        return "/v1/chat/completions" if self.openai else "/infer/text|image (form)"
+        route = "/v1/chat/completions" if self.openai else "/infer/text|image (form)"
+        return f"{route} {'streamed' if self.stream else 'JSON'}"
 
     async def send(self, client: httpx.AsyncClient, workload: Workload, index: int, max_tokens: int) -> RequestTiming:
         sent = time.perf_counter()
@@ -130,10 +132,14 @@ class HttpTarget:
             "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens,
             "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": self.stream,
             "ignore_eos": True,  # vLLM's extension: fixed output lengths
         }
+        if not self.stream:
+            reply = await client.post(f"{self.url}/v1/chat/completions", json=body)
+            reply.raise_for_status()
+            return None, reply.json()["usage"]["completion_tokens"]
+        body["stream_options"] = {"include_usage": True}
         first, tokens = None, 0
         async with client.stream("POST", f"{self.url}/v1/chat/completions", json=body) as reply:
             reply.raise_for_status()
@@ -154,7 +160,8 @@ class HttpTarget:
             "prompt": workload.prompts[index],
             "max_new_tokens": str(max_tokens),
             "temperature": "0",
-            "stream": "true",
+            "stream": "true" if self.stream else "false",
+            "response_format": "text",
         }
         files = (
             {"image_file": ("image.jpg", workload.image_jpeg(), "image/jpeg")} if workload.image is not None else None

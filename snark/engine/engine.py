@@ -158,10 +158,10 @@ class Engine:
             with self._cond:
                 self._preparing -= 1  # no notify: submit() notifies when the request arrives
 
-    def submit(self, prompt: PromptInputs, params: SamplingParams) -> GenerationRequest:
+    def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:
         """Queue a request; its events arrive on the calling event loop. Raises ``Overloaded``."""
         self._require_ready()
-        request = GenerationRequest(prompt=prompt, params=params)
+        request = GenerationRequest(prompt=prompt, params=params, deliver_deltas=deliver_deltas)
         request.bind_to_running_loop()
         with self._cond:
             if len(self._waiting) >= self.max_waiting_requests:
@@ -188,7 +188,7 @@ class Engine:
 
     async def generate(self, prompt: PromptInputs, params: SamplingParams) -> GenerationRequest:
         """Run to completion and return the finished request (text, counts, timing)."""
-        request = self.submit(prompt, params)
+        request = self.submit(prompt, params, deliver_deltas=False)
         try:
             async for _ in request.events():
                 pass

@@ -144,6 +144,9 @@ class GenerationRequest:
     scheduled_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+    # False for callers that only want the whole answer: text deltas then stay in the worker thread
+    # (accumulated in ``text``) and the event loop wakes once, for the final event, not once per token.
+    deliver_deltas: bool = True
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _events: asyncio.Queue[StreamEvent] | None = field(default=None, repr=False)
@@ -158,7 +161,7 @@ class GenerationRequest:
         """Send ``event`` to the client now, or with the rest of a decoding step's events (``outbox``)."""
         if event.text:
             self.text += event.text
-        if self._loop is None or self._events is None:
+        if self._loop is None or self._events is None or (not self.deliver_deltas and not event.is_final):
             return
         if outbox is not None:
             outbox.add(self._loop, self._events, event)
