@@ -6,18 +6,15 @@ model code). Servers are real uvicorn instances on 127.0.0.1, driven by real HTT
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 
+from snark.bench.runners import local_server as serve  # noqa: E402,F401  (a real uvicorn in a thread)
 from snark.config import Settings, load_settings  # noqa: E402
 from snark.engine.engine import Engine  # noqa: E402
 from snark.engine.loader import load_model  # noqa: E402
@@ -65,25 +62,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(app) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn on 127.0.0.1 in a thread; yield its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="session")
