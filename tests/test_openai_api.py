@@ -139,6 +139,15 @@ def test_stream_without_include_usage_sends_no_usage_and_ends_with_done(base_url
     assert all(line.startswith("data: ") for line in lines) and '"usage"' not in "".join(lines)
 
 
+def test_malformed_json_is_a_400_that_says_so(base_url: str) -> None:
+    response = httpx.post(
+        f"{base_url}/v1/chat/completions", content=b"{bad json", headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "not valid JSON" in error["message"] and error["param"] is None
+
+
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
         options = {"temperature": 1.0, "top_p": 0.9, "seed": seed, "max_tokens": 8}

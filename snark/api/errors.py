@@ -36,6 +36,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     problems = []
     param = None
     for err in exc.errors():
+        if err.get("type") == "json_invalid":  # loc is ("body", <character offset>): not a field
+            detail = (err.get("ctx") or {}).get("error", "invalid JSON")
+            offset = err.get("loc", ("body", "?"))[-1]
+            return f"The request body is not valid JSON ({detail} at character {offset}): send a JSON object.", None
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         where = ".".join(loc) or "request body"
         param = param or where
