@@ -217,3 +217,29 @@ def test_a_batch_waits_for_requests_whose_prompts_are_still_being_built(tiny_eng
 
     a, b = asyncio.run(run())
     assert _one_batch([a, b])
+
+
+def test_tiny_temperatures_and_top_k_one_are_greedy_and_harmless_to_companions(tiny_engine):
+    assert SamplingParams(temperature=1e-40).is_greedy and SamplingParams(temperature=0.7, top_k=1).is_greedy
+    assert not SamplingParams(temperature=0.7).is_greedy
+    prompt = _build(tiny_engine, "Tell me a story.")
+    greedy = SamplingParams(max_new_tokens=6)
+    alone = _solo(tiny_engine, prompt, greedy)
+    # 1e-40 underflows to 0 in float32: sampled, it would turn the logits into NaN and fail the batch.
+    tiny, plain = _together(tiny_engine, [(prompt, SamplingParams(max_new_tokens=6, temperature=1e-40)), (prompt, greedy)])
+    assert tiny.text == plain.text == alone.text
+    assert tiny.state is plain.state is RequestState.FINISHED
+
+
+def test_a_stopped_engine_refuses_new_requests_instead_of_queueing_them(tiny_model_dir):
+    from snark.errors import ModelNotReady
+
+    engine = start_engine(tiny_model_dir, max_batch_size=2)
+    prompt = _build(engine, "Hello")
+    engine.stop()
+
+    async def submit_after_stop():
+        engine.submit(prompt, SamplingParams(max_new_tokens=2))
+
+    with pytest.raises(ModelNotReady, match="shutting down"):
+        asyncio.run(submit_after_stop())

@@ -38,6 +38,8 @@ async def until_disconnected(request: Request, work: Awaitable[T], *, timeout_s:
         done, _ = await asyncio.wait({task, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        if not task.done():  # timed out, client gone, or our own caller cancelled: stop the row too
+            task.cancel()
     if task in done:
         return task.result()
     task.cancel()

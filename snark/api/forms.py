@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
@@ -14,13 +15,15 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from snark.api.cancellation import until_disconnected, within
+from snark.api.replies import finish_reason_of
 from snark.api.state import AppState, get_state
 from snark.config import Settings
 from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams, StreamEvent
-from snark.errors import InvalidRequest, PayloadTooLarge
+from snark.errors import InvalidRequest, PayloadTooLarge, SnarkError
 from snark.media import decode_upload, load_image
 from snark.speech import speak_wav
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["form endpoints"])
 
 
@@ -82,8 +85,9 @@ FormFields = Annotated[FormInferRequest, Form()]
 @router.post("/infer/text", summary="Answer a text prompt")
 async def infer_text(request: Request, form: FormFields, state: AppState = Depends(get_state)) -> Response:
     form.check_format()
+    params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any image work
     prompt = await state.engine.build_prompt(form.turns(), min_pixels=state.settings.min_image_pixels, max_pixels=state.settings.max_image_pixels)
-    return await _answer(request, state, form, prompt)
+    return await _answer(request, state, form, prompt, params)
 
 
 @router.post("/infer/image", summary="Answer a prompt about one image (image_url or image_file)")
@@ -95,6 +99,7 @@ async def infer_image(
     state: AppState = Depends(get_state),
 ) -> Response:
     form.check_format()
+    params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any image work
     if (image_url is None) == (image_file is None):
         raise InvalidRequest("Send exactly one of image_url (a URL or data: URI) or image_file (an upload).", param="image_url")
     if image_file is not None:
@@ -104,7 +109,7 @@ async def infer_image(
     max_pixels = form.image_pixel_cap(state.settings)
     min_pixels = min(state.settings.min_image_pixels, max_pixels)
     prompt = await state.engine.build_prompt(form.turns(image), min_pixels=min_pixels, max_pixels=max_pixels)
-    return await _answer(request, state, form, prompt)
+    return await _answer(request, state, form, prompt, params)
 
 
 async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
@@ -118,9 +123,10 @@ async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     return data
 
 
-async def _answer(request: Request, state: AppState, form: FormInferRequest, prompt: PromptInputs) -> Response:
+async def _answer(
+    request: Request, state: AppState, form: FormInferRequest, prompt: PromptInputs, params: SamplingParams
+) -> Response:
     engine, settings = state.engine, state.settings
-    params = form.to_sampling_params(settings, engine.default_sampling)
     if form.stream:
         generation = engine.submit(prompt, params)  # now: a full queue is a 503, not a broken 200
         return StreamingResponse(
@@ -131,6 +137,7 @@ async def _answer(request: Request, state: AppState, form: FormInferRequest, pro
     done: GenerationRequest = await until_disconnected(
         request, engine.generate(prompt, params), timeout_s=settings.request_timeout_s
     )
+    finish_reason = finish_reason_of(done.finish_reason)  # a row stopped by shutdown is a 503, not a 200
     if form.response_format == "text":
         return PlainTextResponse(done.text)
     if form.response_format == "wav":
@@ -139,7 +146,7 @@ async def _answer(request: Request, state: AppState, form: FormInferRequest, pro
         {
             "text": done.text,
             "model": engine.model_name,
-            "finish_reason": done.finish_reason.value if done.finish_reason else None,
+            "finish_reason": finish_reason,
             "usage": {"prompt_tokens": prompt.num_tokens, "completion_tokens": done.completion_tokens},
             "timing": {"queue_s": round(done.queue_s, 6), "generate_s": round(done.generate_s, 6)},
         }
@@ -147,6 +154,14 @@ async def _answer(request: Request, state: AppState, form: FormInferRequest, pro
 
 
 async def _text_chunks(events: AsyncIterator[StreamEvent], timeout_s: float) -> AsyncIterator[str]:
-    async for event in within(events, timeout_s):
-        if event.text:
-            yield event.text
+    """Text chunks. Once the 200 is sent an error can only end the body: it ends with one line saying why
+    (plain text has no error events), instead of an unexplained cut."""
+    try:
+        async for event in within(events, timeout_s):
+            if event.text:
+                yield event.text
+            if event.finish_reason is not None:
+                finish_reason_of(event.finish_reason)
+    except SnarkError as exc:
+        log.warning("form stream ended early: %s", exc.message)
+        yield f"\n[snark error: {exc.message}]\n"

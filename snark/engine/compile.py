@@ -105,7 +105,8 @@ def ensure_compiled(model) -> None:
 
 def padding_row(template: GenerationRequest) -> GenerationRequest:
     """A finished one-token row that fills a batch up to its bucket; the tracker never streams it."""
-    row = GenerationRequest(prompt=PromptInputs(input_ids=template.prompt.input_ids[-1:]), params=template.params)
+    # Greedy one-token params: a padding row must not send the batch through the per-row sampler.
+    row = GenerationRequest(prompt=PromptInputs(input_ids=template.prompt.input_ids[-1:]), params=SamplingParams(max_new_tokens=1))
     row.state = RequestState.FINISHED
     return row
 

@@ -142,6 +142,8 @@ class Engine:
         return len(self._running)
 
     def _require_ready(self) -> PromptBuilder:
+        if self._stopping or self.state is EngineState.STOPPED:
+            raise ModelNotReady("The server is shutting down; retry on another replica.")
         if self.state is not EngineState.READY or self.prompts is None:
             raise ModelNotReady("The model is still loading: retry when GET /health answers 200.")
         return self.prompts
@@ -153,10 +155,15 @@ class Engine:
         with self._cond:
             self._preparing += 1
         try:
-            return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels)
-        finally:
+            prompt = await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels)
+        except BaseException:
             with self._cond:
-                self._preparing -= 1  # no notify: submit() notifies when the request arrives
+                self._preparing -= 1
+                self._cond.notify()  # this request will not arrive: a batch waiting for it can start
+            raise
+        with self._cond:
+            self._preparing -= 1  # no notify: submit() notifies when the request arrives
+        return prompt
 
     def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:
         """Queue a request; its events arrive on the calling event loop. Raises ``Overloaded``."""
@@ -164,6 +171,8 @@ class Engine:
         request = GenerationRequest(prompt=prompt, params=params, deliver_deltas=deliver_deltas)
         request.bind_to_running_loop()
         with self._cond:
+            if self._stopping:
+                raise ModelNotReady("The server is shutting down; retry on another replica.")
             if len(self._waiting) >= self.max_waiting_requests:
                 raise Overloaded(
                     f"{len(self._waiting)} requests are already waiting (SNARK_MAX_WAITING_REQUESTS); retry shortly.",
@@ -229,7 +238,8 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run_batch(batch)
+            if batch:  # empty when every waiting request left during the batch wait
+                self._run_batch(batch)
 
     def _load(self) -> None:
         if self.compile_decode and not self.allow_cpu_compile:

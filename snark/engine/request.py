@@ -34,6 +34,9 @@ class FinishReason(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
+GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy decoding
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding parameters. ``temperature == 0`` means greedy decoding."""
@@ -52,7 +55,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        # A temperature too small to divide by safely, or top_k=1 (Qwen2.5-VL's own default), leaves one
+        # candidate: take the argmax instead of sorting and sampling 152k logits at every step (as vLLM).
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def needs_logits_processing(self) -> bool:
