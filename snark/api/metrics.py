@@ -73,7 +73,7 @@ class Metrics:
         """The engine listener: runs in the worker thread as each request leaves its batch."""
         if request.scheduled_at is None:  # never reached a batch: nothing was computed for it
             return
-        self.queue_time.observe(request.scheduled_at - request.arrived_at)
+        self.queue_time.observe(request.queue_s)
         self.prompt_tokens.inc(request.prompt.num_tokens)
         self.generation_tokens.inc(request.completion_tokens)
         if request.state is RequestState.CANCELLED:

@@ -16,6 +16,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix_offset = 0  # start of the window re-decoded for context
         self.read_offset = 0  # ids before this are already emitted
+        self.prefix_text = ""  # decode(ids[prefix_offset:read_offset]): changes only when the offsets move
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -23,20 +24,21 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; return the newly complete text (possibly empty)."""
         self.ids.append(token_id)
-        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return new_text[len(prefix_text) :]
+        if len(new_text) > len(self.prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(self.prefix_text) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            return delta
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
-        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
+        delta = new_text[len(self.prefix_text) :]
         self.prefix_offset = self.read_offset = len(self.ids)
-        return new_text[len(prefix_text) :]
+        self.prefix_text = ""
+        return delta
 
 
 class StopMatcher:

@@ -91,7 +91,6 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._ready = threading.Event()
         self._listeners: list[Callable[[GenerationRequest], None]] = []
-        self.batches_run = 0
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self, on_load_failed: Callable[[BaseException], None] | None = None) -> None:
@@ -216,9 +215,7 @@ class Engine:
         with self._cond:
             if request in self._waiting:
                 self._waiting.remove(request)
-                request.finish_reason = None
-                request.state = RequestState.CANCELLED
-                request.finished_at = time.perf_counter()
+                request.drop()
 
     # --- the worker thread ------------------------------------------------------------------------
     def _main(self, on_load_failed: Callable[[BaseException], None] | None) -> None:
@@ -276,8 +273,7 @@ class Engine:
             live = [r for r in self._waiting if not r.cancel_requested]
             for request in self._waiting:
                 if request.cancel_requested:
-                    request.finish_reason = None
-                    request.state = RequestState.CANCELLED
+                    request.drop()
             chosen = [live[i] for i in select_batch(live, [r.prompt.num_tokens for r in live], max_batch_size=self.max_batch_size)]
             self._waiting = [r for r in live if r not in chosen]
             self._running = chosen
@@ -294,7 +290,6 @@ class Engine:
                     request.fail(exc)
         finally:
             self._running = []
-            self.batches_run += 1
             for request in batch:
                 for listener in self._listeners:
                     try:

@@ -187,6 +187,11 @@ class GenerationRequest:
         self.finished_at = time.perf_counter()
         self.push(StreamEvent(error=error))
 
+    def drop(self) -> None:
+        """Leave the waiting list without running: cancelled before a batch took it."""
+        self.state = RequestState.CANCELLED
+        self.finished_at = time.perf_counter()
+
     # --- called from anywhere -----------------------------------------------------------------
     def cancel(self) -> None:
         """Ask the engine to stop this row at its next decoding step (or never start it)."""

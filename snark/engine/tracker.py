@@ -77,10 +77,6 @@ class BatchTracker:
         outbox.flush()
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
-    @property
-    def all_done(self) -> bool:
-        return all(row.done for row in self.rows)
-
     def close(self) -> None:
         """After ``generate`` returns: rows it stopped on its own (max length) end as ``length``."""
         outbox = Outbox()
