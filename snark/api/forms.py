@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from snark.api.cancellation import until_disconnected, within
+from snark.api.protocol import resolve_sampling
 from snark.api.replies import finish_reason_of
 from snark.api.state import AppState, get_state
 from snark.config import Settings
@@ -39,21 +40,8 @@ class FormInferRequest(BaseModel):
     max_image_pixels: int | None = Field(None, ge=1, description="Lower this request's image resolution cap.")
 
     def to_sampling_params(self, settings: Settings, defaults: SamplingParams) -> SamplingParams:
-        max_new = self.max_new_tokens or settings.default_max_new_tokens
-        if max_new > settings.max_new_tokens_limit:
-            raise InvalidRequest(
-                f"max_new_tokens={max_new} is over this server's limit of {settings.max_new_tokens_limit} "
-                "(SNARK_MAX_NEW_TOKENS_LIMIT): ask for fewer.",
-                param="max_new_tokens",
-            )
-        temperature = defaults.temperature if self.temperature is None else self.temperature
-        sampled = temperature > 0
-        return SamplingParams(
-            max_new_tokens=max_new,
-            temperature=temperature,
-            top_p=defaults.top_p if sampled else 1.0,
-            top_k=defaults.top_k if sampled else 0,
-            repetition_penalty=defaults.repetition_penalty,
+        return resolve_sampling(
+            settings, defaults, max_new_tokens=self.max_new_tokens, param="max_new_tokens", temperature=self.temperature
         )
 
     def image_pixel_cap(self, settings: Settings) -> int:

@@ -84,6 +84,40 @@ class ResponseFormat(_Lenient):
     type: str
 
 
+def resolve_sampling(
+    settings: Settings,
+    defaults: SamplingParams,
+    *,
+    max_new_tokens: int | None,
+    param: str,
+    temperature: float | None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    **extra,
+) -> SamplingParams:
+    """A request's sampling fields -> engine parameters, for every route: ``defaults`` (the model's
+    generation config) fill what the request left out, and the token limit is checked once here."""
+    max_new = max_new_tokens or settings.default_max_new_tokens
+    if max_new > settings.max_new_tokens_limit:
+        raise InvalidRequest(
+            f"{param}={max_new} is over this server's limit of {settings.max_new_tokens_limit} "
+            "(SNARK_MAX_NEW_TOKENS_LIMIT): ask for fewer.",
+            param=param,
+        )
+    temperature = defaults.temperature if temperature is None else temperature
+    sampled = temperature > 0  # greedy ignores top_p / top_k, so they are normalised away
+    top_k = defaults.top_k if top_k is None else max(top_k, 0)
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_p=(defaults.top_p if top_p is None else top_p) if sampled else 1.0,
+        top_k=top_k if sampled else 0,
+        repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        **extra,
+    )
+
+
 class ChatCompletionRequest(_Lenient):
     model: str | None = Field(None, description="Accepted for compatibility; Snark serves one model.")
     messages: list[ChatMessage] = Field(min_length=1)
@@ -131,24 +165,17 @@ class ChatCompletionRequest(_Lenient):
         param, max_new = "max_tokens", self.max_tokens
         if self.max_completion_tokens is not None:
             param, max_new = "max_completion_tokens", self.max_completion_tokens
-        max_new = max_new or settings.default_max_new_tokens
-        if max_new > settings.max_new_tokens_limit:
-            raise InvalidRequest(
-                f"{param}={max_new} is over this server's limit of {settings.max_new_tokens_limit} "
-                "(SNARK_MAX_NEW_TOKENS_LIMIT): ask for fewer.",
-                param=param,
-            )
-        temperature = defaults.temperature if self.temperature is None else self.temperature
-        sampled = temperature > 0  # greedy ignores top_p / top_k, so they are normalised away
-        top_k = defaults.top_k if self.top_k is None else max(self.top_k, 0)
-        return SamplingParams(
+        return resolve_sampling(
+            settings,
+            defaults,
             max_new_tokens=max_new,
-            temperature=temperature,
-            top_p=(defaults.top_p if self.top_p is None else self.top_p) if sampled else 1.0,
-            top_k=top_k if sampled else 0,
+            param=param,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=stops,
-            repetition_penalty=defaults.repetition_penalty if self.repetition_penalty is None else self.repetition_penalty,
             frequency_penalty=self.frequency_penalty or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
             ignore_eos=self.ignore_eos,
