@@ -309,7 +309,14 @@ class Engine:
         tracker = BatchTracker(rows, loaded.processor.tokenizer, self.eos_token_ids)
         processors = LogitsProcessorList()
         if any(r.params.needs_logits_processing for r in rows):
-            processors.append(PerRowSampler([r.params for r in rows], [r.prompt.num_tokens for r in rows], device=loaded.device))
+            processors.append(
+                PerRowSampler(
+                    [r.params for r in rows],
+                    [r.prompt.num_tokens for r in rows],
+                    device=loaded.device,
+                    row_done=lambda row: tracker.rows[row].done,
+                )
+            )
         max_new = max(r.params.max_new_tokens for r in rows)
         config = GenerationConfig(
             max_new_tokens=max_new,

@@ -9,7 +9,7 @@ greedy rows pass through untouched, so their output equals a one-at-a-time greed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -18,9 +18,17 @@ from snark.engine.request import SamplingParams
 
 class PerRowSampler:
     def __init__(
-        self, params: Sequence[SamplingParams], prompt_lengths: Sequence[int], *, device: torch.device
+        self,
+        params: Sequence[SamplingParams],
+        prompt_lengths: Sequence[int],
+        *,
+        device: torch.device,
+        row_done: Callable[[int], bool] = lambda row: False,
     ) -> None:
         self.params = list(params)
+        # Rows the tracker already ended keep being decoded until the batch ends; their tokens are
+        # thrown away, so sampling them would be wasted work. (Flags are from the previous step.)
+        self.row_done = row_done
         self.prompt_width = max(prompt_lengths)  # padded prompt length: ids past it are generated
         self.row_starts = [self.prompt_width - n for n in prompt_lengths]  # first non-pad position
         self.generators: list[torch.Generator | None] = []
@@ -35,7 +43,7 @@ class PerRowSampler:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # input_ids: [batch, prompt_width + generated]; scores: [batch, vocab] float32
         for row, p in enumerate(self.params):
-            if not p.needs_logits_processing:
+            if not p.needs_logits_processing or self.row_done(row):
                 continue
             logits = scores[row]
             if p.repetition_penalty != 1.0:
