@@ -48,6 +48,7 @@ from snark.errors import ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
 
+SHUTTING_DOWN = "The server is shutting down; retry on another replica."
 PREPARING_WAIT_FACTOR = 20  # x batch_wait_ms: how long a forming batch waits for prompts being built
 
 
@@ -112,7 +113,7 @@ class Engine:
             waiting, self._waiting = self._waiting, []
             self._cond.notify_all()
         for request in waiting:
-            request.fail(ModelNotReady("The server is shutting down; retry on another replica."))
+            request.fail(ModelNotReady(SHUTTING_DOWN))
         for request in list(self._running):
             request.cancel()
         if self._worker is not None:
@@ -142,7 +143,7 @@ class Engine:
 
     def _require_ready(self) -> PromptBuilder:
         if self._stopping or self.state is EngineState.STOPPED:
-            raise ModelNotReady("The server is shutting down; retry on another replica.")
+            raise ModelNotReady(SHUTTING_DOWN)
         if self.state is not EngineState.READY or self.prompts is None:
             raise ModelNotReady("The model is still loading: retry when GET /health answers 200.")
         return self.prompts
@@ -171,7 +172,7 @@ class Engine:
         request.bind_to_running_loop()
         with self._cond:
             if self._stopping:
-                raise ModelNotReady("The server is shutting down; retry on another replica.")
+                raise ModelNotReady(SHUTTING_DOWN)
             if len(self._waiting) >= self.max_waiting_requests:
                 raise Overloaded(
                     f"{len(self._waiting)} requests are already waiting (SNARK_MAX_WAITING_REQUESTS); retry shortly.",
@@ -181,13 +182,10 @@ class Engine:
             self._cond.notify()
         return request
 
-    def stream(self, prompt: PromptInputs, params: SamplingParams) -> AsyncIterator[StreamEvent]:
-        """Submit now and return the events (see ``follow``). Submitting before the first event means a
-        full queue raises ``Overloaded`` while a route can still answer 503, not inside a started stream."""
-        return self.follow(self.submit(prompt, params))
-
     async def follow(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        """Yield a submitted request's events. Leaving the loop early (client gone, timeout) cancels the row."""
+        """Yield a submitted request's events. Leaving the loop early (client gone, timeout) cancels the row.
+        Routes submit first, then follow: a full queue then raises ``Overloaded`` while they can still
+        answer 503, not inside a stream that has already started."""
         try:
             async for event in request.events():
                 yield event
