@@ -26,7 +26,10 @@ class _Row:
         self.request = request
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopMatcher(request.params.stop)
-        self.done = request.is_done  # padding rows of a compiled batch start done
+
+    @property
+    def done(self) -> bool:
+        return self.request.is_done  # padding rows of a compiled batch start done
 
     def emit(self, text: str, outbox: Outbox) -> None:
         if text:
@@ -36,7 +39,6 @@ class _Row:
         if reason is not FinishReason.CANCELLED:
             tail, _ = self.stops.feed(self.detokenizer.flush())
             self.emit(tail + self.stops.flush(), outbox)
-        self.done = True
         self.request.finish(reason, outbox)
 
 
@@ -70,7 +72,6 @@ class BatchTracker:
             text, stopped = row.stops.feed(row.detokenizer.push(token))
             row.emit(text, outbox)
             if stopped:
-                row.done = True
                 request.finish(FinishReason.STOP, outbox)
             elif request.completion_tokens >= request.params.max_new_tokens:
                 row.end(FinishReason.LENGTH, outbox)
