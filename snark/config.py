@@ -54,8 +54,10 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(256, gt=0)
     max_new_tokens_limit: int = Field(2048, gt=0)
     max_prompt_tokens: int = Field(32768, gt=0)
-    max_batch_size: int = Field(16, ge=1, le=256)
-    batch_wait_ms: float = Field(10.0, ge=0)
+    max_batch_size: int = Field(16, ge=1, le=256)  # rows decoded together; 1: one request at a time
+    batch_wait_ms: float = Field(0.0, ge=0)  # an idle engine waits this long for companions to its first prefill
+    max_prefill_tokens: int = Field(8192, gt=0)  # prompt positions prefilled in one step (the oldest always goes)
+    kv_cache_gib: float | None = Field(None, gt=0)  # default: 4 on CPU, 80% of the GPU memory free after loading
     max_waiting_requests: int = Field(64, ge=1)
 
     # --- images ------------------------------------------------------------------------------
@@ -99,6 +101,10 @@ class Settings(BaseSettings):
     def model_id(self) -> str:
         """What to load: ``VLM_MODEL`` when set, else the hub id for ``VLM_SIZE``."""
         return self.vlm_model or model_id_for_size(self.vlm_size)
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return None if self.kv_cache_gib is None else int(self.kv_cache_gib * 1024**3)
 
     @property
     def api_keys(self) -> tuple[str, ...]:

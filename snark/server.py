@@ -22,7 +22,8 @@ from snark.api.errors import install_error_handlers
 from snark.api.metrics import Metrics
 from snark.api.state import AppState
 from snark.config import Settings, load_settings
-from snark.engine.engine import Engine
+from snark.engine.base import Engine
+from snark.engine.transformers import TransformersEngine
 from snark.engine.loader import load_model
 from snark.media import ImageLimits
 from snark.speech import LazySpeaker, build_speaker
@@ -31,12 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings) -> Engine:
-    return Engine(
+    return TransformersEngine(
         lambda: load_model(settings.model_id, device=settings.device),
         max_batch_size=settings.max_batch_size,
         batch_wait_ms=settings.batch_wait_ms,
         max_waiting_requests=settings.max_waiting_requests,
         max_prompt_tokens=settings.max_prompt_tokens,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        kv_cache_bytes=settings.kv_cache_bytes,
         compile_decode=settings.compile,
     )
 

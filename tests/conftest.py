@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a
 
 from snark.bench.runners import local_server as serve  # noqa: E402,F401  (a real uvicorn in a thread)
 from snark.config import Settings, load_settings  # noqa: E402
-from snark.engine.engine import Engine  # noqa: E402
+from snark.engine.transformers import TransformersEngine as Engine  # noqa: E402
 from snark.engine.loader import load_model  # noqa: E402
 from snark import cli  # noqa: E402
 from snark.engine.tiny_model import is_tiny_checkpoint  # noqa: E402

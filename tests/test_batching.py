@@ -1,60 +1,40 @@
-"""The batching functions on their own: which requests run together, and how they become a batch."""
+"""The batching functions on their own: which requests are prefilled together, and how they become a batch."""
 
 from __future__ import annotations
 
 import torch
 
-from snark.engine.batching import bucket_size, collate, select_batch
+from snark.engine.transformers.batching import collate, plan_prefill
 from snark.engine.request import PromptInputs
 
 PAD, IMAGE = 0, 9
 
 
-# --- select_batch ---------------------------------------------------------------------------------
-def test_select_batch_takes_similar_lengths_in_arrival_order_up_to_the_limit():
-    lengths = [40, 35, 50, 45, 38]
-    assert select_batch(lengths, lengths, max_batch_size=3) == [0, 1, 2]
-    assert select_batch(lengths, lengths, max_batch_size=16) == [0, 1, 2, 3, 4]
+# --- plan_prefill -----------------------------------------------------------------------------------
+def _always(n: int) -> bool:
+    return True
 
 
-def test_select_batch_always_starts_with_the_oldest_request():
-    lengths = [20000, 30, 30, 30]
-    chosen = select_batch(lengths, lengths, max_batch_size=16)
-    assert chosen[0] == 0
-    # A long document takes at most one short companion: a second would triple its prefill.
-    assert chosen == [0, 1]
+def test_plan_prefill_takes_the_oldest_while_the_padded_prefill_stays_within_the_step_bound():
+    assert plan_prefill([40, 35, 50, 45], max_prefill_tokens=1000, fits=_always) == 4
+    # 3 rows x 50 = 150 padded positions; a 4th would make 4 x 50 = 200.
+    assert plan_prefill([40, 35, 50, 45], max_prefill_tokens=150, fits=_always) == 3
 
 
-def test_select_batch_mixes_text_and_image_rows_of_ordinary_size():
-    # 16 requests: short questions and image prompts (a 1280-token image is the default cap).
-    lengths = [30, 1300, 28, 45, 1310, 33] + [40] * 10
-    assert select_batch(lengths, lengths, max_batch_size=16) == list(range(16))
+def test_plan_prefill_always_takes_the_oldest_even_when_it_is_long():
+    assert plan_prefill([20000, 30, 30], max_prefill_tokens=8192, fits=_always) == 1
 
 
-def test_select_batch_skips_a_row_whose_padding_breaks_both_bounds_but_takes_later_ones():
-    lengths = [30] * 8 + [5000] + [31, 29]
-    chosen = select_batch(lengths, lengths, max_batch_size=16, max_padding_tokens=1000)
-    assert chosen == [0, 1, 2, 3, 4, 5, 6, 7, 9, 10]
+def test_plan_prefill_counts_padding_to_the_longest_prompt():
+    # A long prompt behind short ones would pad them all: it waits for the next step.
+    assert plan_prefill([30, 30, 30, 5000], max_prefill_tokens=8192, fits=_always) == 3
 
 
-def test_select_batch_padding_bound_is_what_decides():
-    # Two rows: 100 and 700 tokens pad 600 <= 800 real tokens: together even with no slack.
-    assert select_batch([0, 1], [100, 700], max_batch_size=4, max_padding_tokens=0) == [0, 1]
-    # Three rows of 100 and one of 700: padding 1800 > 1000 real, and over a slack of 1000.
-    assert select_batch([0, 1, 2, 3], [100, 100, 100, 700], max_batch_size=4, max_padding_tokens=1000) == [0, 1, 2]
-    assert select_batch([0, 1, 2, 3], [100, 100, 100, 700], max_batch_size=4, max_padding_tokens=1800) == [0, 1, 2, 3]
-
-
-def test_select_batch_of_nothing_and_of_one():
-    assert select_batch([], [], max_batch_size=4) == []
-    assert select_batch(["a", "b"], [10, 10], max_batch_size=1) == [0]
-
-
-# --- bucket_size ------------------------------------------------------------------------------------
-def test_bucket_size_rounds_up_to_powers_of_two_capped_at_the_max_batch():
-    assert [bucket_size(n, 16) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
-    assert [bucket_size(n, 12) for n in (5, 8, 9, 12)] == [8, 8, 12, 12]
-    assert bucket_size(1, 1) == 1
+def test_plan_prefill_is_first_come_first_served_under_the_memory_budget():
+    # The second request does not fit: the third (which would) does not overtake it.
+    assert plan_prefill([10, 5000, 10], max_prefill_tokens=100000, fits=lambda n: n < 2) == 1
+    assert plan_prefill([10, 10], max_prefill_tokens=100, fits=lambda n: False) == 0
+    assert plan_prefill([], max_prefill_tokens=100, fits=_always) == 0
 
 
 # --- collate ------------------------------------------------------------------------------------------

@@ -19,55 +19,37 @@ import torch
 from torch._dynamo.utils import counters
 
 from snark.config import load_settings
-from snark.engine.compile import (
-    CACHE_FLOOR_TOKENS,
-    DecodeCaches,
-    batch_buckets,
-    cache_length_bucket,
-    compile_config,
-    require_cuda,
-)
-from snark.engine.engine import EngineState
+from snark.engine.base import EngineState
 from snark.engine.request import ChatTurn, SamplingParams
-from snark.engine.tiny_model import tiny_config
+from snark.engine.transformers.compiled import (
+    COMPILED_COLUMN_FLOOR,
+    column_bucket,
+    compile_options,
+    require_cuda,
+    row_buckets,
+)
 from snark.errors import ConfigError
 from snark.server import build_engine, create_app
 from tests.conftest import free_port, serve, start_engine
 
 
-def test_batch_buckets_are_powers_of_two_up_to_the_max():
-    assert batch_buckets(16) == [1, 2, 4, 8, 16]
-    assert batch_buckets(12) == [1, 2, 4, 8, 12]
-    assert batch_buckets(1) == [1]
+def test_row_buckets_are_powers_of_two_up_to_the_max():
+    assert row_buckets(16) == [1, 2, 4, 8, 16]
+    assert row_buckets(12) == [1, 2, 4, 8, 12]
+    assert row_buckets(1) == [1]
 
 
-def test_cache_lengths_are_powers_of_two_from_the_floor_within_the_ceiling():
-    ceiling = 32768 + 2048
-    assert cache_length_bucket(10, ceiling=ceiling) == CACHE_FLOOR_TOKENS == 2048
-    assert cache_length_bucket(2048, ceiling=ceiling) == 2048
-    assert cache_length_bucket(2049, ceiling=ceiling) == 4096
-    assert cache_length_bucket(20000, ceiling=ceiling) == 32768
-    assert cache_length_bucket(33000, ceiling=ceiling) == ceiling  # not 65536: no request is longer
-    assert cache_length_bucket(300, ceiling=1000, floor=256) == 512
-    assert cache_length_bucket(900, ceiling=1000, floor=256) == 1000
+def test_cache_columns_are_powers_of_two_from_the_floor():
+    assert column_bucket(10) == COMPILED_COLUMN_FLOOR == 2048
+    assert column_bucket(2048) == 2048
+    assert column_bucket(2049) == 4096
+    assert column_bucket(20000) == 32768
+    assert column_bucket(300, floor=256) == 512
 
 
-def test_compile_config_is_static_shapes_with_cuda_graphs_on_cuda():
-    config = compile_config(torch.device("cuda"))
-    assert (config.dynamic, config.fullgraph, config.mode) == (False, False, "reduce-overhead")
-    assert not config._compile_all_devices
-    assert compile_config(torch.device("cpu"))._compile_all_devices
-
-
-def test_decode_caches_are_kept_per_bucket_and_reset_in_place():
-    caches = DecodeCaches(tiny_config(), floor=256)
-    first = caches.get(4, 100, ceiling=4096)
-    assert caches.get(4, 250, ceiling=4096) is first  # same tensors: CUDA graphs replay
-    assert caches.get(2, 100, ceiling=4096) is not first
-    assert caches.held == {4: 256, 2: 256}
-    longer = caches.get(4, 300, ceiling=4096)
-    assert longer is not first and caches.held == {4: 512}  # a long cache evicts the others
-    assert caches.get(4, 100, ceiling=4096) is longer
+def test_compile_options_are_static_shapes_with_cuda_graphs_on_cuda():
+    assert compile_options(torch.device("cuda")) == {"dynamic": False, "fullgraph": False, "mode": "reduce-overhead"}
+    assert compile_options(torch.device("cpu"))["mode"] == "default"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
@@ -128,12 +110,13 @@ def test_compiled_engine_matches_eager_and_never_recompiles_after_warm_up(tiny_m
         return [r.text for r in await asyncio.gather(*(engine.generate(p, params) for p in batch))]
 
     expected = asyncio.run(run(tiny_engine, prompts))
-    compiled = start_engine(tiny_model_dir, max_batch_size=4, compile_decode=True, allow_cpu_compile=True)
+    compiled = start_engine(tiny_model_dir, max_batch_size=2, compile_decode=True, allow_cpu_compile=True)
     try:
         graphs = counters["stats"]["unique_graphs"]
-        assert compiled.loaded.model._compiled_call is not None
-        assert compiled._decode_caches.held == {1: 2048, 2: 2048, 4: 2048}  # every bucket warmed
-        assert asyncio.run(run(compiled, prompts)) == expected  # 3 rows, padded to the bucket of 4
+        assert compiled.runner.compiled_step is not None and graphs >= 2  # one per row bucket (1, 2)
+        assert compiled.cache.keys[0].shape[0] == 2 and compiled.cache.columns == COMPILED_COLUMN_FLOOR
+        # Three rows on a 2-row engine: two run (one bucket), the third joins as one ends (the other).
+        assert asyncio.run(run(compiled, prompts)) == expected
         assert asyncio.run(run(compiled, prompts[:1])) == expected[:1]
         assert counters["stats"]["unique_graphs"] == graphs  # no compile after start-up
     finally:

@@ -1,14 +1,16 @@
-"""The batching engine on the tiny model: a row's output does not depend on its batch companions,
-and each row streams, ends and is cancelled on its own.
+"""The continuous-batching engine on the tiny model: a row's output does not depend on its batch
+companions or on the step it joined at, and each row streams, ends and is cancelled on its own.
 
-"Ran in one batch" is checked through ``scheduled_at``: the tracker stamps every row of a batch with
-the same instant when the batch starts.
+"Joined at one step" is checked through ``scheduled_at``: the engine stamps every row it admits at
+one step with the same instant. "Ran together" means their running times overlapped. Join points
+are set by counting the events of a running request, never by sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import threading
 import time
 
@@ -16,9 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from snark.engine.engine import PREPARING_WAIT_FACTOR, Engine
-from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, PromptInputs, RequestState, SamplingParams
-from snark.engine.tracker import BatchTracker
+from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, RequestState, SamplingParams
+from snark.engine.transformers import TransformersEngine as Engine
+from snark.engine.transformers.engine import PREPARING_WAIT_FACTOR
+from snark.engine.transformers.rows import Row
+from snark.errors import InvalidRequest
 from tests.conftest import start_engine
 
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 16 * 28 * 28  # images of 4 to 16 tokens keep the tests fast
@@ -51,20 +55,86 @@ def _together(engine: Engine, jobs: list[tuple[PromptInputs, SamplingParams]]) -
 
 
 def _one_batch(requests: list[GenerationRequest]) -> bool:
+    """Joined the running batch at the same step."""
     return len({r.scheduled_at for r in requests}) == 1 and requests[0].scheduled_at is not None
 
 
-def test_batched_greedy_output_equals_one_at_a_time(tiny_engine):
+def _ran_together(requests: list[GenerationRequest]) -> bool:
+    return max(r.scheduled_at for r in requests) < min(r.finished_at for r in requests)
+
+
+async def _lead_and_join(engine: Engine, leader: tuple[PromptInputs, SamplingParams],
+                         joiners: list[tuple[int, PromptInputs, SamplingParams]]) -> tuple[GenerationRequest, list[GenerationRequest]]:  # fmt: skip
+    """Run a leader request; submit each joiner ``(k, prompt, params)`` once the leader has streamed
+    ``k`` text events, i.e. while it is running. Returns the leader and the finished joiners."""
+    lead = engine.submit(*leader)
+    submitted: list[GenerationRequest | None] = [None] * len(joiners)
+    seen = 0
+    async for event in lead.events():
+        seen += bool(event.text)
+        for index, (k, prompt, params) in enumerate(joiners):
+            if submitted[index] is None and (seen >= k or event.is_final):
+                submitted[index] = engine.submit(prompt, params, deliver_deltas=False)
+        if all(submitted):
+            break
+    for request in submitted:
+        async for _ in request.events():
+            pass
+    engine.cancel(lead)  # the leader has done its part; it ends at the next step
+    async for _ in lead.events():
+        pass
+    return lead, submitted
+
+
+def test_greedy_output_is_the_same_whatever_step_a_row_joins_at(tiny_engine):
+    """Text and image rows join a running batch at random steps: each one's greedy output equals
+    its output alone."""
     prompts = _mixed_prompts(tiny_engine)
-    assert len({p.num_tokens for p in prompts}) == len(prompts) and sum(p.num_images for p in prompts) == 2
-    params = SamplingParams(max_new_tokens=10)
-    alone = [_solo(tiny_engine, prompt, params) for prompt in prompts]
-    batched = _together(tiny_engine, [(prompt, params) for prompt in prompts])
-    assert _one_batch(batched)
-    assert [r.text for r in batched] == [r.text for r in alone]
-    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in alone]
-    assert [r.finish_reason for r in batched] == [r.finish_reason for r in alone]
-    assert all(r.text for r in alone)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = [_solo(tiny_engine, prompt, params).text for prompt in prompts]
+    choose = random.Random(7)
+    for _ in range(3):
+        leader, *joiners = choose.sample(range(len(prompts)), len(prompts))
+        points = [choose.randint(1, 10) for _ in joiners]
+        # The leader could run 2000 tokens: it is cancelled once the rows that joined it are done.
+        lead, joined = asyncio.run(
+            _lead_and_join(
+                tiny_engine,
+                (prompts[leader], SamplingParams(max_new_tokens=2000, ignore_eos=True)),
+                [(k, prompts[i], params) for k, i in zip(points, joiners)],
+            )
+        )
+        assert [r.text for r in joined] == [alone[i] for i in joiners], (leader, joiners, points)
+        assert lead.finish_reason is FinishReason.CANCELLED and lead.completion_tokens < 2000
+        assert all(lead.scheduled_at < r.scheduled_at < lead.finished_at for r in joined)  # joined mid-flight
+
+
+def test_a_short_request_does_not_wait_for_long_running_ones(tiny_engine):
+    """Head-of-line: a short request that arrives while long ones run starts at the next step and
+    ends while they are still running."""
+    long_prompt, short_prompt = _mixed_prompts(tiny_engine)[2], _mixed_prompts(tiny_engine)[0]
+    long_params = SamplingParams(max_new_tokens=2000, ignore_eos=True)
+
+    async def run():
+        longs = [tiny_engine.submit(long_prompt, long_params) for _ in range(3)]
+        seen = 0
+        async for event in longs[0].events():
+            seen += bool(event.text)
+            if seen == 3:
+                break
+        short = await tiny_engine.generate(short_prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        still_running = [not r.is_done for r in longs]
+        for request in longs:
+            tiny_engine.cancel(request)
+            async for _ in request.events():  # until its final event: the engine ended the row
+                pass
+        return longs, short, still_running
+
+    longs, short, still_running = asyncio.run(run())
+    assert short.completion_tokens == 4 and short.finish_reason is FinishReason.LENGTH
+    assert still_running == [True, True, True]
+    assert all(r.scheduled_at < short.scheduled_at for r in longs)
+    assert all(r.finish_reason is FinishReason.CANCELLED for r in longs)
 
 
 def test_each_row_keeps_its_own_max_new_tokens_in_one_batch(tiny_engine):
@@ -172,17 +242,18 @@ def test_stop_string_cuts_the_text_where_it_starts(tiny_engine):
 
 @pytest.mark.parametrize("ignore_eos", [False, True])
 def test_end_of_turn_ends_a_row_unless_it_ignores_eos(tiny_engine, ignore_eos):
-    eos = tiny_engine.eos_token_ids[0]
+    eos = min(tiny_engine.eos_token_ids)
     request = GenerationRequest(
-        prompt=PromptInputs([1, 2]), params=SamplingParams(max_new_tokens=5, ignore_eos=ignore_eos)
+        prompt=PromptInputs([1, 2]), params=SamplingParams(max_new_tokens=3, ignore_eos=ignore_eos)
     )
-    tracker = BatchTracker([request], tiny_engine.loaded.processor.tokenizer, tiny_engine.eos_token_ids)
-    done = tracker(torch.tensor([[1, 2, eos]]))
-    assert done.tolist() == [not ignore_eos]
+    row = Row(request, tokenizer=tiny_engine.loaded.processor.tokenizer, eos_token_ids=tiny_engine.eos_token_ids,
+              vocab_size=200, device=torch.device("cpu"), now=time.perf_counter())  # fmt: skip
+    row.accept(eos, Outbox(), time.perf_counter())
+    assert row.done is not ignore_eos
     if ignore_eos:
-        tracker(torch.tensor([[1, 2, eos, 100]]))
-        tracker.close()
-        assert request.finish_reason is FinishReason.LENGTH and request.completion_tokens == 2
+        row.accept(100, Outbox(), time.perf_counter())
+        row.accept(101, Outbox(), time.perf_counter())
+        assert request.finish_reason is FinishReason.LENGTH and request.completion_tokens == 3
     else:
         assert request.finish_reason is FinishReason.STOP and request.completion_tokens == 1
 
@@ -243,3 +314,41 @@ def test_a_stopped_engine_refuses_new_requests_instead_of_queueing_them(tiny_mod
 
     with pytest.raises(ModelNotReady, match="shutting down"):
         asyncio.run(submit_after_stop())
+
+
+def test_a_request_larger_than_the_whole_kv_budget_is_refused_at_submit(tiny_model_dir):
+    engine = start_engine(tiny_model_dir, max_batch_size=4, kv_cache_bytes=64 * 1024)
+    try:
+        budget = engine.kv_cache_budget_tokens
+        prompt = _build(engine, "Hello")
+        assert 0 < budget < prompt.num_tokens + 2000
+
+        async def submit(max_new: int) -> GenerationRequest:
+            return await engine.generate(prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
+
+        with pytest.raises(InvalidRequest, match="KV cache") as refused:
+            asyncio.run(submit(budget))
+        assert refused.value.status_code == 400 and "max_tokens" in refused.value.message
+        assert asyncio.run(submit(4)).completion_tokens == 4  # one that fits runs
+    finally:
+        engine.stop()
+
+
+def test_a_burst_of_long_prompts_waits_for_room_and_stays_within_the_kv_budget(tiny_model_dir, tiny_engine):
+    """A budget of about two long rows: eight long requests at once run two or three at a time,
+    all finish, their outputs equal their outputs alone, and the cache never outgrows the budget."""
+    prompts = [_build(tiny_engine, f"Request {i}: " + "tell me about the history of bicycles. " * 12) for i in range(8)]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    need = max(p.num_tokens for p in prompts) + params.max_new_tokens
+    alone = [_solo(tiny_engine, p, params).text for p in prompts]
+    per_token = 2 * 2 * 1 * 32 * 4  # keys and values x 2 layers x 1 KV head x 32 dims x float32
+    engine = start_engine(tiny_model_dir, max_batch_size=8, kv_cache_bytes=(2 * need + 1) * per_token)
+    try:
+        assert engine.cache.bytes_per_token == per_token
+        done = _together(engine, [(p, params) for p in prompts])
+        assert [r.text for r in done] == alone
+        assert engine.cache.peak_allocated_tokens <= engine.kv_cache_budget_tokens
+        joined_at = sorted({r.scheduled_at for r in done})
+        assert len(joined_at) >= 4  # they could not all run at once: they joined as room freed up
+    finally:
+        engine.stop()

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from snark.engine.engine import Engine
+from snark.engine.transformers import TransformersEngine as Engine
 from snark.engine.loader import load_model
 from snark.server import create_app
 from snark.speech import LazySpeaker

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoProcessor
 
-from snark.engine.tiny_model import TINY_MARKER, is_tiny_checkpoint
+from snark.engine.tiny_model import TINY_MARKER, TINY_VERSION, is_tiny_checkpoint, tiny_checkpoint_version, tiny_config
 
 
 def test_checkpoint_files_and_size(tiny_model_dir):
@@ -16,7 +16,7 @@ def test_checkpoint_files_and_size(tiny_model_dir):
         assert (folder / name).is_file(), name
     assert (folder / "model.safetensors").stat().st_size < 60 * 1024 * 1024
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "qwen2_5_vl" and config[TINY_MARKER] is True
+    assert config["model_type"] == "qwen2_5_vl" and config[TINY_MARKER] == TINY_VERSION
     assert config["tie_word_embeddings"] is True
     assert json.loads((folder / "generation_config.json").read_text())["do_sample"] is False
     assert is_tiny_checkpoint(folder)
@@ -43,3 +43,15 @@ def test_chat_template_is_qwen25_vl(tiny_model_dir):
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
+
+
+def test_text_head_size_is_one_that_vllm_cpu_attention_accepts():
+    text = tiny_config().text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    assert head_dim == 32  # vLLM's CPU attention: 32, 64, 80, ... (not 16)
+    assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+
+
+def test_an_older_tiny_build_is_not_reused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", TINY_MARKER: True}))
+    assert tiny_checkpoint_version(tmp_path) == 1 and not is_tiny_checkpoint(tmp_path)

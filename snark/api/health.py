@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from snark.api.state import AppState, get_state
-from snark.engine.engine import EngineState
+from snark.engine.base import EngineState
 
 router = APIRouter(tags=["operations"])
 
@@ -16,22 +16,23 @@ async def health(state: AppState = Depends(get_state)) -> JSONResponse:
     engine = state.engine
     if engine.state is EngineState.LOADING:
         return JSONResponse({"status": "loading"}, status_code=503)
-    if engine.state is not EngineState.READY or engine.loaded is None:
+    facts = engine.facts
+    if not engine.healthy or facts is None:
         error = str(engine.load_error) if engine.load_error else engine.state.value
         return JSONResponse({"status": engine.state.value, "error": error}, status_code=503)
-    loaded = engine.loaded
     body = {
         "status": "ok",
-        "model": loaded.name,
-        "tiny_random_weights": loaded.is_tiny,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "attention": loaded.attn_implementation,
+        "model": facts.name,
+        "engine": facts.engine,
+        "tiny_random_weights": facts.is_tiny,
+        "device": facts.device,
+        "dtype": facts.dtype,
+        "attention": facts.attention,
         "max_batch_size": engine.max_batch_size,
         "requests_running": engine.num_running,
         "requests_waiting": engine.num_waiting,
         "tts": {"engine": state.speaker.engine_name, "loaded": state.speaker.loaded},
     }
-    if loaded.is_tiny:
+    if facts.is_tiny:
         body["note"] = "tiny random-weight test model: answers are noise (serve real weights with VLM_SIZE/VLM_MODEL)"
     return JSONResponse(body)

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from snark.api.state import AppState, get_state
-from snark.engine.engine import Engine
+from snark.engine.base import Engine
 from snark.engine.request import GenerationRequest, RequestState
 
 router = APIRouter(tags=["operations"])

@@ -54,9 +54,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, state:
 
 
 def _model_card(state: AppState) -> dict:
-    loaded = state.engine.loaded
+    facts = state.engine.facts
     return {
-        "id": loaded.name if loaded else state.settings.model_id,
+        "id": facts.name if facts else state.settings.model_id,
         "object": "model",
         "created": _STARTED,
         "owned_by": "snark",

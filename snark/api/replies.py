@@ -1,10 +1,14 @@
 """OpenAI response bodies for chat: the JSON completion, and the Server-Sent Events stream.
 
-    data: {"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant", "content": ""}}], ...}
-    data: {... "delta": {"content": "Hel"} ...}
+    data: {"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant", "content": "Hel"}}], ...}
+    data: {... "delta": {"content": "lo"} ...}
     data: {... "delta": {}, "finish_reason": "stop"}
     data: {... "choices": [], "usage": {...}}          (only with stream_options.include_usage)
     data: [DONE]
+
+The role travels with the first generated text, as vLLM sends it, so a client that times the first
+token from the first chunk with content measures when the model really answered, not when the
+request arrived. An answer with no text at all still gets its role chunk before the final one.
 
 An error after the stream has started cannot change the 200 status any more; it is sent as a
 ``data: {"error": {...}}`` event in the one error shape, which OpenAI clients raise as ``APIError``.
@@ -91,11 +95,13 @@ async def chat_events(
 ) -> AsyncIterator[str]:
     """The SSE body for one streamed completion. ``events`` is the engine's stream for ``generation``;
     each text delta is sent as soon as the engine produced it (already whole characters)."""
-    yield _sse(reply.chunk({"role": "assistant", "content": ""}, usage_field=include_usage))
+    role_sent = False
     try:
         async for event in within(events, timeout_s):
-            if event.text:
-                yield _sse(reply.chunk({"content": event.text}, usage_field=include_usage))
+            if event.text or (event.finish_reason is not None and not role_sent):
+                delta = {"content": event.text} if role_sent else {"role": "assistant", "content": event.text}
+                role_sent = True
+                yield _sse(reply.chunk(delta, usage_field=include_usage))
             if event.finish_reason is not None:
                 yield _sse(reply.chunk({}, finish_reason_of(event.finish_reason), usage_field=include_usage))
         if include_usage:

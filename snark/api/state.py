@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from snark.config import Settings
-from snark.engine.engine import Engine
+from snark.engine.base import Engine
 from snark.media import ImageLimits
 from snark.speech import LazySpeaker
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from snark.engine.tiny_model import is_tiny_checkpoint
+from snark.engine.tiny_model import tiny_checkpoint_version
 from snark.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def load_model(model_id: str, *, device: str = "auto") -> LoadedModel:
         model.to(target)
     model.eval()
     processor.tokenizer.padding_side = "left"
-    tiny = local.exists() and is_tiny_checkpoint(local)
+    tiny = local.exists() and tiny_checkpoint_version(local) is not None
     load_s = time.perf_counter() - started
     log.info("loaded %s in %.1f s%s", source, load_s, " (tiny random-weight test model)" if tiny else "")
     return LoadedModel(

@@ -18,6 +18,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TINY_MARKER = "snark_tiny_random_weights"  # key written into config.json; /health reports it
+# The marker's value: the build's version. A checkpoint of an older version is rebuilt, not reused
+# (version 2: text head size 32, which vLLM's CPU attention accepts; version 1 had 16).
+TINY_VERSION = 2
 
 # Qwen2's pre-tokenizer split (note \p{N} one digit at a time, unlike cl100k's \p{N}{1,3}).
 QWEN2_SPLIT_REGEX = (
@@ -104,17 +107,18 @@ def build_tokenizer():
 def tiny_config():
     from transformers import Qwen2_5_VLConfig
 
-    hidden = 64
+    hidden = 64  # 2 heads of 32: the smallest head size vLLM's CPU attention accepts
     return Qwen2_5_VLConfig(
         text_config={
             "vocab_size": VOCAB_SIZE,
             "hidden_size": hidden,
             "intermediate_size": 128,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,  # grouped-query attention, as in every published size
             "max_position_embeddings": 32768,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            # M-RoPE sections (time, height, width) sum to half the head size.
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
             "bos_token_id": 151643,
             "eos_token_id": 151645,
             "pad_token_id": 151643,
@@ -125,8 +129,8 @@ def tiny_config():
         },
         vision_config={
             "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 128,
             "num_heads": 2,
             "out_hidden_size": hidden,
             "patch_size": 14,
@@ -175,18 +179,28 @@ def write_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     model.generation_config = GenerationConfig(
         do_sample=False, bos_token_id=151643, pad_token_id=151643, eos_token_id=[151645, 151643]
     )
-    model.config.__dict__[TINY_MARKER] = True  # saved into config.json, read back by the loader
+    model.config.__dict__[TINY_MARKER] = TINY_VERSION  # saved into config.json, read back by the loader
     model.save_pretrained(out)
     processor.save_pretrained(out)
     log.info("wrote tiny random-weight Qwen2.5-VL to %s", out)
     return out
 
 
-def is_tiny_checkpoint(path: str | Path) -> bool:
+def tiny_checkpoint_version(path: str | Path) -> int | None:
+    """The tiny build's version of the checkpoint in ``path`` (None: not a tiny checkpoint). Builds
+    before versioning wrote ``true``: version 1."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        return False
-    return bool(json.loads(config_file.read_text()).get(TINY_MARKER))
+        return None
+    marker = json.loads(config_file.read_text()).get(TINY_MARKER)
+    if marker is None or marker is False:
+        return None
+    return 1 if marker is True else int(marker)
+
+
+def is_tiny_checkpoint(path: str | Path) -> bool:
+    """A tiny random-weight checkpoint of the current build (an older one is rebuilt on use)."""
+    return tiny_checkpoint_version(path) == TINY_VERSION
 
 
 def ensure_tiny_model(out_dir: str | Path) -> Path:

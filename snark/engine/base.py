@@ -1,0 +1,148 @@
+"""The engine seam: what routes may ask of an engine, whichever one runs behind it.
+
+Routes build a prompt, submit it, and follow its events; they never see a model, a KV cache or a
+scheduler. Two engines implement this interface: Snark's own continuous-batching loop on a Hugging
+Face model (``snark.engine.transformers``) and vLLM's async engine (``snark.engine.vllm``).
+
+    build_prompt(turns) ──► submit(prompt, params) ──► follow(request) ──► StreamEvent ... final
+                                                  └──► cancel(request)   (client gone, timeout)
+
+The shared parts live here: the lifecycle states, the model facts ``/health`` reports, the
+listeners that feed ``/metrics``, and ``follow``/``generate``, which are the same for every engine
+because every engine reports through ``GenerationRequest.push``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams, StreamEvent
+
+log = logging.getLogger(__name__)
+
+SHUTTING_DOWN = "The server is shutting down; retry on another replica."
+STILL_LOADING = "The model is still loading: retry when GET /health answers 200."
+
+
+class EngineState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What ``/health`` and ``/v1/models`` say about the served model."""
+
+    name: str  # what the API reports as "model"
+    engine: str  # "transformers" | "vllm"
+    device: str
+    dtype: str
+    attention: str
+    is_tiny: bool
+
+
+class Engine(abc.ABC):
+    """One model behind one queue. Subclasses load the model in ``start`` (not in ``__init__``),
+    and report each request's events through ``GenerationRequest.push``/``finish``/``fail``."""
+
+    name: str = "engine"
+
+    def __init__(self, *, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.state = EngineState.LOADING
+        self.load_error: BaseException | None = None
+        self.default_sampling = SamplingParams()  # the model's own defaults, once it is loaded
+        self._listeners: list[Callable[[GenerationRequest], None]] = []
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def start(self, on_load_failed: Callable[[BaseException], None] | None = None) -> None:
+        """Begin loading the model in the background; return at once."""
+
+    @abc.abstractmethod
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until the model is loaded; re-raise the load error if it failed."""
+
+    @abc.abstractmethod
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new work, end what is queued or running, release the model."""
+
+    @property
+    @abc.abstractmethod
+    def started(self) -> bool: ...
+
+    # --- facts ------------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def facts(self) -> ModelFacts | None:
+        """The loaded model's facts; None until it is loaded."""
+
+    @property
+    def model_name(self) -> str:
+        facts = self.facts
+        return facts.name if facts else "loading"
+
+    @property
+    @abc.abstractmethod
+    def num_waiting(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def num_running(self) -> int: ...
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine cannot serve (load failed, stopped, or its worker died)."""
+        return self.state is EngineState.READY
+
+    # --- requests ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def build_prompt(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> PromptInputs:
+        """Tokenize ``turns`` (and preprocess images) off the event loop. Raises ``InvalidRequest``."""
+
+    @abc.abstractmethod
+    def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:
+        """Queue a request; its events arrive on the calling event loop. Raises ``Overloaded``,
+        ``ModelNotReady``, or ``InvalidRequest`` for a request that can never fit."""
+
+    @abc.abstractmethod
+    def cancel(self, request: GenerationRequest) -> None:
+        """Stop ``request`` if it is still live; a no-op for a finished one."""
+
+    async def follow(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Yield a submitted request's events. Leaving the loop early (client gone, timeout) cancels it.
+        Routes submit first, then follow: a full queue then raises ``Overloaded`` while they can still
+        answer 503, not inside a stream that has already started."""
+        try:
+            async for event in request.events():
+                yield event
+        finally:
+            self.cancel(request)
+
+    async def generate(self, prompt: PromptInputs, params: SamplingParams) -> GenerationRequest:
+        """Run to completion and return the finished request (text, counts, timing)."""
+        request = self.submit(prompt, params, deliver_deltas=False)
+        try:
+            async for _ in request.events():
+                pass
+        finally:
+            self.cancel(request)
+        return request
+
+    # --- metrics hook -----------------------------------------------------------------------------
+    def add_listener(self, listener: Callable[[GenerationRequest], None]) -> None:
+        """``listener(request)`` runs (in the engine's thread) when a request that ran ends."""
+        self._listeners.append(listener)
+
+    def _notify_listeners(self, request: GenerationRequest) -> None:
+        for listener in self._listeners:
+            try:
+                listener(request)
+            except Exception:
+                log.exception("engine listener failed")

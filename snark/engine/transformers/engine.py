@@ -1,0 +1,350 @@
+"""Snark's own engine: continuous batching on a Hugging Face Qwen2.5-VL, one generation thread.
+
+    submit() ──► waiting (bounded) ──► generation thread, one step at a time:
+                                          1. admit: the oldest waiting requests that fit join
+                                          2. prefill them together (their first token)
+                                          3. decode one token for every running row
+                                          4. stream each row's text; retire rows that ended
+    client ◄── asyncio queue ◄── loop.call_soon_threadsafe ◄── Outbox (one wake-up per step)
+
+Requests join and leave the running batch at every step: a short request that arrives while long
+ones run starts at the next step and leaves as soon as it is done. ``max_batch_size=1`` is the
+one-request-at-a-time "GPU lock" design. The event loop never touches the model: prompt building
+runs in a thread pool, every forward pass in the generation thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
+from snark.engine.loader import LoadedModel
+from snark.engine.prompt import PromptBuilder
+from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, SamplingParams
+from snark.engine.transformers.cache import RowCache
+from snark.engine.transformers.compiled import allow_recompiles, compile_step, require_cuda, warm_up
+from snark.engine.transformers.rows import Row
+from snark.engine.transformers.runner import Runner
+from snark.engine.transformers.sampler import next_tokens, sampling_defaults
+from snark.engine.transformers.scheduler import Scheduler
+from snark.errors import ModelNotReady
+
+log = logging.getLogger(__name__)
+
+PREPARING_WAIT_FACTOR = 20  # x batch_wait_ms: how long an idle engine waits for prompts being built
+CPU_KV_CACHE_BYTES = 4 * 1024**3  # the KV budget on CPU unless SNARK_KV_CACHE_GIB says otherwise
+CUDA_KV_CACHE_FRACTION = 0.8  # of the GPU memory still free once the weights are loaded
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(
+        self,
+        loader: Callable[[], LoadedModel],
+        *,
+        max_batch_size: int = 16,
+        batch_wait_ms: float = 0.0,
+        max_waiting_requests: int = 64,
+        max_prompt_tokens: int = 32768,
+        max_prefill_tokens: int = 8192,
+        kv_cache_bytes: int | None = None,
+        compile_decode: bool = False,
+        allow_cpu_compile: bool = False,  # tests only: compile with inductor's CPU backend
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size)
+        self._loader = loader
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.max_prompt_tokens = max_prompt_tokens
+        self.kv_cache_bytes = kv_cache_bytes
+        self.compile_decode = compile_decode
+        self.allow_cpu_compile = allow_cpu_compile
+        self.loaded: LoadedModel | None = None
+        self.prompts: PromptBuilder | None = None
+        self.cache: RowCache | None = None
+        self.scheduler = Scheduler(
+            max_rows=max_batch_size, max_waiting=max_waiting_requests, max_prefill_tokens=max_prefill_tokens
+        )
+        self._preparing = 0  # prompts being built: requests about to be submitted
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._worker: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self, on_load_failed: Callable[[BaseException], None] | None = None) -> None:
+        """Start the generation thread: it loads the model, then runs steps. Returns at once."""
+        self._worker = threading.Thread(target=self._main, args=(on_load_failed,), name="snark-engine", daemon=True)
+        self._worker.start()
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        self._ready.wait(timeout_s)
+        if self.load_error is not None:
+            raise self.load_error
+        if self.state is not EngineState.READY:
+            raise TimeoutError("the model is still loading")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests, fail the waiting ones, cancel the running ones (they end at the
+        next step), and wait for the generation thread."""
+        with self._cond:
+            self._stopping = True
+            waiting, self.scheduler.waiting = self.scheduler.waiting, []
+            self._cond.notify_all()
+        for request in waiting:
+            request.fail(ModelNotReady(SHUTTING_DOWN))
+        for row in list(self.scheduler.running):
+            row.request.cancel()
+        if self._worker is not None:
+            self._worker.join(timeout_s)
+        self.state = EngineState.STOPPED
+
+    @property
+    def started(self) -> bool:
+        return self._worker is not None
+
+    # --- facts ------------------------------------------------------------------------------------
+    @property
+    def facts(self) -> ModelFacts | None:
+        loaded = self.loaded
+        if loaded is None:
+            return None
+        return ModelFacts(
+            name=loaded.name,
+            engine=self.name,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            attention=loaded.attn_implementation,
+            is_tiny=loaded.is_tiny,
+        )
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def kv_cache_budget_tokens(self) -> int:
+        return self.cache.budget_tokens if self.cache else 0
+
+    # --- the asyncio side ---------------------------------------------------------------------------
+    def _require_ready(self) -> PromptBuilder:
+        if self._stopping or self.state is EngineState.STOPPED:
+            raise ModelNotReady(SHUTTING_DOWN)
+        if self.state is not EngineState.READY or self.prompts is None:
+            raise ModelNotReady(STILL_LOADING)
+        return self.prompts
+
+    async def build_prompt(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> PromptInputs:
+        """Tokenize and preprocess images in a worker thread (CPU-heavy for big images). An idle
+        engine waiting for companions meanwhile waits a little longer for this request."""
+        prompts = self._require_ready()
+        with self._cond:
+            self._preparing += 1
+        try:
+            return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels)
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify()
+
+    def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:
+        self._require_ready()
+        request = GenerationRequest(prompt=prompt, params=params, deliver_deltas=deliver_deltas)
+        self.scheduler.check_fits_alone(request, self.cache)
+        request.bind_to_running_loop()
+        with self._cond:
+            if self._stopping:
+                raise ModelNotReady(SHUTTING_DOWN)
+            self.scheduler.add(request)
+            self._cond.notify()
+        return request
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """A waiting request leaves the queue (and frees its place) at once; a running one ends at
+        the next step, which frees its KV cache room. A no-op for a finished request."""
+        if request.is_done:
+            return
+        request.cancel()
+        with self._cond:
+            if self.scheduler.remove_waiting(request):
+                request.drop()
+
+    # --- the generation thread --------------------------------------------------------------------
+    def _main(self, on_load_failed: Callable[[BaseException], None] | None) -> None:
+        try:
+            self._load()
+        except BaseException as exc:  # reported to /health, the CLI and the log
+            self.load_error = exc
+            self.state = EngineState.FAILED
+            self._ready.set()
+            log.error("model load failed: %s", exc)
+            if on_load_failed is not None:
+                on_load_failed(exc)
+            return
+        self.state = EngineState.READY
+        self._ready.set()
+        # The cache's tensors are inference tensors: every step (and every cache move) runs in this mode.
+        with torch.inference_mode():
+            while (admitted := self._next_admissions()) is not None:
+                try:
+                    self._step(admitted)
+                except Exception as exc:  # a bug outside the forward passes: fail the batch, keep serving
+                    log.exception("a generation step failed")
+                    self._fail_all(exc, admitted)
+            self._end_running()
+
+    def _load(self) -> None:
+        if self.compile_decode and not self.allow_cpu_compile:
+            require_cuda()  # before minutes of loading weights
+        loaded = self._loader()
+        self.loaded = loaded
+        self.prompts = PromptBuilder(loaded.processor, max_prompt_tokens=self.max_prompt_tokens)
+        tokenizer = loaded.processor.tokenizer
+        gen = loaded.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
+        pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+        self.default_sampling = sampling_defaults(gen)
+        self.runner = Runner(loaded, pad_token_id=pad)
+        self.cache = self._build_cache(loaded)
+        if self.compile_decode:
+            self._compile(loaded)
+        log.info(
+            "KV cache budget: %d tokens (%.2f GiB at %d bytes a token), up to %d rows",
+            self.cache.budget_tokens, self.cache.budget_tokens * self.cache.bytes_per_token / 1024**3,
+            self.cache.bytes_per_token, self.max_batch_size,
+        )  # fmt: skip
+
+    def _build_cache(self, loaded: LoadedModel) -> RowCache:
+        text = loaded.model.config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        cache = RowCache(
+            num_layers=text.num_hidden_layers, kv_heads=text.num_key_value_heads, head_dim=head_dim,
+            dtype=loaded.dtype, device=loaded.device, budget_tokens=0, max_rows=self.max_batch_size,
+            static=self.compile_decode,
+        )  # fmt: skip
+        budget = self.kv_cache_bytes
+        if budget is None and loaded.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(loaded.device)
+            budget = int(free * CUDA_KV_CACHE_FRACTION)
+        cache.budget_tokens = (budget if budget is not None else CPU_KV_CACHE_BYTES) // cache.bytes_per_token
+        return cache
+
+    def _compile(self, loaded: LoadedModel) -> None:
+        """Compile the decode step and run every row bucket once, before the first request."""
+        if not self.allow_cpu_compile:
+            require_cuda(loaded.device)
+        allow_recompiles(self.max_batch_size)
+        self.runner.compiled_step = compile_step(loaded.model, loaded.device)
+        prompt = self.prompts.build([ChatTurn("user", ["Warm up."])], min_pixels=0, max_pixels=0)
+        with torch.inference_mode():
+            warm_up(self._run_to_completion, prompt, max_rows=self.max_batch_size)
+
+    def _run_to_completion(self, requests: list[GenerationRequest]) -> None:
+        """Run ``requests`` (unbound: their events go nowhere) through the loop until they end."""
+        self.scheduler.waiting.extend(requests)
+        while not all(r.is_done for r in requests):
+            self._step(self.scheduler.admit(self.cache))
+
+    def _next_admissions(self) -> list[GenerationRequest] | None:
+        """Block until there is work; return the requests that join at this step (None: stop)."""
+        with self._cond:
+            while not self.scheduler.waiting and not self.scheduler.running and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            if not self.scheduler.running and self.batch_wait_s > 0:
+                self._wait_for_companions()
+            self.scheduler.drop_cancelled()
+            return self.scheduler.admit(self.cache)
+
+    def _wait_for_companions(self) -> None:
+        """An idle engine gives concurrent arrivals ``batch_wait_ms`` to join its first prefill (longer,
+        up to PREPARING_WAIT_FACTOR times, while their prompts are still being built)."""
+        first = time.perf_counter()
+        deadline, longest = first + self.batch_wait_s, first + PREPARING_WAIT_FACTOR * self.batch_wait_s
+        while len(self.scheduler.waiting) < self.max_batch_size and not self._stopping:
+            left = (longest if self._preparing else deadline) - time.perf_counter()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _step(self, admitted: list[GenerationRequest]) -> None:
+        """One iteration: prefill the rows that join, decode every running row, retire ended rows."""
+        running = self.scheduler.running
+        if admitted:
+            now = time.perf_counter()
+            rows = [self._row(request, now) for request in admitted]
+            if self._run(rows, self.runner.prefill):
+                running.extend(rows)
+        for row in running:
+            if not row.done and row.request.cancel_requested:
+                row.end(FinishReason.CANCELLED, outbox := Outbox())
+                outbox.flush()
+        self._retire()
+        if running := self.scheduler.running:
+            self._run(running, self.runner.decode)
+            self._retire()
+
+    def _row(self, request: GenerationRequest, now: float) -> Row:
+        return Row(
+            request, tokenizer=self.loaded.processor.tokenizer, eos_token_ids=self.eos_token_ids,
+            vocab_size=self.loaded.model.config.text_config.vocab_size, device=self.loaded.device, now=now,
+        )  # fmt: skip
+
+    def _run(self, rows: list[Row], forward: Callable[[list[Row], RowCache], torch.Tensor]) -> bool:
+        """Run ``forward`` (prefill or decode) for ``rows``, sample, and stream. A failure (a bug or an
+        out-of-memory) fails these rows; the engine goes on serving."""
+        try:
+            logits = forward(rows, self.cache)
+            tokens = next_tokens(logits, [row.sampler for row in rows])
+        except Exception as exc:
+            log.exception("a %s step failed for %d rows", forward.__name__, len(rows))
+            if self.cache.num_rows == len(self.scheduler.running) and rows is not self.scheduler.running:
+                self._fail([row.request for row in rows], exc)  # a prefill that left the cache as it was
+            else:
+                self._fail_all(exc, [row.request for row in rows])
+            return False
+        now = time.perf_counter()
+        outbox = Outbox()
+        for row, token in zip(rows, tokens):
+            row.accept(token, outbox, now)
+        outbox.flush()
+        return True
+
+    def _fail(self, requests: list[GenerationRequest], exc: Exception) -> None:
+        for request in requests:
+            if not request.is_done:
+                request.fail(exc)
+            self._notify_listeners(request)
+
+    def _fail_all(self, exc: Exception, admitted: list[GenerationRequest]) -> None:
+        """Fail every running row and ``admitted``, and start the shared cache over: a failure in the
+        middle of a step may have left it half-written."""
+        running = [row.request for row in self.scheduler.running]
+        self.scheduler.running = []
+        self.cache.clear()
+        self._fail(running + [r for r in admitted if r not in running], exc)
+
+    def _retire(self) -> None:
+        for row in self.scheduler.retire(self.cache):
+            self._notify_listeners(row.request)
+
+    def _end_running(self) -> None:
+        """Stopping: running rows end as cancelled (their clients see a shutdown)."""
+        outbox = Outbox()
+        for row in self.scheduler.running:
+            if not row.done:
+                row.end(FinishReason.CANCELLED, outbox)
+        outbox.flush()
+        self._retire()

@@ -1,0 +1,96 @@
+"""Per-row sampling: each running row brings its own temperature, top-p, top-k, seed and penalties.
+
+``next_tokens`` takes one decoding step's logits for every row and returns one token per row. Plain
+greedy rows cost one batched ``argmax`` and nothing else, so a greedy row picks the same token
+whatever its companions do. Rows with penalties or sampling go through their own ``RowSampler``,
+which keeps the row's state on the device between steps: the ids it has seen (for the repetition
+penalty) and how often it generated each (for frequency and presence penalties), updated by one
+token per step instead of being recounted from the whole history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from snark.engine.request import SamplingParams
+
+
+class RowSampler:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], *, vocab_size: int, device: torch.device) -> None:
+        self.params = params
+        self.needs_processing = params.needs_logits_processing
+        self.generator: torch.Generator | None = None
+        if not params.is_greedy:
+            self.generator = torch.Generator(device=device)
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self.generator.manual_seed(seed)
+        self.seen: torch.Tensor | None = None  # [vocab] bool: prompt and output ids (repetition penalty)
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
+        self.counts: torch.Tensor | None = None  # [vocab] float: output ids (frequency/presence)
+        if params.frequency_penalty or params.presence_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    def observe(self, token: int) -> None:
+        """Record the token this row just produced."""
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+
+    def pick(self, logits: torch.Tensor) -> int | None:
+        """Apply this row's penalties to ``logits`` ([vocab] float32, changed in place) and draw its
+        token; None for a greedy row (the batched argmax then picks from the penalised logits)."""
+        p = self.params
+        if self.seen is not None:
+            picked = logits[self.seen]
+            logits[self.seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if self.counts is not None:
+            logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).to(logits.dtype)
+        if self.generator is None:
+            return None
+        return sample(logits, p, self.generator)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    """Draw one token from ``logits`` ([vocab]) with temperature, top-k and top-p."""
+    logits = logits / p.temperature
+    if 0 < p.top_k < logits.shape[0]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > p.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator).item())
+
+
+def next_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
+    """One token per row from ``logits`` ([rows, vocab] float32); one host sync for greedy rows."""
+    drawn: dict[int, int] = {}
+    for row, sampler in enumerate(samplers):
+        if sampler.needs_processing:
+            token = sampler.pick(logits[row])
+            if token is not None:
+                drawn[row] = token
+    tokens = logits.argmax(-1).tolist()
+    for row, token in drawn.items():
+        tokens[row] = token
+    return tokens
+
+
+def sampling_defaults(generation_config) -> SamplingParams:
+    """The model's own recommended sampling (generation_config.json), used where a request is silent,
+    as vLLM does. Qwen2.5-VL ships temperature 0.1 / top_k 1 (greedy in effect) and repetition 1.05."""
+    g = generation_config
+    do_sample = bool(getattr(g, "do_sample", False))
+    return SamplingParams(
+        temperature=float(g.temperature or 1.0) if do_sample else 0.0,
+        top_p=float(g.top_p or 1.0) if do_sample else 1.0,
+        top_k=int(g.top_k or 0) if do_sample else 0,
+        repetition_penalty=float(getattr(g, "repetition_penalty", None) or 1.0),
+    )
