@@ -1,12 +1,12 @@
-"""The ratios the issue asks for, read off the table's rows, and the memory-bandwidth roofline."""
+"""The engine's ratios and their goals, read off the table's rows, and the memory-bandwidth roofline."""
 
 from __future__ import annotations
 
 from snark.bench.report import Ratio, Report, Row
 
-# The issue's targets, set for the tiny model on CPU and 16 concurrent requests; other runs print the
-# same ratios without them.
-TARGETS = {"batched_vs_serial": 5.0, "batched_vs_raw": 0.85, "http_vs_raw": 0.95}
+# Goals, set for the tiny model on CPU and 16 concurrent requests; other runs print the same ratios
+# without them.
+GOALS = {"batched_vs_serial": 5.0, "batched_vs_raw": 0.85, "http_vs_raw": 0.95}
 ENGINE_MODES = ("batched", "compiled", "serial")
 
 
@@ -19,13 +19,13 @@ def find_row(rows: list[Row], mode: str, concurrency: int) -> Row | None:
     return next((r for r in rows if r.mode == mode and r.concurrency == concurrency and r.requests), None)
 
 
-def add_ratios(report: Report, *, top: int, with_targets: bool) -> None:
-    """Speed-ups over serial on every engine row, then the issue's ratios (``top``: the highest
-    concurrency). The compiled engine, when it ran, is the one held to the targets."""
+def add_ratios(report: Report, *, top: int, with_goals: bool) -> None:
+    """Speed-ups over serial on every engine row, then the ratios (``top``: the highest concurrency).
+    The compiled engine, when it ran, is the one held to the goals."""
     rows = report.rows
-    targets = dict(TARGETS) if with_targets else {}
-    if top < 16:  # the batching targets are for 16 concurrent requests
-        targets = {name: value for name, value in targets.items() if name == "http_vs_raw"}
+    goals = dict(GOALS) if with_goals else {}
+    if top < 16:  # the batching goals are for 16 concurrent requests
+        goals = {name: value for name, value in goals.items() if name == "http_vs_raw"}
     best = "compiled" if find_row(rows, "compiled", top) else "batched"
     serial = find_row(rows, "serial", top)
     if serial:
@@ -45,16 +45,16 @@ def add_ratios(report: Report, *, top: int, with_targets: bool) -> None:
         (f"transformers CB vs {best} c={top}", find_row(rows, "transformers CB", top), find_row(rows, best, top), "%", None),
     ]  # fmt: skip
     seen: set[tuple[int, int]] = set()
-    for name, numerator, denominator, unit, target in pairs:
+    for name, numerator, denominator, unit, goal in pairs:
         if not numerator or not denominator or numerator is denominator:
             continue
         if (id(numerator), id(denominator)) in seen:  # with --concurrency 1, c=top is c=1
             continue
         seen.add((id(numerator), id(denominator)))
         value = numerator.output_tok_per_s / denominator.output_tok_per_s
-        report.ratios.append(Ratio(name, value, targets.get(target), unit))
-    if targets:
-        report.notes.append("the targets are the issue's, for the tiny model on CPU")
+        report.ratios.append(Ratio(name, value, goals.get(goal), unit))
+    if goals:
+        report.notes.append("the goals are set for the tiny model on CPU")
 
 
 def add_roofline(report: Report, *, weight_bytes: int, bandwidth_gbs: float, top: int) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -19,6 +19,15 @@ class RequestTiming:
     first_text_at: float | None
     done_at: float
     output_tokens: int
+    chunk_times: list[float] = field(default_factory=list)  # each streamed chunk or event that carried text
+    max_tokens: int | None = None  # what was asked for; with ignore_eos, what should come back
+    error: str | None = None  # the request failed: no figures but this
+
+    @property
+    def itl_s(self) -> list[float]:
+        """Inter-token latency: the gaps between successive text-carrying chunks. A server that packs
+        several tokens into one chunk shows fewer, longer gaps; that is what its client sees."""
+        return [later - earlier for earlier, later in itertools.pairwise(self.chunk_times)]
 
     @property
     def ttft_s(self) -> float | None:
@@ -34,6 +43,18 @@ class RequestTiming:
     @property
     def e2e_s(self) -> float:
         return self.done_at - self.sent_at
+
+    def record(self, origin: float) -> dict:
+        """This request as saved JSON: times relative to ``origin`` (the run's start), in seconds."""
+        return {
+            "sent_at_s": self.sent_at - origin,
+            "max_tokens": self.max_tokens,
+            "output_tokens": self.output_tokens,
+            "ttft_s": self.ttft_s,
+            "e2e_s": self.e2e_s,
+            "itl_s": self.itl_s,
+            "error": self.error,
+        }
 
 
 @dataclass
@@ -52,6 +73,7 @@ class Row:
     memory_kind: str = ""
     speedup_vs_serial: float | None = None
     note: str = ""
+    timings: list[RequestTiming] = field(default_factory=list, repr=False)  # empty for the ceilings
 
     @property
     def requests_per_s(self) -> float:
@@ -73,6 +95,11 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def latency_percentiles(name: str, seconds: list[float], quantiles: tuple[int, ...] = (50, 95, 99)) -> dict:
+    """``{"<name> p50 ms": ..., "<name> p95 ms": ..., ...}``, None where there are no values."""
+    return {f"{name} p{q} ms": None if (value := percentile(seconds, q)) is None else value * 1000 for q in quantiles}
+
+
 def row_from_timings(mode: str, concurrency: int, timings: list[RequestTiming], wall_s: float, **extra) -> Row:
     ttft = [t.ttft_s for t in timings if t.ttft_s is not None]
     tpot = [t.tpot_s for t in timings if t.tpot_s is not None]
@@ -88,8 +115,24 @@ def row_from_timings(mode: str, concurrency: int, timings: list[RequestTiming], 
         tpot_p50_s=percentile(tpot, 50),
         e2e_p50_s=percentile(e2e, 50),
         e2e_p95_s=percentile(e2e, 95),
+        timings=timings,
         **extra,
     )
+
+
+def burst_summary(rows: list[Row]) -> dict:
+    """The rows' figures, flat, for ``--save``; the headline is the first mode's row at its highest
+    concurrency (the engine's own, or "HTTP" against a server)."""
+    summary: dict[str, float | None] = {}
+    if rows:
+        top = max((r for r in rows if r.mode == rows[0].mode), key=lambda r: r.concurrency)
+        summary["out tok/s at top concurrency"] = top.output_tok_per_s if top.requests else None
+    for row in rows:
+        name = f"{row.mode} c={row.concurrency}"
+        summary[f"{name} out tok/s"] = row.output_tok_per_s if row.requests else None
+        summary[f"{name} TTFT p95 ms"] = None if row.ttft_p95_s is None else row.ttft_p95_s * 1000
+        summary[f"{name} e2e p95 ms"] = None if row.e2e_p95_s is None else row.e2e_p95_s * 1000
+    return summary
 
 
 def _ms(seconds: float | None) -> str:
@@ -138,16 +181,16 @@ def format_table(rows: list[Row]) -> str:
 class Ratio:
     name: str
     value: float
-    target: float | None = None  # the ratio the issue asks for, when there is one
+    goal: float | None = None  # the ratio the engine should reach, when it has one
     unit: str = "x"
 
     def line(self) -> str:
         shown = f"{self.value:.2f}x" if self.unit == "x" else f"{self.value * 100:.0f}%"
-        if self.target is None:
+        if self.goal is None:
             return f"  {self.name:<52} {shown:>8}"
-        goal = f"{self.target:.0f}x" if self.unit == "x" else f"{self.target * 100:.0f}%"
-        verdict = "met" if self.value >= self.target else "MISSED"
-        return f"  {self.name:<52} {shown:>8}   target >= {goal}: {verdict}"
+        goal = f"{self.goal:.0f}x" if self.unit == "x" else f"{self.goal * 100:.0f}%"
+        verdict = "met" if self.value >= self.goal else "MISSED"
+        return f"  {self.name:<52} {shown:>8}   goal >= {goal}: {verdict}"
 
 
 @dataclass
@@ -166,18 +209,19 @@ class Report:
             parts.append("\n".join(f"Note: {n}" for n in self.notes))
         return "\n\n".join(parts)
 
-    def write_json(self, path: str | Path) -> None:
+    def details_json(self) -> dict:
+        """Rows, ratios and notes for ``--save``; each row with its requests' timings (seconds from
+        the row's first request)."""
         rows = [
-            {**asdict(r), "requests_per_s": r.requests_per_s, "output_tok_per_s": r.output_tok_per_s} for r in self.rows
+            {
+                **{f.name: getattr(r, f.name) for f in fields(Row) if f.name != "timings"},
+                "requests_per_s": r.requests_per_s,
+                "output_tok_per_s": r.output_tok_per_s,
+                "timings": [t.record(min(x.sent_at for x in r.timings)) for t in r.timings],
+            }
+            for r in self.rows
         ]
-        body = {
-            "machine": self.machine,
-            "settings": self.settings,
-            "rows": rows,
-            "ratios": [asdict(r) for r in self.ratios],
-            "notes": self.notes,
-        }
-        Path(path).write_text(json.dumps(body, indent=2) + "\n")
+        return {"rows": rows, "ratios": [asdict(r) for r in self.ratios], "notes": self.notes}
 
 
 def machine_info(device: torch.device | None) -> dict:

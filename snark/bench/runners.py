@@ -4,33 +4,32 @@
   ``Engine`` (``build_prompt`` -> ``submit`` -> events), each timed from the client's side;
 * ``http_load``: the same over HTTP, to ``/v1/chat/completions`` (SSE) or, on a server without it,
   the form endpoint ``/infer/text`` / ``/infer/image`` with ``stream=true``;
-* ``raw_generate``: one left-padded ``model.generate`` call, no engine at all: the ceiling;
-* ``continuous_batching``: transformers' ``generate_batch`` on token ids (text only).
+* ``engine_sender`` / ``http_sender``: one request at a time, for workloads that decide themselves
+  when each is sent (open loop, head-of-line).
+
+The ceilings, with no engine at all, are in ``ceilings.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import itertools
-import json
 import resource
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import torch
-from transformers import GenerationConfig
 
+from snark.bench.engine import Engine
 from snark.bench.report import RequestTiming
+from snark.bench.sse import ChatStreamReader
 from snark.bench.workload import Workload
-from snark.engine.batching import collate
-from snark.engine.engine import Engine
-from snark.engine.loader import LoadedModel
-from snark.engine.request import ChatTurn, PromptInputs, SamplingParams
+from snark.engine.request import ChatTurn, SamplingParams
+from snark.errors import ConfigError
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -71,6 +70,28 @@ def chat_turns(workload: Workload, index: int) -> list[ChatTurn]:
     return [ChatTurn("user", parts)]
 
 
+DEFAULT_PIXELS = (4 * 28 * 28, 1280 * 28 * 28)  # the server's default image bounds
+REQUEST_TIMEOUT_S = 600.0
+
+
+async def engine_send(
+    engine: Engine, workload: Workload, index: int, params: SamplingParams, pixels: tuple[int, int] = DEFAULT_PIXELS
+) -> RequestTiming:
+    """Timed from before the prompt is built (images are preprocessed per request, as in the
+    server) to the final event; each text event is a token (or a few, held back mid-character)."""
+    sent = time.perf_counter()
+    prompt = await engine.build_prompt(chat_turns(workload, index), min_pixels=pixels[0], max_pixels=pixels[1])
+    request = engine.submit(prompt, params)
+    chunk_times = []
+    async for event in request.events():
+        if event.text:
+            chunk_times.append(time.perf_counter())
+    first = chunk_times[0] if chunk_times else None
+    return RequestTiming(
+        sent, first, time.perf_counter(), request.completion_tokens, chunk_times, max_tokens=params.max_new_tokens
+    )
+
+
 def engine_load(
     engine: Engine,
     workload: Workload,
@@ -78,35 +99,40 @@ def engine_load(
     *,
     requests: int,
     concurrency: int,
-    pixels: tuple[int, int] = (4 * 28 * 28, 1280 * 28 * 28),  # the server's default image bounds
+    pixels: tuple[int, int] = DEFAULT_PIXELS,
 ) -> tuple[list[RequestTiming], float]:
-    """Each request is timed from before its prompt is built (images are preprocessed per request,
-    as in the server) to its final event; its first text event is its first token."""
-
-    async def send(index: int) -> RequestTiming:
-        sent = time.perf_counter()
-        prompt = await engine.build_prompt(chat_turns(workload, index), min_pixels=pixels[0], max_pixels=pixels[1])
-        request = engine.submit(prompt, params)
-        first = None
-        async for event in request.events():
-            if event.text and first is None:
-                first = time.perf_counter()
-        return RequestTiming(sent, first, time.perf_counter(), request.completion_tokens)
-
-    return asyncio.run(closed_loop(send, requests=requests, concurrency=concurrency))
+    return asyncio.run(
+        closed_loop(
+            lambda index: engine_send(engine, workload, index, params, pixels),
+            requests=requests,
+            concurrency=concurrency,
+        )
+    )
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
 class HttpTarget:
     """A running server: the OpenAI route when it has one, else the form endpoints."""
 
-    def __init__(self, url: str, *, count_tokens: Callable[[str], int], stream: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        count_tokens: Callable[[str], int] | None = None,
+        stream: bool = True,
+        model: str | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.stream = stream  # False: one JSON reply per request (no TTFT), as most API clients use it
         self.count_tokens = count_tokens  # for the form endpoints, which report no usage
-        reply = httpx.get(f"{self.url}/v1/models", timeout=30)
-        self.openai = reply.status_code == 200
-        self.model = reply.json()["data"][0]["id"] if self.openai else None
+        self.model, self.openai = model, True
+        if model is None:  # the server's first model, as OpenAI clients find it
+            try:
+                reply = httpx.get(f"{self.url}/v1/models", timeout=30)
+            except httpx.HTTPError as exc:
+                raise ConfigError(f"cannot reach {self.url}: {exc}") from exc
+            self.openai = reply.status_code == 200
+            self.model = reply.json()["data"][0]["id"] if self.openai else None
 
     @property
     def api(self) -> str:
@@ -115,18 +141,18 @@ class HttpTarget:
 
     async def send(self, client: httpx.AsyncClient, workload: Workload, index: int, max_tokens: int) -> RequestTiming:
         sent = time.perf_counter()
-        first, tokens = (
+        chunk_times, tokens = (
             (await self._openai(client, workload, index, max_tokens))
             if self.openai
             else (await self._form(client, workload, index, max_tokens))
         )
-        return RequestTiming(sent, first, time.perf_counter(), tokens)
+        first = chunk_times[0] if chunk_times else None
+        return RequestTiming(sent, first, time.perf_counter(), tokens, chunk_times, max_tokens=max_tokens)
 
-    async def _openai(self, client, workload: Workload, index: int, max_tokens: int) -> tuple[float | None, int]:
+    async def _openai(self, client, workload: Workload, index: int, max_tokens: int) -> tuple[list[float], int]:
         content: list[dict] = [{"type": "text", "text": workload.prompts[index]}]
         if workload.image is not None:
-            uri = "data:image/jpeg;base64," + base64.b64encode(workload.image_jpeg()).decode()
-            content.insert(0, {"type": "image_url", "image_url": {"url": uri}})
+            content.insert(0, {"type": "image_url", "image_url": {"url": workload.image_data_uri}})
         body = {
             "model": self.model,
             "messages": [{"role": "user", "content": content}],
@@ -137,25 +163,19 @@ class HttpTarget:
         }
         if not self.stream:
             reply = await client.post(f"{self.url}/v1/chat/completions", json=body)
-            reply.raise_for_status()
-            return None, reply.json()["usage"]["completion_tokens"]
+            raise_for_status(reply)
+            return [], reply.json()["usage"]["completion_tokens"]
         body["stream_options"] = {"include_usage": True}
-        first, tokens = None, 0
+        reader = ChatStreamReader()
         async with client.stream("POST", f"{self.url}/v1/chat/completions", json=body) as reply:
-            reply.raise_for_status()
+            if reply.is_error:
+                await reply.aread()
+            raise_for_status(reply)
             async for line in reply.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(f"server error mid-stream: {chunk['error']}")
-                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") and first is None:
-                    first = time.perf_counter()
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-        return first, tokens
+                reader.feed(line, time.perf_counter())
+        return reader.content_times, reader.completion_tokens
 
-    async def _form(self, client, workload: Workload, index: int, max_tokens: int) -> tuple[float | None, int]:
+    async def _form(self, client, workload: Workload, index: int, max_tokens: int) -> tuple[list[float], int]:
         data = {
             "prompt": workload.prompts[index],
             "max_new_tokens": str(max_tokens),
@@ -167,14 +187,22 @@ class HttpTarget:
             {"image_file": ("image.jpg", workload.image_jpeg(), "image/jpeg")} if workload.image is not None else None
         )
         route = "/infer/image" if files else "/infer/text"
-        first, text = None, ""
+        chunk_times, text = [], ""
         async with client.stream("POST", f"{self.url}{route}", data=data, files=files) as reply:
-            reply.raise_for_status()
+            if reply.is_error:
+                await reply.aread()
+            raise_for_status(reply)
             async for chunk in reply.aiter_text():
-                if chunk and first is None:
-                    first = time.perf_counter()
+                if chunk:
+                    chunk_times.append(time.perf_counter())
                 text += chunk
-        return first, self.count_tokens(text)  # no usage here, and the row may stop at end-of-turn
+        return chunk_times, self.count_tokens(text)  # no usage here, and the row may stop at end-of-turn
+
+
+def raise_for_status(reply: httpx.Response) -> None:
+    """Like ``raise_for_status``, with the server's own message (a 400 says what to fix)."""
+    if reply.is_error:
+        raise RuntimeError(f"{reply.request.method} {reply.request.url}: HTTP {reply.status_code}: {reply.text[:300]}")
 
 
 def http_load(
@@ -182,7 +210,7 @@ def http_load(
 ) -> tuple[list[RequestTiming], float]:
     async def run():
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S), limits=limits) as client:
             return await closed_loop(
                 lambda index: target.send(client, workload, index, max_tokens),
                 requests=requests,
@@ -190,6 +218,39 @@ def http_load(
             )
 
     return asyncio.run(run())
+
+
+# --- one request at a time ----------------------------------------------------------------------
+Send = Callable[[int, int], Awaitable[RequestTiming]]  # (prompt index, max_tokens) -> that request's timing
+
+
+async def send_or_record_failure(send: Send, index: int, max_tokens: int) -> RequestTiming:
+    """``send``, with a failure kept as a timing that says what went wrong: a refused request (an
+    overloaded server's 503) is one of the run's results, not the end of the run."""
+    started = time.perf_counter()
+    try:
+        return await send(index, max_tokens)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, whatever the server or engine raised
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        return RequestTiming(started, None, time.perf_counter(), 0, max_tokens=max_tokens, error=error)
+
+
+@contextlib.asynccontextmanager
+async def engine_sender(engine: Engine, workload: Workload, pixels: tuple[int, int]) -> AsyncIterator[Send]:
+    async def send(index: int, max_tokens: int) -> RequestTiming:
+        params = SamplingParams(max_new_tokens=max_tokens, ignore_eos=True)
+        # The HTTP client's limit too: an engine whose worker died fails the run instead of hanging it.
+        return await asyncio.wait_for(engine_send(engine, workload, index, params, pixels), REQUEST_TIMEOUT_S)
+
+    yield send
+
+
+@contextlib.asynccontextmanager
+async def http_sender(target: HttpTarget, workload: Workload) -> AsyncIterator[Send]:
+    # No cap on connections: an open loop sends when its schedule says, however many are in flight.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S), limits=limits) as client:
+        yield lambda index, max_tokens: target.send(client, workload, index, max_tokens)
 
 
 @contextlib.contextmanager
@@ -213,54 +274,3 @@ def local_server(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
-
-
-# --- the ceilings -------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def raw_generate(loaded: LoadedModel, prompts: list[PromptInputs], *, max_new_tokens: int, pad_token_id: int) -> float:
-    """Seconds for one ``model.generate`` over ``prompts`` as a left-padded batch, exactly
-    ``max_new_tokens`` each. End-of-turn is switched off by giving no end-of-turn ids, which costs
-    nothing per step (``min_new_tokens`` would check the whole vocabulary every step and slow this
-    ceiling down)."""
-    inputs = collate(prompts, pad_token_id=pad_token_id, image_token_id=loaded.model.config.image_token_id)
-    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[], pad_token_id=pad_token_id
-    )
-    _sync(loaded.device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        out = loaded.model.generate(**inputs, generation_config=config)
-    _sync(loaded.device)
-    seconds = time.perf_counter() - started
-    if out.shape[1] - inputs["input_ids"].shape[1] != max_new_tokens:
-        raise RuntimeError("raw generate did not produce max_new_tokens tokens per row")
-    return seconds
-
-
-def continuous_batching(
-    loaded: LoadedModel, prompts: list[PromptInputs], *, max_new_tokens: int, pad_token_id: int
-) -> tuple[float, int]:
-    """transformers' own continuous batching (``generate_batch``) on the prompts' token ids: text
-    only, as it takes no images. The first call builds and warms its manager, which is kept for
-    the timed second call, then destroyed. Returns (seconds, output tokens)."""
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id
-    )
-    ids = [p.input_ids for p in prompts]
-    try:
-        loaded.model.generate_batch(inputs=ids, generation_config=config, persistent_manager=True)
-        _sync(loaded.device)
-        started = time.perf_counter()
-        outputs = loaded.model.generate_batch(inputs=ids, generation_config=config, persistent_manager=True)
-        _sync(loaded.device)
-        seconds = time.perf_counter() - started
-    finally:
-        loaded.model.destroy_cached_continuous_batching_manager()
-    return seconds, sum(len(o.generated_tokens) for o in outputs.values())

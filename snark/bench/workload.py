@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -22,9 +24,19 @@ class Workload:
     image_label: str  # "none", a file name, or "448x448 (seeded noise)"
 
     def image_jpeg(self) -> bytes:
+        return self._jpeg
+
+    @cached_property
+    def _jpeg(self) -> bytes:
+        # Encoded once: requests are timed from before their body is built, so a per-request encode
+        # would count as the server's time to first token.
         buffer = io.BytesIO()
         self.image.save(buffer, format="JPEG", quality=90)
         return buffer.getvalue()
+
+    @cached_property
+    def image_data_uri(self) -> str:
+        return "data:image/jpeg;base64," + base64.b64encode(self._jpeg).decode()
 
 
 def load_image_option(option: str | None, *, seed: int) -> tuple[Image.Image | None, str]:

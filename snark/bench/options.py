@@ -1,0 +1,135 @@
+"""``benchmark_vlm.py``'s command line: every option with its default, grouped by workload, and the
+checks that refuse a run that cannot work before anything is loaded."""
+
+from __future__ import annotations
+
+import argparse
+
+from snark.config import DEFAULT_TINY_DIR
+
+WORKLOADS = ("burst", "poisson", "hol")
+POISSON_REQUESTS = 48
+
+
+def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", help="hub id or checkpoint folder (default: VLM_MODEL, else VLM_SIZE's hub id)")
+    source.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"the tiny random-weight model (built in SNARK_TINY_DIR, default {DEFAULT_TINY_DIR})",
+    )
+    source.add_argument(
+        "--random-weights", metavar="SIZE", help="a real-size architecture with random weights, no download (7B)"
+    )
+    source.add_argument(
+        "--url", metavar="BASE", help="measure a running OpenAI-compatible server at this base URL instead"
+    )
+    p.add_argument("--workload", choices=WORKLOADS, default="burst", help="what load to send (default burst)")
+    p.add_argument("--model-name", help="with --url: the model to ask for (default: the first of GET /v1/models)")
+    p.add_argument("--label", help="this server's name in --save and --compare (default: the URL, or in-process)")
+    p.add_argument(
+        "--save", "--json", dest="save", metavar="FILE.json", help="write the run: settings, machine, figures, timings"
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="FILE.json",
+        help="print saved runs side by side (each label's better round) and exit; nothing is run",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: SNARK_DEVICE, else auto")
+    p.add_argument(
+        "--requests",
+        type=int,
+        help=f"burst: requests per concurrency level (default 2 x concurrency, at least 4); "
+        f"poisson: requests in all (default {POISSON_REQUESTS})",
+    )
+    p.add_argument(
+        "--image", help="one image per request: a file (sample.jpeg), a size (448x448, seeded noise) or none"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the image noise, torch, arrivals and lengths (default 0)")
+    p.add_argument(
+        "--roofline-only", action="store_true", help="print the roofline of the model's architecture and exit"
+    )
+    p.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=3350.0,
+        help="memory bandwidth for the roofline, GB/s (default 3350: H100 SXM)",
+    )
+
+    burst = p.add_argument_group("burst")
+    burst.add_argument("--max-tokens", type=int, default=256, help="output tokens per request (default 256)")
+    burst.add_argument(
+        "--concurrency", default="1,4,16", help="comma-separated client counts to sweep (default 1,4,16)"
+    )
+    burst.add_argument(
+        "--compare-serial", action="store_true", help="run the highest-concurrency load again with batch size 1"
+    )
+    burst.add_argument("--no-raw", action="store_true", help="skip the raw model.generate ceiling")
+    burst.add_argument(
+        "--http-check", action="store_true", help="also run concurrency 1 over HTTP to an in-process server"
+    )
+    burst.add_argument("--cb", action="store_true", help="also time transformers' continuous batching (text only)")
+    burst.add_argument(
+        "--roofline", action="store_true", help="compare decode speed with weight bytes / memory bandwidth"
+    )
+    burst.add_argument(
+        "--repeats", type=int, default=1, help="rounds of every timed load; each row is its median round (default 1)"
+    )
+
+    poisson = p.add_argument_group("poisson")
+    poisson.add_argument("--rate", type=float, help="arrivals per second (no default: pick one near the server's pace)")
+    poisson.add_argument(
+        "--output-lens",
+        default="16,32,64,128,256",
+        help="max_tokens choices, drawn uniformly (default 16,32,64,128,256)",
+    )
+
+    hol = p.add_argument_group("hol")
+    hol.add_argument("--hol-long", type=int, default=4, help="long requests started together (default 4)")
+    hol.add_argument("--hol-long-tokens", type=int, default=512, help="output tokens per long request (default 512)")
+    hol.add_argument("--hol-short-tokens", type=int, default=8, help="output tokens of the short request (default 8)")
+    hol.add_argument(
+        "--hol-delay-s", type=float, default=0.3, help="seconds between the long requests and the short (default 0.3)"
+    )
+
+    engine = p.add_argument_group("in-process engine")
+    engine.add_argument(
+        "--compile", choices=("off", "on", "both"), help="SNARK_COMPILE path (CUDA only); default: SNARK_COMPILE"
+    )
+    engine.add_argument("--max-batch-size", type=int, help="default: SNARK_MAX_BATCH_SIZE (16)")
+    engine.add_argument("--batch-wait-ms", type=float, help="default: SNARK_BATCH_WAIT_MS (10)")
+    engine.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's own choice)")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def positive_ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Parse the lists and refuse settings that cannot run, before anything is loaded."""
+    try:
+        args.levels = sorted(set(positive_ints(args.concurrency)))
+        args.output_lens = positive_ints(args.output_lens)
+    except ValueError:
+        p.error("--concurrency and --output-lens take comma-separated integers, such as 1,4,16")
+    if not args.levels or min(args.levels) < 1 or args.max_tokens < 1:
+        p.error("--concurrency needs positive integers and --max-tokens a positive count")
+    if args.requests is not None and args.requests < 1:
+        p.error("--requests needs a positive count")
+    if args.workload == "poisson":
+        args.requests = args.requests or POISSON_REQUESTS
+        if args.rate is None or args.rate <= 0:
+            p.error("--workload poisson needs --rate, the arrivals per second (such as --rate 3)")
+        if not args.output_lens or min(args.output_lens) < 1:
+            p.error("--output-lens needs positive token counts, such as 16,32,64,128,256")
+    hol_counts = (args.hol_long, args.hol_long_tokens, args.hol_short_tokens)
+    if args.workload == "hol" and (min(hol_counts) < 1 or args.hol_delay_s < 0):
+        p.error("--hol-long, --hol-long-tokens and --hol-short-tokens need positive counts, --hol-delay-s >= 0")
+    if args.workload != "burst" and args.compile == "both":
+        p.error(f"--compile both runs two engines; --workload {args.workload} measures one: give on or off")
