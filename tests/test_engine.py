@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, RequestState, SamplingParams
+from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, RequestState, SamplingParams, StreamEvent
 from snark.engine.transformers import TransformersEngine as Engine
 from snark.engine.transformers.engine import PREPARING_WAIT_FACTOR
 from snark.engine.transformers.rows import Row
@@ -352,3 +352,36 @@ def test_a_burst_of_long_prompts_waits_for_room_and_stays_within_the_kv_budget(t
         assert len(joined_at) >= 4  # they could not all run at once: they joined as room freed up
     finally:
         engine.stop()
+
+
+def test_queued_text_events_reach_a_late_consumer_merged_and_in_order():
+    async def run():
+        request = GenerationRequest(prompt=PromptInputs([1]), params=SamplingParams())
+        request.bind_to_running_loop()
+        for text in ("a", "b", "c"):
+            request.push(StreamEvent(text=text))
+        request.finish(FinishReason.LENGTH)
+        await asyncio.sleep(0)  # the pushes arrive through call_soon_threadsafe
+        await asyncio.sleep(0)
+        return [event async for event in request.events()]
+
+    events = asyncio.run(run())
+    assert [(e.text, e.finish_reason) for e in events] == [("abc", FinishReason.LENGTH)]
+
+
+def test_an_error_after_queued_text_comes_after_that_text():
+    async def run():
+        request = GenerationRequest(prompt=PromptInputs([1]), params=SamplingParams())
+        request.bind_to_running_loop()
+        request.push(StreamEvent(text="a"))
+        request.push(StreamEvent(text="b"))
+        request.fail(RuntimeError("boom"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        seen = []
+        with pytest.raises(RuntimeError, match="boom"):
+            async for event in request.events():
+                seen.append(event.text)
+        return seen
+
+    assert asyncio.run(run()) == ["ab"]

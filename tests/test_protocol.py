@@ -224,3 +224,12 @@ def test_key_matches_only_whole_keys() -> None:
     assert key_matches("beta-key", keys)
     assert not key_matches("beta", keys) and not key_matches("beta-key2", keys) and not key_matches("", keys)
     assert not key_matches("ключ", keys)  # non-ASCII input must not raise
+
+
+@pytest.mark.parametrize("usage_field", [False, True])
+@pytest.mark.parametrize("text", ["Hello", 'quote " and \\ backslash', "東京 🎉\n", "\x00 nul"])
+def test_the_templated_content_chunk_equals_the_plain_one(text: str, usage_field: bool) -> None:
+    from snark.api.replies import ChatReply, _sse
+
+    reply = ChatReply(model='tiny "model"', prompt_tokens=3)
+    assert reply.content_sse(text, usage_field=usage_field) == _sse(reply.chunk({"content": text}, usage_field=usage_field))

@@ -46,6 +46,7 @@ class ChatReply:
         self.created = int(time.time())
         self.model = model
         self.prompt_tokens = prompt_tokens  # images included: each is its <|image_pad|> tokens
+        self._content_templates: dict[bool, tuple[str, str]] = {}
 
     def usage(self, completion_tokens: int) -> dict:
         total = self.prompt_tokens + completion_tokens
@@ -74,14 +75,29 @@ class ChatReply:
             body["usage"] = None  # with include_usage, OpenAI sends usage: null on every chunk but the last
         return body
 
+    def content_sse(self, text: str, *, usage_field: bool) -> str:
+        """``_sse(self.chunk({"content": text}, usage_field=...))``, the body of nearly every event,
+        from a serialized template: only the text is encoded per token."""
+        template = self._content_templates.get(usage_field)
+        if template is None:
+            marker = "\x00"
+            body = _json(self.chunk({"content": marker}, usage_field=usage_field))
+            template = self._content_templates[usage_field] = tuple(body.split(_json(marker), 1))
+        prefix, suffix = template
+        return f"data: {prefix}{_json(text)}{suffix}\n\n"
+
     def usage_chunk(self, completion_tokens: int) -> dict:
         body = self.chunk({}, usage_field=True)
         body["choices"], body["usage"] = [], self.usage(completion_tokens)
         return body
 
 
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def _sse(body: dict | str) -> str:
-    data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    data = body if isinstance(body, str) else _json(body)
     return f"data: {data}\n\n"
 
 
@@ -98,10 +114,11 @@ async def chat_events(
     role_sent = False
     try:
         async for event in within(events, timeout_s):
-            if event.text or (event.finish_reason is not None and not role_sent):
-                delta = {"content": event.text} if role_sent else {"role": "assistant", "content": event.text}
+            if event.text and role_sent:
+                yield reply.content_sse(event.text, usage_field=include_usage)
+            elif event.text or (event.finish_reason is not None and not role_sent):
                 role_sent = True
-                yield _sse(reply.chunk(delta, usage_field=include_usage))
+                yield _sse(reply.chunk({"role": "assistant", "content": event.text}, usage_field=include_usage))
             if event.finish_reason is not None:
                 yield _sse(reply.chunk({}, finish_reason_of(event.finish_reason), usage_field=include_usage))
         if include_usage:

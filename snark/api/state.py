@@ -25,5 +25,6 @@ class AppState:
     metrics: Metrics
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: FastAPI would run a plain function in a worker thread, a thread hop for every request.
     return request.app.state.snark

@@ -207,11 +207,23 @@ class GenerationRequest:
 
     # --- called from the event loop -----------------------------------------------------------
     async def events(self) -> AsyncIterator[StreamEvent]:
-        """Yield events until the final one; raises the engine's error if the batch failed."""
+        """Yield events until the final one; raises the engine's error if the step failed.
+
+        Text events that are already queued when the consumer asks come out merged into one: a
+        consumer that fell behind (a busy event loop, a slow client) catches up with one SSE chunk
+        and one socket write for several tokens instead of one each."""
         if self._events is None:
             raise RuntimeError("bind_to_running_loop() was not called")
         while True:
             event = await self._events.get()
+            while not event.is_final and not self._events.empty():
+                queued = self._events.get_nowait()
+                if queued.error is not None:
+                    if event.text:
+                        yield event
+                    event = queued
+                    break
+                event = StreamEvent(text=event.text + queued.text, finish_reason=queued.finish_reason)
             if event.error is not None:
                 raise event.error
             yield event
