@@ -6,8 +6,9 @@ upper case); README.md lists them all. Bad values raise ``ConfigError`` before a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -77,6 +78,30 @@ class Settings(BaseSettings):
     tts_voice: str | None = None  # piper: path to a .onnx voice (default: the bundled joe voice)
     coqui_model: str = "tts_models/en/ljspeech/vits"
 
+    # --- engine: Snark's own (transformers) or vLLM ------------------------------------------
+    # auto: vLLM when one of the VLLM_* settings below is given (vLLM's own variables, such as
+    # VLLM_CPU_KVCACHE_SPACE, do not count), else transformers. The VLLM_* names are Snark's.
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    vllm_tp_size: int | None = Field(None, ge=1, validation_alias=AliasChoices("VLLM_TP_SIZE", "vllm_tp_size"))
+    vllm_pp_size: int | None = Field(None, ge=1, validation_alias=AliasChoices("VLLM_PP_SIZE", "vllm_pp_size"))
+    vllm_gpu_mem_utilization: float | None = Field(
+        None, gt=0, le=1, validation_alias=AliasChoices("VLLM_GPU_MEM_UTILIZATION", "vllm_gpu_mem_utilization")
+    )
+    vllm_max_model_len: int | None = Field(
+        None, ge=2, validation_alias=AliasChoices("VLLM_MAX_MODEL_LEN", "vllm_max_model_len")
+    )
+    vllm_max_num_seqs: int | None = Field(
+        None, ge=1, validation_alias=AliasChoices("VLLM_MAX_NUM_SEQS", "vllm_max_num_seqs")
+    )
+    vllm_enforce_eager: bool | None = Field(
+        None, validation_alias=AliasChoices("VLLM_ENFORCE_EAGER", "vllm_enforce_eager")
+    )
+    vllm_distributed_backend: Literal["mp", "ray"] | None = Field(
+        None, validation_alias=AliasChoices("VLLM_DISTRIBUTED_BACKEND", "vllm_distributed_backend")
+    )
+    # Any other AsyncEngineArgs field, as a JSON object: '{"dtype": "float16", "max_num_batched_tokens": 8192}'.
+    vllm_engine_args: str | None = Field(None, validation_alias=AliasChoices("VLLM_ENGINE_ARGS", "vllm_engine_args"))
+
     @field_validator("vlm_size")
     @classmethod
     def _known_size(cls, value: str) -> str:
@@ -85,6 +110,33 @@ class Settings(BaseSettings):
         except ConfigError as exc:  # pydantic wraps ValueError into a ValidationError
             raise ValueError(str(exc)) from exc
         return value.strip().upper()
+
+    @field_validator("vllm_engine_args")
+    @classmethod
+    def _json_object(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"VLLM_ENGINE_ARGS is not valid JSON ({exc}): give an object such as '{{\"dtype\": \"float16\"}}'.") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("VLLM_ENGINE_ARGS must be a JSON object of engine arguments, such as '{\"dtype\": \"float16\"}'.")
+        return value
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> "Settings":
+        given = self.vllm_settings_given
+        if self.engine == "transformers" and given:
+            raise ValueError(
+                f"SNARK_ENGINE=transformers, but {', '.join(given)} only apply to the vLLM engine: "
+                "unset them, or use SNARK_ENGINE=vllm (or auto)."
+            )
+        if self.engine_name == "vllm":
+            from snark.engine.vllm.args import check_overlaps  # the rules live beside the mapping
+
+            check_overlaps(self)
+        return self
 
     @model_validator(mode="after")
     def _consistent_limits(self) -> "Settings":
@@ -101,6 +153,26 @@ class Settings(BaseSettings):
     def model_id(self) -> str:
         """What to load: ``VLM_MODEL`` when set, else the hub id for ``VLM_SIZE``."""
         return self.vlm_model or model_id_for_size(self.vlm_size)
+
+    @property
+    def vllm_settings_given(self) -> list[str]:
+        """The env names of the VLLM_* settings that were given."""
+        return [
+            field.validation_alias.choices[0]
+            for name, field in Settings.model_fields.items()
+            if name.startswith("vllm_") and getattr(self, name) is not None
+        ]
+
+    @property
+    def engine_name(self) -> Literal["transformers", "vllm"]:
+        """SNARK_ENGINE, with auto resolved: vLLM when a VLLM_* setting is given."""
+        if self.engine != "auto":
+            return self.engine
+        return "vllm" if self.vllm_settings_given else "transformers"
+
+    @property
+    def vllm_extra_engine_args(self) -> dict[str, Any]:
+        return json.loads(self.vllm_engine_args) if self.vllm_engine_args else {}
 
     @property
     def kv_cache_bytes(self) -> int | None:

@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings) -> Engine:
+    """The engine ``settings`` choose (SNARK_ENGINE, or auto: vLLM when a VLLM_* setting is given).
+    Raises ``ConfigError`` naming the install command when vLLM is chosen but not installed."""
+    if settings.engine_name == "vllm":
+        from snark.engine.vllm.engine import VllmEngine
+        from snark.engine.vllm.runtime import require_vllm
+
+        require_vllm()
+        return VllmEngine(settings)
     return TransformersEngine(
         lambda: load_model(settings.model_id, device=settings.device),
         max_batch_size=settings.max_batch_size,

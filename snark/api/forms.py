@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
@@ -67,7 +67,17 @@ class FormInferRequest(BaseModel):
         return turns + [ChatTurn("user", ([image] if image is not None else []) + [self.prompt])]
 
 
+class ImageFormInferRequest(FormInferRequest):
+    """``/infer/image``'s fields: the shared ones and the image. One form model per route: FastAPI
+    before 0.137 (vLLM's pin) reads a form model next to other form parameters as one field named
+    after the parameter, which fails every upload with ``form: Field required``."""
+
+    image_url: str | None = Field(None, description="http(s) URL or data: URI of the image")
+    image_file: UploadFile | None = Field(None, description="The image, uploaded")
+
+
 FormFields = Annotated[FormInferRequest, Form()]
+ImageFormFields = Annotated[ImageFormInferRequest, Form()]
 
 
 @router.post("/infer/text", summary="Answer a text prompt")
@@ -79,13 +89,8 @@ async def infer_text(request: Request, form: FormFields, state: AppState = Depen
 
 
 @router.post("/infer/image", summary="Answer a prompt about one image (image_url or image_file)")
-async def infer_image(
-    request: Request,
-    form: FormFields,
-    image_url: Annotated[str | None, Form(description="http(s) URL or data: URI of the image")] = None,
-    image_file: Annotated[UploadFile | None, File(description="The image, uploaded")] = None,
-    state: AppState = Depends(get_state),
-) -> Response:
+async def infer_image(request: Request, form: ImageFormFields, state: AppState = Depends(get_state)) -> Response:
+    image_url, image_file = form.image_url, form.image_file
     form.check_format()
     params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any image work
     if (image_url is None) == (image_file is None):

@@ -1,0 +1,129 @@
+"""Snark's settings -> vLLM's engine arguments, with one rule for each setting the two share.
+
+Pure functions over ``Settings``: nothing here imports vLLM, so the mapping is tested in any
+environment, and a bad combination stops start-up before minutes of loading.
+
+    VLLM_TP_SIZE / VLLM_PP_SIZE        tensor_parallel_size / pipeline_parallel_size
+    VLLM_DISTRIBUTED_BACKEND           distributed_executor_backend ("mp" | "ray")
+    VLLM_GPU_MEM_UTILIZATION           gpu_memory_utilization
+    VLLM_ENFORCE_EAGER                 enforce_eager
+    VLLM_ENGINE_ARGS (JSON)            any other AsyncEngineArgs field, passed as given
+
+Overlaps, one rule each:
+
+    rows decoded together   max_num_seqs = VLLM_MAX_NUM_SEQS, else SNARK_MAX_BATCH_SIZE; both given
+                            and different is refused.
+    context                 max_model_len = VLLM_MAX_MODEL_LEN, else SNARK_MAX_PROMPT_TOKENS +
+                            SNARK_MAX_NEW_TOKENS_LIMIT cut to the checkpoint's own context (what
+                            Snark can ever send, so the KV cache is not sized for more). Prompts
+                            longer than SNARK_MAX_PROMPT_TOKENS or max_model_len - 1 are a 400.
+    KV budget               SNARK_KV_CACHE_GIB = kv_cache_memory_bytes (per GPU); refused together
+                            with VLLM_GPU_MEM_UTILIZATION, which vLLM would then ignore.
+    compilation             vLLM compiles and captures CUDA graphs unless VLLM_ENFORCE_EAGER=1;
+                            SNARK_COMPILE=1 asks for that too, and is refused with VLLM_ENFORCE_EAGER=1.
+    images                  SNARK_MIN/MAX_IMAGE_PIXELS = mm_processor_kwargs size (shortest/longest edge), and
+                            SNARK_MAX_IMAGES_PER_REQUEST = limit_mm_per_prompt (no video).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from snark.config import Settings
+
+# Engine arguments Snark derives from its own settings: the escape hatch may not set them, so each
+# has one place (the setting named here).
+DERIVED = {
+    "model": "VLM_MODEL or VLM_SIZE",
+    "tokenizer": "VLM_MODEL or VLM_SIZE",
+    "tensor_parallel_size": "VLLM_TP_SIZE",
+    "pipeline_parallel_size": "VLLM_PP_SIZE",
+    "distributed_executor_backend": "VLLM_DISTRIBUTED_BACKEND",
+    "gpu_memory_utilization": "VLLM_GPU_MEM_UTILIZATION",
+    "kv_cache_memory_bytes": "SNARK_KV_CACHE_GIB",
+    "max_model_len": "VLLM_MAX_MODEL_LEN",
+    "max_num_seqs": "VLLM_MAX_NUM_SEQS (or SNARK_MAX_BATCH_SIZE)",
+    "enforce_eager": "VLLM_ENFORCE_EAGER",
+    "limit_mm_per_prompt": "SNARK_MAX_IMAGES_PER_REQUEST",
+    "mm_processor_kwargs": "SNARK_MIN_IMAGE_PIXELS and SNARK_MAX_IMAGE_PIXELS",
+}
+
+# Settings of Snark's own engine that vLLM has no use for: start-up warns when they are given.
+TRANSFORMERS_ONLY = {
+    "device": "SNARK_DEVICE",
+    "batch_wait_ms": "SNARK_BATCH_WAIT_MS",
+    "max_prefill_tokens": "SNARK_MAX_PREFILL_TOKENS",
+}
+
+
+def check_overlaps(settings: Settings) -> None:
+    """Raise ``ValueError`` (a settings error at start-up) for combinations with no single meaning."""
+    s = settings
+    if s.vllm_max_num_seqs is not None and "max_batch_size" in s.model_fields_set and s.max_batch_size != s.vllm_max_num_seqs:
+        raise ValueError(
+            f"SNARK_MAX_BATCH_SIZE={s.max_batch_size} and VLLM_MAX_NUM_SEQS={s.vllm_max_num_seqs} disagree: on the vLLM "
+            "engine both mean the rows decoded together; give one of them."
+        )
+    if s.kv_cache_gib is not None and s.vllm_gpu_mem_utilization is not None:
+        raise ValueError(
+            "SNARK_KV_CACHE_GIB (the KV cache size) and VLLM_GPU_MEM_UTILIZATION (a memory fraction) both size vLLM's "
+            "KV cache, and vLLM would ignore the fraction: give one of them."
+        )
+    if s.compile and s.vllm_enforce_eager:
+        raise ValueError(
+            "SNARK_COMPILE=1 asks for compiled decoding and VLLM_ENFORCE_EAGER=1 turns it off: give one of them "
+            "(vLLM compiles by default)."
+        )
+    clashes = sorted(set(s.vllm_extra_engine_args) & set(DERIVED))
+    if clashes:
+        where = "; ".join(f"{key}: {DERIVED[key]}" for key in clashes)
+        raise ValueError(f"VLLM_ENGINE_ARGS may not set {', '.join(clashes)}: Snark sets them from its settings ({where}).")
+
+
+def given_transformers_only(settings: Settings) -> list[str]:
+    """Env names of the given settings that only Snark's own engine reads."""
+    return [env for name, env in TRANSFORMERS_ONLY.items() if name in settings.model_fields_set]
+
+
+def max_model_len(settings: Settings, model_context_len: int | None) -> int:
+    """vLLM's context window: VLLM_MAX_MODEL_LEN, else what Snark can send, cut to the model's own."""
+    if settings.vllm_max_model_len is not None:
+        return settings.vllm_max_model_len
+    wanted = settings.max_prompt_tokens + settings.max_new_tokens_limit
+    return min(wanted, model_context_len) if model_context_len else wanted
+
+
+def max_num_seqs(settings: Settings) -> int:
+    return settings.vllm_max_num_seqs if settings.vllm_max_num_seqs is not None else settings.max_batch_size
+
+
+def prompt_token_limit(settings: Settings, context_len: int) -> int:
+    """The longest prompt Snark passes to vLLM: at least one token must fit after it."""
+    return min(settings.max_prompt_tokens, context_len - 1)
+
+
+def engine_args(settings: Settings, *, model_context_len: int | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.AsyncEngineArgs``. Optional settings that were not given are
+    left out, so vLLM's own defaults apply to them."""
+    s = settings
+    args: dict[str, Any] = {
+        "model": s.model_id,
+        "max_model_len": max_model_len(s, model_context_len),
+        "max_num_seqs": max_num_seqs(s),
+        "limit_mm_per_prompt": {"image": s.max_images_per_request, "video": 0},
+        # Snark hands vLLM images already resized within these bounds, so vLLM's resizer keeps their size
+        # (and their token count) as it is; the bounds also size vLLM's encoder-cache profiling.
+        "mm_processor_kwargs": {"size": {"shortest_edge": s.min_image_pixels, "longest_edge": s.max_image_pixels}},
+    }
+    optional = {
+        "tensor_parallel_size": s.vllm_tp_size,
+        "pipeline_parallel_size": s.vllm_pp_size,
+        "distributed_executor_backend": s.vllm_distributed_backend,
+        "gpu_memory_utilization": s.vllm_gpu_mem_utilization,
+        "kv_cache_memory_bytes": s.kv_cache_bytes,
+        "enforce_eager": s.vllm_enforce_eager,
+    }
+    args.update({key: value for key, value in optional.items() if value is not None})
+    args.update(s.vllm_extra_engine_args)
+    return args

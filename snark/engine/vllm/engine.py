@@ -1,0 +1,282 @@
+"""vLLM's async engine behind Snark's engine seam: tensor/pipeline parallel, Ray multi-node.
+
+    submit() ──► run_coroutine_threadsafe ──► vLLM's event loop (its own thread):
+                                               AsyncLLM.generate(ids + PIL images, SamplingParams)
+                                               each delta ──► GenerationRequest.push ──► Outbox
+    client ◄── asyncio queue ◄── loop.call_soon_threadsafe ◄── one flush per engine step
+
+vLLM runs in-process through ``AsyncLLM`` (its engine core and workers are its own processes); its
+asyncio side lives on an event loop in a background thread, so its output processing and
+detokenizing never run on uvicorn's loop. Nothing imports vLLM until ``start()``: vLLM spawns
+processes, and the default environment does not have it.
+
+Cancelling a request cancels its task on vLLM's loop, which makes ``generate`` abort it in the
+engine core (its KV blocks are freed at the next step). If the engine core dies, ``healthy`` turns
+false (``/health`` answers 503) and requests fail with a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from snark.config import Settings
+from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
+from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, SamplingParams, StreamEvent
+from snark.engine.vllm import args as vllm_args
+from snark.engine.vllm.prompt import VllmPrompt, VllmPromptBuilder
+from snark.engine.vllm.runtime import Runtime, load_runtime
+from snark.engine.vllm.sampling import vllm_sampling_fields
+from snark.errors import InvalidRequest, ModelNotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+ENGINE_DIED = "vLLM's engine process has stopped (its log above says why): restart Snark."
+_FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(max_batch_size=vllm_args.max_num_seqs(settings))
+        self.settings = settings
+        self.max_waiting_requests = settings.max_waiting_requests
+        self.runtime: Runtime | None = None
+        self.prompts: VllmPromptBuilder | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._live: dict[GenerationRequest, Future] = {}  # submitted and not yet ended
+        self._outbox = Outbox()  # used on vLLM's loop only
+        self._flush_scheduled = False
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self, on_load_failed: Callable[[BaseException], None] | None = None) -> None:
+        """Start vLLM's thread: it builds the engine (minutes: processes, profiling, compiling), then
+        runs its event loop. Returns at once."""
+        self._thread = threading.Thread(target=self._main, args=(on_load_failed,), name="snark-vllm", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        self._ready.wait(timeout_s)
+        if self.load_error is not None:
+            raise self.load_error
+        if self.state is not EngineState.READY:
+            raise TimeoutError("vLLM is still starting")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests, cancel the live ones (their streams end as a shutdown), shut vLLM's
+        processes down and end its thread."""
+        with self._lock:
+            self._stopping = True
+            live = list(self._live.items())
+        for request, future in live:
+            request.cancel()
+            future.cancel()
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._shut_down(), loop)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self.state = EngineState.STOPPED
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    # --- facts ------------------------------------------------------------------------------------
+    @property
+    def facts(self) -> ModelFacts | None:
+        runtime = self.runtime
+        return None if runtime is None else runtime.facts
+
+    @property
+    def num_waiting(self) -> int:
+        """Live requests without a first token yet (queued in vLLM or prefilling)."""
+        return sum(1 for request in list(self._live) if request.first_token_at is None)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._live) - self.num_waiting
+
+    @property
+    def healthy(self) -> bool:
+        runtime = self.runtime
+        if self.state is EngineState.READY and runtime is not None and runtime.llm.errored:
+            self._mark_dead()
+        return self.state is EngineState.READY
+
+    def _mark_dead(self) -> None:
+        if self.state is EngineState.READY:
+            log.error("vLLM's engine died; /health now answers 503")
+            self.load_error = ModelNotReady(ENGINE_DIED, code="engine_dead")
+            self.state = EngineState.FAILED
+
+    # --- the asyncio side (uvicorn's loop) ----------------------------------------------------------
+    def _require_ready(self) -> VllmPromptBuilder:
+        if self._stopping or self.state is EngineState.STOPPED:
+            raise ModelNotReady(SHUTTING_DOWN)
+        if not self.healthy and self.state is EngineState.FAILED:
+            raise ModelNotReady(ENGINE_DIED, code="engine_dead")
+        if self.state is not EngineState.READY or self.prompts is None:
+            raise ModelNotReady(STILL_LOADING)
+        return self.prompts
+
+    async def build_prompt(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> PromptInputs:
+        prompts = self._require_ready()
+        return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels)
+
+    def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:
+        self._require_ready()
+        if not isinstance(prompt, VllmPrompt):
+            raise TypeError("the vLLM engine takes prompts from its own build_prompt()")
+        request = GenerationRequest(prompt=prompt, params=params, deliver_deltas=deliver_deltas)
+        request.bind_to_running_loop()
+        with self._lock:
+            if self._stopping:
+                raise ModelNotReady(SHUTTING_DOWN)
+            if len(self._live) >= self.max_batch_size + self.max_waiting_requests:
+                raise Overloaded(
+                    f"{len(self._live)} requests are already running or waiting (SNARK_MAX_WAITING_REQUESTS="
+                    f"{self.max_waiting_requests} past the {self.max_batch_size} running): retry shortly."
+                )
+            self._live[request] = asyncio.run_coroutine_threadsafe(self._generate(request), self._loop)
+        return request
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """Cancel the request's task on vLLM's loop: ``generate`` then aborts it in the engine core."""
+        if request.is_done:
+            return
+        request.cancel()
+        future = self._live.get(request)
+        if future is not None:
+            future.cancel()  # thread-safe: the task is cancelled on its own loop
+
+    # --- vLLM's thread and loop -------------------------------------------------------------------
+    def _main(self, on_load_failed: Callable[[BaseException], None] | None) -> None:
+        self._loop = loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            self.runtime = loop.run_until_complete(load_runtime(self.settings))
+            context_len = self.runtime.max_model_len
+            self.prompts = VllmPromptBuilder(
+                self.runtime.processor, max_prompt_tokens=vllm_args.prompt_token_limit(self.settings, context_len)
+            )
+            self.default_sampling = self.runtime.default_sampling
+        except BaseException as exc:  # reported to /health, the CLI and the log
+            self.load_error = exc
+            self.state = EngineState.FAILED
+            self._ready.set()
+            log.error("vLLM engine failed to start: %s", exc)
+            if on_load_failed is not None:
+                on_load_failed(exc)
+            loop.close()
+            return
+        self.state = EngineState.READY
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _shut_down(self) -> None:
+        pending = [future for future in self._live.values()]
+        if pending:  # let the cancelled requests abort and end their streams first
+            await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=5)
+        self.runtime.llm.shutdown()
+        asyncio.get_running_loop().stop()
+
+    async def _generate(self, request: GenerationRequest) -> None:
+        """One request's life on vLLM's loop: stream its deltas until it ends, however it ends."""
+        runtime = self.runtime
+        prompt: VllmPrompt = request.prompt  # type: ignore[assignment]
+        handed_at = time.perf_counter()
+        request.scheduled_at = handed_at
+        try:
+            stream = runtime.llm.generate(
+                runtime.tokens_prompt(prompt), runtime.sampling_params(vllm_sampling_fields(request.params)), request.id
+            )
+            checked = False
+            async for output in stream:
+                if not checked:
+                    _check_prompt_length(prompt, output)
+                    checked = True
+                self._on_output(request, output, handed_at)
+        except asyncio.CancelledError:  # cancel() or stop(): generate() has aborted it in vLLM
+            self._flush()
+            request.finish(FinishReason.CANCELLED)
+        except Exception as exc:
+            self._flush()
+            request.fail(self._client_error(exc))
+        finally:
+            with self._lock:
+                self._live.pop(request, None)
+            self._notify_listeners(request)
+
+    def _on_output(self, request: GenerationRequest, output, handed_at: float) -> None:
+        now = time.perf_counter()
+        completion = output.outputs[0]
+        if completion.token_ids:
+            if request.first_token_at is None:
+                request.first_token_at = now
+                request.scheduled_at = handed_at + _queued_s(output)
+            request.completion_tokens += len(completion.token_ids)
+        if completion.text:
+            self._post(request, StreamEvent(text=completion.text))
+        if output.finished:
+            request.finish(_FINISH_REASONS.get(completion.finish_reason, FinishReason.STOP), self._outbox)
+            self._schedule_flush()
+
+    def _post(self, request: GenerationRequest, event: StreamEvent) -> None:
+        request.push(event, self._outbox)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # The output handler wakes every request of an engine step at once; this flush runs after them,
+        # so uvicorn's loop wakes once per step, not once per request.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._outbox.flush()
+
+    def _client_error(self, exc: Exception) -> Exception:
+        """vLLM's exception -> what the client should see."""
+        runtime = self.runtime
+        if runtime.is_engine_dead(exc) or runtime.llm.errored:
+            self._mark_dead()
+            return ModelNotReady(ENGINE_DIED, code="engine_dead")
+        if runtime.is_validation_error(exc):
+            return InvalidRequest(f"vLLM refused the request: {exc}")
+        log.error("vLLM request failed: %r", exc)
+        return exc
+
+
+def _check_prompt_length(prompt: VllmPrompt, output) -> None:
+    """vLLM expands the image pads itself: its count must be Snark's, or the usage, the limits and the
+    resolution cap Snark enforced were not what vLLM ran."""
+    expanded = output.prompt_token_ids
+    if expanded is not None and len(expanded) != prompt.num_tokens:
+        raise RuntimeError(
+            f"vLLM expanded the prompt to {len(expanded)} tokens where Snark counted {prompt.num_tokens} "
+            "(a bug in Snark's image resizing for vLLM)"
+        )
+
+
+def _queued_s(output) -> float:
+    """Seconds the request waited in vLLM's scheduler, when vLLM reports it (its stats are on by default)."""
+    stats = getattr(output, "metrics", None)
+    queued, scheduled = getattr(stats, "queued_ts", None), getattr(stats, "scheduled_ts", None)
+    if isinstance(queued, float) and isinstance(scheduled, float) and scheduled >= queued:
+        return scheduled - queued
+    return 0.0
+

@@ -1,0 +1,35 @@
+"""Snark's ``SamplingParams`` -> the fields of vLLM's ``SamplingParams``, without importing vLLM.
+
+Every field a Snark route accepts has its vLLM counterpart with the same meaning: greedy below
+Snark's greedy threshold (or top_k=1), HF-style repetition penalty over prompt and output,
+OpenAI-style frequency/presence penalties over the output, stop strings cut from the answer,
+end-of-turn ignored on request. Text is detokenized without special tokens, as Snark's own engine does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from snark.engine.request import SamplingParams
+
+
+def vllm_sampling_fields(params: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.SamplingParams`` (the caller adds ``output_kind``)."""
+    greedy = params.is_greedy
+    return {
+        "n": 1,
+        "max_tokens": params.max_new_tokens,
+        # vLLM is greedy at temperature 0 and then ignores top_p/top_k; Snark's tiny temperatures and top_k=1
+        # mean the same, so they travel as 0 instead of as a near-zero divisor.
+        "temperature": 0.0 if greedy else params.temperature,
+        "top_p": 1.0 if greedy else params.top_p,
+        "top_k": 0 if greedy or params.top_k <= 0 else params.top_k,  # vLLM: 0 = no top-k cut
+        "seed": params.seed,
+        "stop": list(params.stop),
+        "repetition_penalty": params.repetition_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "presence_penalty": params.presence_penalty,
+        "ignore_eos": params.ignore_eos,
+        "skip_special_tokens": True,
+        "include_stop_str_in_output": False,
+    }
