@@ -22,6 +22,7 @@ from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outb
 from snark.engine.transformers import TransformersEngine as Engine
 from snark.engine.transformers.engine import PREPARING_WAIT_FACTOR
 from snark.engine.transformers.rows import Row
+from snark.engine.loader import load_model
 from snark.errors import InvalidRequest
 from tests.conftest import start_engine
 
@@ -385,3 +386,16 @@ def test_an_error_after_queued_text_comes_after_that_text():
         return seen
 
     assert asyncio.run(run()) == ["ab"]
+
+
+def test_the_engine_warms_up_before_it_is_ready_without_counting_it_as_traffic(tiny_model_dir):
+    engine = Engine(lambda: load_model(tiny_model_dir, device="cpu"), max_batch_size=2)
+    heard: list[GenerationRequest] = []
+    engine.add_listener(heard.append)
+    engine.start()
+    try:
+        engine.wait_ready(120)
+        assert heard == [] and engine.num_running == 0 and engine.num_waiting == 0
+        assert engine.cache.peak_allocated_tokens > 0  # the warm-up did run through the cache
+    finally:
+        engine.stop()

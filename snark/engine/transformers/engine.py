@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from PIL import Image
 
 from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
 from snark.engine.loader import LoadedModel
@@ -219,6 +220,8 @@ class TransformersEngine(Engine):
         self.cache = self._build_cache(loaded)
         if self.compile_decode:
             self._compile(loaded)
+        else:
+            self._warm_up()
         log.info(
             "KV cache budget: %d tokens (%.2f GiB at %d bytes a token), up to %d rows",
             self.cache.budget_tokens, self.cache.budget_tokens * self.cache.bytes_per_token / 1024**3,
@@ -240,6 +243,19 @@ class TransformersEngine(Engine):
         cache.budget_tokens = (budget if budget is not None else CPU_KV_CACHE_BYTES) // cache.bytes_per_token
         return cache
 
+    def _warm_up(self) -> None:
+        """One short text request and one with an image through the whole loop before ``/health`` says
+        ready: the first forward passes (and the image processor's first call) are several times slower
+        than the rest, and a user's first request should not pay for them."""
+        started = time.perf_counter()
+        image = Image.new("RGB", (56, 56), (128, 128, 128))
+        turns = [[ChatTurn("user", ["Warm up."])], [ChatTurn("user", [image, "Warm up."])]]
+        prompts = [self.prompts.build(t, min_pixels=4 * 28 * 28, max_pixels=4 * 28 * 28) for t in turns]
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        with torch.inference_mode():
+            self._run_to_completion([GenerationRequest(prompt=p, params=params) for p in prompts])
+        log.info("warmed up in %.2f s", time.perf_counter() - started)
+
     def _compile(self, loaded: LoadedModel) -> None:
         """Compile the decode step and run every row bucket once, before the first request."""
         if not self.allow_cpu_compile:
@@ -251,10 +267,15 @@ class TransformersEngine(Engine):
             warm_up(self._run_to_completion, prompt, max_rows=self.max_batch_size)
 
     def _run_to_completion(self, requests: list[GenerationRequest]) -> None:
-        """Run ``requests`` (unbound: their events go nowhere) through the loop until they end."""
-        self.scheduler.waiting.extend(requests)
-        while not all(r.is_done for r in requests):
-            self._step(self.scheduler.admit(self.cache))
+        """Run start-up ``requests`` (unbound: their events go nowhere) through the loop until they
+        end. Listeners do not hear of them: /metrics counts users' requests only."""
+        listeners, self._listeners = self._listeners, []
+        try:
+            self.scheduler.waiting.extend(requests)
+            while not all(r.is_done for r in requests):
+                self._step(self.scheduler.admit(self.cache))
+        finally:
+            self._listeners = listeners
 
     def _next_admissions(self) -> list[GenerationRequest] | None:
         """Block until there is work; return the requests that join at this step (None: stop)."""
