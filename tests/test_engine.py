@@ -399,3 +399,23 @@ def test_the_engine_warms_up_before_it_is_ready_without_counting_it_as_traffic(t
         assert engine.cache.peak_allocated_tokens > 0  # the warm-up did run through the cache
     finally:
         engine.stop()
+
+
+def test_kv_cache_usage_shows_the_room_running_rows_hold(tiny_engine):
+    prompt = _build(tiny_engine, "Tell me a long story.")
+
+    async def run():
+        request = tiny_engine.submit(prompt, SamplingParams(max_new_tokens=2000, ignore_eos=True))
+        seen = 0
+        async for event in request.events():
+            seen += bool(event.text)
+            if seen == 3:
+                break
+        usage = tiny_engine.kv_cache_usage
+        tiny_engine.cancel(request)
+        async for _ in request.events():
+            pass
+        return usage
+
+    expected = (prompt.num_tokens + 2000) / tiny_engine.kv_cache_budget_tokens
+    assert asyncio.run(run()) == pytest.approx(expected)

@@ -248,7 +248,8 @@ def test_metrics_move_with_requests_and_speech(base_url: str) -> None:
     response = httpx.get(f"{base_url}/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     before = scrape(base_url)
-    for name in ("snark:num_requests_running", "snark:num_requests_waiting", "snark:prompt_tokens_total", "snark:tts_seconds_count"):
+    for name in ("snark:num_requests_running", "snark:num_requests_waiting", "snark:prompt_tokens_total",
+                 "snark:tts_seconds_count", "snark:kv_cache_usage_perc"):  # fmt: skip
         assert name in before, name
     reply = openai_client(base_url).chat.completions.create(**chat(5))
     success = "snark:request_success_total" + str([("finished_reason", reply.choices[0].finish_reason)])

@@ -63,6 +63,10 @@ class Metrics:
         waiting = Gauge("snark:num_requests_waiting", "Requests queued for the next batch.", registry=registry)
         running.set_function(lambda: engine.num_running)
         waiting.set_function(lambda: engine.num_waiting)
+        kv_usage = Gauge(
+            "snark:kv_cache_usage_perc", "Share of the KV cache budget the running rows hold (0 to 1).", registry=registry
+        )
+        kv_usage.set_function(lambda: engine.kv_cache_usage)
         self.tts_seconds = Histogram(
             "snark:tts_seconds", "Wall time to synthesize one spoken response, first to last audio chunk.",
             buckets=_TTS_BUCKETS, registry=registry,

@@ -97,6 +97,11 @@ class Engine(abc.ABC):
     def num_running(self) -> int: ...
 
     @property
+    def kv_cache_usage(self) -> float:
+        """The share (0 to 1) of the KV cache budget that running requests hold; 0 where unknown."""
+        return 0.0
+
+    @property
     def healthy(self) -> bool:
         """False once the engine cannot serve (load failed, stopped, or its worker died)."""
         return self.state is EngineState.READY

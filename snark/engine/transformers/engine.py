@@ -77,6 +77,7 @@ class TransformersEngine(Engine):
         self._stopping = False
         self._worker: threading.Thread | None = None
         self._ready = threading.Event()
+        self._kv_cache_usage = 0.0  # set by the generation thread after each step, read by /metrics
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self, on_load_failed: Callable[[BaseException], None] | None = None) -> None:
@@ -136,6 +137,10 @@ class TransformersEngine(Engine):
     @property
     def kv_cache_budget_tokens(self) -> int:
         return self.cache.budget_tokens if self.cache else 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self._kv_cache_usage
 
     # --- the asyncio side ---------------------------------------------------------------------------
     def _require_ready(self) -> PromptBuilder:
@@ -316,6 +321,7 @@ class TransformersEngine(Engine):
         if running := self.scheduler.running:
             self._run(running, self.runner.decode)
             self._retire()
+        self._kv_cache_usage = self.cache.footprint() / self.cache.budget_tokens if self.cache.budget_tokens else 0.0
 
     def _row(self, request: GenerationRequest, now: float) -> Row:
         return Row(
