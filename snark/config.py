@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     api_key: str | None = None  # one key, or several separated by commas
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)  # SIGTERM: running requests get this long, then are cancelled
+    log_health_checks: bool = False  # uvicorn's access log leaves out GET /health unless this is set
 
     # --- generation --------------------------------------------------------------------------
     default_max_new_tokens: int = Field(256, gt=0)
@@ -57,7 +59,7 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(32768, gt=0)
     max_batch_size: int = Field(16, ge=1, le=256)  # rows decoded together; 1: one request at a time
     batch_wait_ms: float = Field(0.0, ge=0)  # an idle engine waits this long for companions to its first prefill
-    max_prefill_tokens: int = Field(8192, gt=0)  # prompt positions prefilled in one step (the oldest always goes)
+    max_prefill_tokens: int = Field(8192, gt=0)  # prompt positions prefilled in one step; longer prompts go in chunks
     kv_cache_gib: float | None = Field(None, gt=0)  # default: 4 on CPU, 80% of the GPU memory free after loading
     max_waiting_requests: int = Field(64, ge=1)
 
@@ -76,6 +78,9 @@ class Settings(BaseSettings):
     # --- speech ------------------------------------------------------------------------------
     tts_engine: Literal["piper", "coqui"] = "piper"
     tts_voice: str | None = None  # piper: path to a .onnx voice (default: the bundled joe voice)
+    tts_voices: str | None = None  # more Piper voices by name: "name=/path/a.onnx,other=/path/b.onnx"
+    tts_workers: int | None = Field(None, ge=1, le=64)  # syntheses at once; default: half the cores, 2 to 8
+    tts_threads: int = Field(1, ge=1, le=64)  # ONNX threads per synthesis (Piper)
     coqui_model: str = "tts_models/en/ljspeech/vits"
 
     # --- engine: Snark's own (transformers) or vLLM ------------------------------------------
@@ -122,6 +127,13 @@ class Settings(BaseSettings):
             raise ValueError(f"VLLM_ENGINE_ARGS is not valid JSON ({exc}): give an object such as '{{\"dtype\": \"float16\"}}'.") from None
         if not isinstance(parsed, dict):
             raise ValueError("VLLM_ENGINE_ARGS must be a JSON object of engine arguments, such as '{\"dtype\": \"float16\"}'.")
+        return value
+
+    @field_validator("tts_voices")
+    @classmethod
+    def _voice_pairs(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_voice_pairs(value)
         return value
 
     @model_validator(mode="after")
@@ -179,10 +191,27 @@ class Settings(BaseSettings):
         return None if self.kv_cache_gib is None else int(self.kv_cache_gib * 1024**3)
 
     @property
+    def tts_voice_paths(self) -> dict[str, str]:
+        """SNARK_TTS_VOICES as {name: path}."""
+        return _parse_voice_pairs(self.tts_voices) if self.tts_voices else {}
+
+    @property
     def api_keys(self) -> tuple[str, ...]:
         if not self.api_key:
             return ()
         return tuple(key.strip() for key in self.api_key.split(",") if key.strip())
+
+
+def _parse_voice_pairs(value: str) -> dict[str, str]:
+    pairs = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, path = (text.strip() for text in item.partition("="))
+        if not sep or not name or not path:
+            raise ValueError(
+                f"SNARK_TTS_VOICES entry {item!r} is not name=path: give e.g. 'amy=/voices/en_US-amy-medium.onnx,joe=/voices/joe.onnx'."
+            )
+        pairs[name] = path
+    return pairs
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -419,3 +419,39 @@ def test_kv_cache_usage_shows_the_room_running_rows_hold(tiny_engine):
 
     expected = (prompt.num_tokens + 2000) / tiny_engine.kv_cache_budget_tokens
     assert asyncio.run(run()) == pytest.approx(expected)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(tiny_model_dir, tiny_engine):
+    """Prompts longer than SNARK_MAX_PREFILL_TOKENS are prefilled a chunk per step: text and image
+    prompts give the same greedy output as in one piece, and a running row decodes between chunks."""
+    image = Image.new("RGB", (112, 84), (20, 90, 220))
+    prompts = [_build(tiny_engine, "Tell me about the history of bicycles, " * 6), _build(tiny_engine, image, "Describe it " * 10)]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    whole = [_solo(tiny_engine, p, params).text for p in prompts]
+    chunk = 16
+    engine = start_engine(tiny_model_dir, max_batch_size=4, max_prefill_tokens=chunk)
+    try:
+        chunks = 0
+        for prompt, expected in zip(prompts, whole):
+            assert prompt.num_tokens > 3 * chunk
+
+            async def run():
+                runner = engine.submit(_build(engine, "Hi."), SamplingParams(max_new_tokens=2000, ignore_eos=True))
+                async for event in runner.events():
+                    if event.text:
+                        break
+                at_submit, before = runner.completion_tokens, engine.prefill_chunks_run
+                done = await engine.generate(prompt, params)
+                decoded_meanwhile = runner.completion_tokens - at_submit
+                engine.cancel(runner)
+                async for _ in runner.events():
+                    pass
+                return done, decoded_meanwhile, before
+
+            done, decoded_meanwhile, before = asyncio.run(run())
+            chunks = -(-prompt.num_tokens // chunk)
+            assert engine.prefill_chunks_run - before == chunks
+            assert done.text == expected and done.completion_tokens == 8
+            assert decoded_meanwhile >= chunks  # one decode step after every chunk
+    finally:
+        engine.stop()

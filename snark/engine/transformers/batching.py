@@ -19,7 +19,7 @@ def plan_prefill(prompt_lengths: Sequence[int], *, max_prefill_tokens: int, fits
     is already expanded to its tokens). They are prefilled as one left-padded batch, so the step
     computes ``rows x longest`` prompt positions; that stays within ``max_prefill_tokens`` (running
     rows wait for the prefill, so this bounds their stall), except that the oldest request always
-    goes, however long it is. ``fits(n)`` says whether the first ``n`` fit the KV cache budget.
+    goes: alone, and in chunks when it is longer than that. ``fits(n)`` says whether the first ``n`` fit the KV cache budget.
 
     Strictly first come, first served: a request that does not fit is not overtaken by a smaller
     one behind it, so a long prompt waiting for memory cannot starve.

@@ -27,11 +27,11 @@ from PIL import Image
 from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
 from snark.engine.loader import LoadedModel
 from snark.engine.prompt import PromptBuilder
-from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, SamplingParams
+from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, RequestState, SamplingParams
 from snark.engine.transformers.cache import RowCache
 from snark.engine.transformers.compiled import allow_recompiles, compile_step, require_cuda, warm_up
 from snark.engine.transformers.rows import Row
-from snark.engine.transformers.runner import Runner
+from snark.engine.transformers.runner import ChunkedPrefill, Runner
 from snark.engine.transformers.sampler import next_tokens, sampling_defaults
 from snark.engine.transformers.scheduler import Scheduler
 from snark.errors import ModelNotReady
@@ -78,6 +78,9 @@ class TransformersEngine(Engine):
         self._worker: threading.Thread | None = None
         self._ready = threading.Event()
         self._kv_cache_usage = 0.0  # set by the generation thread after each step, read by /metrics
+        self.max_prefill_tokens = max_prefill_tokens
+        self._chunked: ChunkedPrefill | None = None  # a long prompt being prefilled a chunk per step
+        self.prefill_chunks_run = 0  # chunks of long prompts so far (logs and tests)
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self, on_load_failed: Callable[[BaseException], None] | None = None) -> None:
@@ -278,21 +281,26 @@ class TransformersEngine(Engine):
         try:
             self.scheduler.waiting.extend(requests)
             while not all(r.is_done for r in requests):
-                self._step(self.scheduler.admit(self.cache))
+                self._step(self._admit())
         finally:
             self._listeners = listeners
 
     def _next_admissions(self) -> list[GenerationRequest] | None:
         """Block until there is work; return the requests that join at this step (None: stop)."""
         with self._cond:
-            while not self.scheduler.waiting and not self.scheduler.running and not self._stopping:
+            while not (self.scheduler.waiting or self.scheduler.running or self._chunked or self._stopping):
                 self._cond.wait()
             if self._stopping:
                 return None
-            if not self.scheduler.running and self.batch_wait_s > 0:
+            if not self.scheduler.running and not self._chunked and self.batch_wait_s > 0:
                 self._wait_for_companions()
             self.scheduler.drop_cancelled()
-            return self.scheduler.admit(self.cache)
+            return self._admit()
+
+    def _admit(self) -> list[GenerationRequest]:
+        if self._chunked is not None:
+            return []  # first come, first served: nobody overtakes a prompt being prefilled
+        return self.scheduler.admit(self.cache)
 
     def _wait_for_companions(self) -> None:
         """An idle engine gives concurrent arrivals ``batch_wait_ms`` to join its first prefill (longer,
@@ -311,8 +319,12 @@ class TransformersEngine(Engine):
         if admitted:
             now = time.perf_counter()
             rows = [self._row(request, now) for request in admitted]
-            if self._run(rows, self.runner.prefill):
+            if len(rows) == 1 and rows[0].joining.prompt_tokens > self.max_prefill_tokens:
+                self._start_chunked(rows[0])
+            elif self._run(rows, self.runner.prefill):
                 running.extend(rows)
+        if self._chunked is not None:
+            self._advance_chunked()
         for row in running:
             if not row.done and row.request.cancel_requested:
                 row.end(FinishReason.CANCELLED, outbox := Outbox())
@@ -349,6 +361,45 @@ class TransformersEngine(Engine):
         outbox.flush()
         return True
 
+    def _start_chunked(self, row: Row) -> None:
+        try:  # the vision tower runs here, on every image of the prompt at once
+            self._chunked = self.runner.start_chunked(row, chunk_tokens=self.max_prefill_tokens)
+        except Exception as exc:
+            log.exception("preparing a long prompt failed")
+            self._fail([row.request], exc)
+
+    def _advance_chunked(self) -> None:
+        """Prefill the next chunk of the long prompt; once it is all in and fits the cache (rows may
+        have moved since it was admitted), it joins the running rows with its first token."""
+        chunked, row = self._chunked, self._chunked.row
+        if row.request.cancel_requested:
+            self._chunked = None
+            row.end(FinishReason.CANCELLED, outbox := Outbox())
+            outbox.flush()
+            self._notify_listeners(row.request)
+            return
+        if not chunked.finished:
+            try:
+                chunked.logits = chunked.run_chunk()
+            except Exception as exc:
+                log.exception("a prefill chunk failed")
+                self._chunked = None
+                self._fail([row.request], exc)
+                return
+            self.prefill_chunks_run += 1
+        if chunked.finished and self.cache.fits([row.joining]):
+            self._chunked = None
+            self._run([row], lambda rows, cache: self._insert_chunked(chunked, cache))
+            if not row.done:
+                self.scheduler.running.append(row)
+            elif row.request.state is not RequestState.FAILED:
+                self._notify_listeners(row.request)
+
+    @staticmethod
+    def _insert_chunked(chunked: ChunkedPrefill, cache: RowCache) -> torch.Tensor:
+        cache.insert(chunked.capture.keys, chunked.capture.values, [chunked.row.joining])
+        return chunked.logits
+
     def _fail(self, requests: list[GenerationRequest], exc: Exception) -> None:
         for request in requests:
             if not request.is_done:
@@ -359,6 +410,9 @@ class TransformersEngine(Engine):
         """Fail every running row and ``admitted``, and start the shared cache over: a failure in the
         middle of a step may have left it half-written."""
         running = [row.request for row in self.scheduler.running]
+        if self._chunked is not None:
+            running.append(self._chunked.row.request)
+            self._chunked = None
         self.scheduler.running = []
         self.cache.clear()
         self._fail(running + [r for r in admitted if r not in running], exc)
@@ -370,6 +424,10 @@ class TransformersEngine(Engine):
     def _end_running(self) -> None:
         """Stopping: running rows end as cancelled (their clients see a shutdown)."""
         outbox = Outbox()
+        if self._chunked is not None:
+            self._chunked.row.end(FinishReason.CANCELLED, outbox)
+            self._notify_listeners(self._chunked.row.request)
+            self._chunked = None
         for row in self.scheduler.running:
             if not row.done:
                 row.end(FinishReason.CANCELLED, outbox)

@@ -29,6 +29,83 @@ from snark.engine.transformers.cache import RowCache, row_capacity
 from snark.engine.transformers.rows import Row
 
 
+class ChunkCapture:
+    """The cache of a prompt prefilled chunk by chunk: each chunk's keys and values are appended,
+    and each chunk attends to everything before it."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []  # per layer: [1, kv_heads, done, head_dim]
+        self.values: list[torch.Tensor] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx == len(self.keys):
+            self.keys.append(key_states)
+            self.values.append(value_states)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class ChunkedPrefill:
+    """One long prompt prefilled ``chunk_tokens`` at a time, one chunk per engine step, so the rows
+    already running keep decoding in between instead of stalling for the whole prompt.
+
+    The prompt's embeddings (image features scattered into their ``<|image_pad|>`` slots, as the model
+    does) and rope positions are computed once; each chunk then runs the language model on its slice.
+    """
+
+    def __init__(self, runner: "Runner", row: Row, *, chunk_tokens: int) -> None:
+        self.runner, self.row, self.chunk_tokens = runner, row, chunk_tokens
+        model, device = runner.model, runner.device
+        prompt = row.request.prompt
+        inputs = {k: v.to(device) for k, v in collate([prompt], pad_token_id=runner.pad_token_id, image_token_id=runner.image_token_id).items()}
+        self.positions, deltas = model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw")
+        )  # [3, 1, prompt], [1, 1]
+        embeds = model.model.get_input_embeddings()(inputs["input_ids"])  # [1, prompt, hidden]
+        if "pixel_values" in inputs:
+            features = model.model.get_image_features(inputs["pixel_values"].to(runner.dtype), inputs["image_grid_thw"], return_dict=True)
+            images = torch.cat(features.pooler_output, dim=0).to(embeds.dtype)
+            slots = (inputs["input_ids"] == runner.image_token_id)[..., None].expand_as(embeds)
+            embeds = embeds.masked_scatter(slots, images)
+        self.embeds = embeds
+        self.next_position = int(deltas[0, 0]) + prompt.num_tokens
+        self.capture = ChunkCapture()
+        self.logits: torch.Tensor | None = None  # the first token's, once the last chunk has run
+        self.done_tokens = 0
+        self.chunks_run = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.done_tokens >= self.embeds.shape[1]
+
+    @torch.inference_mode()
+    def run_chunk(self) -> torch.Tensor | None:
+        """Prefill the next chunk; after the last one, return the logits of the row's first token
+        (``[1, vocab]`` float32), else None."""
+        start, end = self.done_tokens, min(self.done_tokens + self.chunk_tokens, self.embeds.shape[1])
+        device = self.runner.device
+        if self.runner.flash:
+            mask = torch.ones(1, end, dtype=torch.long, device=device)  # causal, aligned bottom-right
+        else:
+            queries = torch.arange(start, end, device=device)[:, None]
+            mask = (torch.arange(end, device=device)[None, :] <= queries)[None, None]  # [1, 1, chunk, end]
+        out = self.runner.model(
+            inputs_embeds=self.embeds[:, start:end],
+            attention_mask=_mask_mapping(mask),
+            position_ids=self.positions[:, :, start:end],
+            past_key_values=self.capture,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.done_tokens, self.chunks_run = end, self.chunks_run + 1
+        if not self.finished:
+            return None
+        self.row.next_position = self.next_position
+        return out.logits[:, -1].float()
+
+
 class PrefillCapture:
     """A stand-in cache for one prefill: keeps each layer's keys and values, changes nothing."""
 
@@ -96,6 +173,9 @@ class Runner:
         for row, position in zip(rows, next_positions):
             row.next_position = int(position)
         return out.logits[:, -1].float()
+
+    def start_chunked(self, row: Row, *, chunk_tokens: int) -> ChunkedPrefill:
+        return ChunkedPrefill(self, row, chunk_tokens=chunk_tokens)
 
     @torch.inference_mode()
     def decode(self, rows: Sequence[Row], cache: RowCache) -> torch.Tensor:
