@@ -66,7 +66,7 @@ def test_vllm_without_vllm_settings_uses_snark_defaults(env):
         "max_model_len": 32768 + 2048,
         "max_num_seqs": 16,
         "limit_mm_per_prompt": {"image": 8, "video": 0},
-        "mm_processor_kwargs": {"size": {"shortest_edge": 3136, "longest_edge": 1003520}},
+        "mm_processor_kwargs": {"size": {"shortest_edge": 28 * 28, "longest_edge": 1003520}},
     }
 
 
@@ -178,7 +178,7 @@ def test_media_limits_become_vllms_image_bounds(env, monkeypatch):
     monkeypatch.setenv("SNARK_MIN_IMAGE_PIXELS", str(8 * 28 * 28))
     monkeypatch.setenv("SNARK_MAX_IMAGES_PER_REQUEST", "2")
     args = engine_args(env(SNARK_ENGINE="vllm"))
-    assert args["mm_processor_kwargs"] == {"size": {"shortest_edge": 8 * 28 * 28, "longest_edge": 256 * 28 * 28}}
+    assert args["mm_processor_kwargs"] == {"size": {"shortest_edge": 28 * 28, "longest_edge": 256 * 28 * 28}}
     assert args["limit_mm_per_prompt"] == {"image": 2, "video": 0}
 
 

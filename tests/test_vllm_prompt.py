@@ -9,9 +9,11 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 from transformers import AutoProcessor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from snark.engine.prompt import IMAGE_PAD, PromptBuilder
 from snark.engine.request import ChatTurn
+from snark.engine.vllm.args import SMALLEST_IMAGE_PIXELS
 from snark.engine.vllm.prompt import VllmPromptBuilder, collapse_image_pads
 
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 1280 * 28 * 28
@@ -34,7 +36,7 @@ def noise(width: int, height: int) -> Image.Image:
 @pytest.mark.parametrize(
     ("size", "max_pixels"),
     [((640, 480), MAX_PIXELS), ((2000, 1500), MAX_PIXELS), ((2000, 1500), 64 * 28 * 28), ((30, 900), MAX_PIXELS),
-     ((20, 20), MAX_PIXELS), ((448, 448), 4 * 28 * 28)],
+     ((20, 20), MAX_PIXELS), ((448, 448), 4 * 28 * 28), ((451, 300), 4 * 28 * 28), ((2000, 10), 4 * 28 * 28)],
 )  # fmt: skip
 def test_same_tokens_and_image_token_counts_as_the_transformers_engine(builders, size, max_pixels):
     transformers_builder, vllm_builder = builders
@@ -44,6 +46,9 @@ def test_same_tokens_and_image_token_counts_as_the_transformers_engine(builders,
     assert prompt.input_ids == reference.input_ids  # the same count: usage, limits and metrics agree
     assert prompt.image_grid_thw.tolist() == reference.image_grid_thw.tolist()
     assert prompt.pixel_values is None  # vLLM's processor computes them, once
+    for image in prompt.images:  # vLLM's resizer, bounded as the engine bounds it, keeps each size
+        assert smart_resize(image.height, image.width, factor=28, min_pixels=SMALLEST_IMAGE_PIXELS, max_pixels=MAX_PIXELS) == (
+            image.height, image.width)  # fmt: skip
 
 
 def test_images_reach_vllm_resized_under_the_cap(builders):

@@ -21,7 +21,8 @@ Overlaps, one rule each:
                             with VLLM_GPU_MEM_UTILIZATION, which vLLM would then ignore.
     compilation             vLLM compiles and captures CUDA graphs unless VLLM_ENFORCE_EAGER=1;
                             SNARK_COMPILE=1 asks for that too, and is refused with VLLM_ENFORCE_EAGER=1.
-    images                  SNARK_MIN/MAX_IMAGE_PIXELS = mm_processor_kwargs size (shortest/longest edge), and
+    images                  Snark resizes images under SNARK_MIN/MAX_IMAGE_PIXELS (and a request's own cap)
+                            itself; vLLM's resizer gets SNARK_MAX_IMAGE_PIXELS as its cap, and
                             SNARK_MAX_IMAGES_PER_REQUEST = limit_mm_per_prompt (no video).
 """
 
@@ -31,6 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from snark.config import Settings
+
+# One merged patch (14 x 14 patches, merged 2 x 2): the smallest image Qwen2-VL's resizer ever outputs.
+SMALLEST_IMAGE_PIXELS = 28 * 28
 
 # Engine arguments Snark derives from its own settings: the escape hatch may not set them, so each
 # has one place (the setting named here).
@@ -46,7 +50,7 @@ DERIVED = {
     "max_num_seqs": "VLLM_MAX_NUM_SEQS (or SNARK_MAX_BATCH_SIZE)",
     "enforce_eager": "VLLM_ENFORCE_EAGER",
     "limit_mm_per_prompt": "SNARK_MAX_IMAGES_PER_REQUEST",
-    "mm_processor_kwargs": "SNARK_MIN_IMAGE_PIXELS and SNARK_MAX_IMAGE_PIXELS",
+    "mm_processor_kwargs": "SNARK_MAX_IMAGE_PIXELS (Snark resizes images itself)",
 }
 
 # Settings of Snark's own engine that vLLM has no use for: start-up warns when they are given.
@@ -112,9 +116,10 @@ def engine_args(settings: Settings, *, model_context_len: int | None = None) -> 
         "max_model_len": max_model_len(s, model_context_len),
         "max_num_seqs": max_num_seqs(s),
         "limit_mm_per_prompt": {"image": s.max_images_per_request, "video": 0},
-        # Snark hands vLLM images already resized within these bounds, so vLLM's resizer keeps their size
-        # (and their token count) as it is; the bounds also size vLLM's encoder-cache profiling.
-        "mm_processor_kwargs": {"size": {"shortest_edge": s.min_image_pixels, "longest_edge": s.max_image_pixels}},
+        # Snark hands vLLM images already resized under each request's bounds (SNARK_MIN/MAX_IMAGE_PIXELS, a
+        # request's own cap). Between one merged patch and the server's cap, vLLM's resizer keeps every such
+        # size, and with it the token count; the cap also sizes vLLM's encoder-cache profiling.
+        "mm_processor_kwargs": {"size": {"shortest_edge": SMALLEST_IMAGE_PIXELS, "longest_edge": s.max_image_pixels}},
     }
     optional = {
         "tensor_parallel_size": s.vllm_tp_size,

@@ -5,8 +5,9 @@ control tokens or image slots), so a prompt has the same tokens on both engines.
 
 - Images are resized here, to the size Qwen2-VL's image processor would pick under this request's
   pixel bounds (its ``smart_resize``), and handed to vLLM as those PIL images. vLLM's own resizer,
-  bounded by the server's min/max pixels (``args.engine_args``), then keeps their size: the
-  resolution cap holds, and each image has the same token count as on Snark's own engine.
+  bounded by one merged patch (28 x 28) and the server's max pixels (``args.engine_args``), then
+  keeps their size: the resolution cap holds, and each image has the same token count as on
+  Snark's own engine.
 - vLLM expands each ``<|image_pad|>`` to its image's tokens itself, so the expanded runs that Snark
   counts (``input_ids``, for usage and limits) are collapsed to one pad each (``engine_ids``). No
   pixel values are computed here: vLLM's processor does that work once.
@@ -63,17 +64,15 @@ class VllmPromptBuilder:
 
     def build(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> VllmPrompt:
         """CPU work (resizing): call it off the event loop."""
-        images: list[Image.Image] = []
-        resized_turns = []
-        for turn in turns:
-            parts: list[str | Image.Image] = []
-            for part in turn.parts:
-                if isinstance(part, Image.Image):
-                    part = self._resized(part, min_pixels=min_pixels, max_pixels=max_pixels)
-                    images.append(part)
-                parts.append(part)
-            resized_turns.append(ChatTurn(turn.role, parts))
-        counted = self.builder.build(resized_turns, min_pixels=min_pixels, max_pixels=max_pixels)
+        # Counted on the images as decoded, as Snark's own engine does: smart_resize is not idempotent
+        # where its result breaks the bounds (a small cap floors both sides), so never count a resized one.
+        counted = self.builder.build(turns, min_pixels=min_pixels, max_pixels=max_pixels)
+        images = [
+            self._resized(part, min_pixels=min_pixels, max_pixels=max_pixels)
+            for turn in turns
+            for part in turn.parts
+            if isinstance(part, Image.Image)
+        ]
         counts = [] if counted.image_grid_thw is None else (counted.image_grid_thw.prod(-1) // self.sizer.merge_size**2).tolist()
         return VllmPrompt(
             input_ids=counted.input_ids,

