@@ -5,7 +5,9 @@ greedy rows cost one batched ``argmax`` and nothing else, so a greedy row picks 
 whatever its companions do. Rows with penalties or sampling go through their own ``RowSampler``,
 which keeps the row's state on the device between steps: the ids it has seen (for the repetition
 penalty) and how often it generated each (for frequency and presence penalties), updated by one
-token per step instead of being recounted from the whole history.
+token per step instead of being recounted from the whole history. Penalties are applied to all
+penalised rows at once (Qwen2.5-VL's own defaults ask for a repetition penalty, so on real weights
+that is every row), with no host sync; only rows that sample draw one by one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from snark.engine.request import SamplingParams
 class RowSampler:
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], *, vocab_size: int, device: torch.device) -> None:
         self.params = params
-        self.needs_processing = params.needs_logits_processing
         self.generator: torch.Generator | None = None
         if not params.is_greedy:
             self.generator = torch.Generator(device=device)
@@ -41,18 +42,9 @@ class RowSampler:
         if self.counts is not None:
             self.counts[token] += 1
 
-    def pick(self, logits: torch.Tensor) -> int | None:
-        """Apply this row's penalties to ``logits`` ([vocab] float32, changed in place) and draw its
-        token; None for a greedy row (the batched argmax then picks from the penalised logits)."""
-        p = self.params
-        if self.seen is not None:
-            picked = logits[self.seen]
-            logits[self.seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-        if self.counts is not None:
-            logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).to(logits.dtype)
-        if self.generator is None:
-            return None
-        return sample(logits, p, self.generator)
+    def draw(self, logits: torch.Tensor) -> int:
+        """This row's token from its (already penalised) ``logits`` ([vocab] float32)."""
+        return sample(logits, self.params, self.generator)
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
@@ -69,17 +61,31 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) 
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator).item())
 
 
+def apply_penalties(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> torch.Tensor:
+    """``logits`` ([rows, vocab] float32) with each row's repetition, frequency and presence
+    penalties applied, all penalised rows in one go."""
+    repeat = [row for row, s in enumerate(samplers) if s.seen is not None]
+    if repeat:
+        seen = torch.stack([samplers[row].seen for row in repeat])  # [penalised, vocab]
+        factor = torch.tensor([samplers[row].params.repetition_penalty for row in repeat], device=logits.device)[:, None]
+        rows = logits[repeat]
+        logits[repeat] = torch.where(seen, torch.where(rows > 0, rows / factor, rows * factor), rows)
+    counted = [row for row, s in enumerate(samplers) if s.counts is not None]
+    if counted:
+        counts = torch.stack([samplers[row].counts for row in counted])  # [penalised, vocab]
+        frequency = torch.tensor([samplers[row].params.frequency_penalty for row in counted], device=logits.device)
+        presence = torch.tensor([samplers[row].params.presence_penalty for row in counted], device=logits.device)
+        logits[counted] -= frequency[:, None] * counts + presence[:, None] * (counts > 0).to(logits.dtype)
+    return logits
+
+
 def next_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
     """One token per row from ``logits`` ([rows, vocab] float32); one host sync for greedy rows."""
-    drawn: dict[int, int] = {}
-    for row, sampler in enumerate(samplers):
-        if sampler.needs_processing:
-            token = sampler.pick(logits[row])
-            if token is not None:
-                drawn[row] = token
+    logits = apply_penalties(logits, samplers)
     tokens = logits.argmax(-1).tolist()
-    for row, token in drawn.items():
-        tokens[row] = token
+    for row, sampler in enumerate(samplers):
+        if sampler.generator is not None:
+            tokens[row] = sampler.draw(logits[row])
     return tokens
 
 
