@@ -25,9 +25,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from snark.engine.tiny_model import ensure_tiny_model
-    from snark.server import configure_logging, create_app
+    from snark.logs import configure_logging
+    from snark.server import create_app
 
-    configure_logging()
+    configure_logging(settings)
     if args.tiny:
         tiny_dir = ensure_tiny_model(settings.tiny_dir)
         settings = settings.model_copy(update={"vlm_model": str(tiny_dir)})
@@ -57,10 +58,28 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+SETTINGS_POINTER = (
+    "Every setting is an environment variable (SNARK_*, VLM_*), validated at start-up; flags win over the "
+    "environment. The full list with defaults is the Settings table in README.md."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="snark", description="Serve Qwen2.5-VL over HTTP.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="start the server (settings come from SNARK_* env, flags win)")
+    parser = argparse.ArgumentParser(
+        prog="snark",
+        description="Serve Qwen2.5-VL over HTTP: form endpoints, an OpenAI-compatible API, metrics and spoken replies.",
+        epilog="Try it offline: snark serve --tiny. " + SETTINGS_POINTER,
+    )
+    parser.add_argument("--version", action="version", version=f"snark {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="start the server (settings come from SNARK_* env, flags win)",
+        description="Start the HTTP server: it listens at once (GET /health answers 503 while the model loads, "
+        "then 200). SIGTERM or Ctrl-C stops it: running requests get SNARK_SHUTDOWN_GRACE_S to finish, "
+        "then are cancelled; a second signal stops at once.",
+        epilog=SETTINGS_POINTER,
+    )
     serve.add_argument("--host", help="bind address (env SNARK_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (env SNARK_PORT, default 8123)")
     serve.add_argument("--size", help=f"model size: {', '.join(VLM_SIZES)} (env VLM_SIZE, default 7B)")
@@ -77,8 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("snark")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return args.run(args)
     except ConfigError as exc:

@@ -51,12 +51,6 @@ class Unauthorized(SnarkError):
     code = "invalid_api_key"
 
 
-class NotFound(SnarkError):
-    status_code = 404
-    type = "not_found_error"
-    code = "not_found"
-
-
 class Overloaded(SnarkError):
     """Too many requests are waiting; the client should retry later (503 + Retry-After)."""
 

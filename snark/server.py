@@ -8,15 +8,14 @@ thread once the app starts, and ``/health`` answers 503 until it is ready.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from snark.api import forms, health, metrics, openai
-from snark.api.auth import BearerAuth
+from snark.api import forms, health, index, metrics, openai
+from snark.api.auth import BearerAuth, document_bearer_auth
 from snark.api.body_limit import BodySizeLimit
 from snark.api.errors import install_error_handlers
 from snark.api.metrics import Metrics
@@ -25,6 +24,7 @@ from snark.config import Settings, load_settings
 from snark.engine.base import Engine
 from snark.engine.transformers import TransformersEngine
 from snark.engine.loader import load_model
+from snark.logs import configure_logging
 from snark.media import ImageLimits
 from snark.speech import LazySpeaker, build_speaker
 
@@ -94,6 +94,7 @@ def create_app(
     )
     app.state.snark = state
     install_error_handlers(app)
+    app.include_router(index.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(forms.router)
@@ -102,21 +103,16 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     if settings.api_keys:
         app.add_middleware(BearerAuth, keys=settings.api_keys)
+        document_bearer_auth(app)
     return app
-
-
-def configure_logging() -> None:
-    """Snark's own INFO lines (load progress, timings) next to uvicorn's, unless logging is set up."""
-    if not logging.getLogger().handlers:
-        level = os.environ.get("SNARK_LOG_LEVEL", "info").upper()
-        logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
 
 
 def __getattr__(name: str) -> FastAPI:
     # `uvicorn snark.server:app` looks `app` up here: the app is built from the environment on first
     # access, not at import, so importing snark.server (tests, create_app users) reads no settings.
     if name == "app":
-        configure_logging()
-        globals()["app"] = application = create_app()
+        settings = load_settings()
+        configure_logging(settings)
+        globals()["app"] = application = create_app(settings)
         return application
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

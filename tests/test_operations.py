@@ -172,7 +172,7 @@ def keyed_url(test_settings, tiny_engine, speaker) -> Iterator[str]:
 @pytest.mark.parametrize(
     ("method", "path"),
     [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/audio/speech"),
-     ("GET", "/metrics"), ("POST", "/infer/text"), ("GET", "/docs"), ("GET", "/no/such/route")],
+     ("GET", "/metrics"), ("POST", "/infer/text"), ("GET", "/"), ("GET", "/no/such/route")],
 )  # fmt: skip
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", "Bearer alpha", "Basic alpha-key", "alpha-key"])
 def test_every_route_but_health_needs_a_key(keyed_url: str, method: str, path: str, authorization: str | None) -> None:
@@ -182,6 +182,28 @@ def test_every_route_but_health_needs_a_key(keyed_url: str, method: str, path: s
     assert response.headers["www-authenticate"] == "Bearer"
     error = response.json()["error"]
     assert error["type"] == "authentication_error" and "SNARK_API_KEY" in error["message"]
+    assert "alpha-key" not in response.text
+
+
+def test_the_docs_page_and_its_schema_open_without_a_key(keyed_url: str) -> None:
+    docs = httpx.get(f"{keyed_url}/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    schema = httpx.get(f"{keyed_url}/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"]
+    # The page's "Authorize" button sends the key with the calls made from it.
+    assert schema["components"]["securitySchemes"]["SNARK_API_KEY"] == {"type": "http", "scheme": "bearer"}
+    assert httpx.get(f"{keyed_url}/openapi.json/extra").status_code == 401  # exact paths only
+
+
+@pytest.mark.parametrize(
+    ("authorization", "problem"),
+    [("alpha-key", "no 'Bearer ' prefix"), ("Basic alpha-key", "another scheme than Bearer"),
+     ("Bearer nope", "not valid"), (None, "No API key was sent")],
+)  # fmt: skip
+def test_a_refused_key_says_what_is_wrong_with_the_header(keyed_url: str, authorization: str | None, problem: str) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    response = httpx.get(f"{keyed_url}/v1/models", headers=headers)
+    assert response.status_code == 401 and problem in response.json()["error"]["message"]
     assert "alpha-key" not in response.text
 
 
@@ -247,6 +269,7 @@ def scrape(url: str) -> dict[str, float]:
 def test_metrics_move_with_requests_and_speech(base_url: str) -> None:
     response = httpx.get(f"{base_url}/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert "_created" not in response.text  # creation-time series only double the lines
     before = scrape(base_url)
     for name in ("snark:num_requests_running", "snark:num_requests_waiting", "snark:prompt_tokens_total",
                  "snark:tts_seconds_count", "snark:kv_cache_usage_perc"):  # fmt: skip

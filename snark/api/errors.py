@@ -13,7 +13,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.params import Form
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from snark.api.cancellation import ClientDisconnected
@@ -32,7 +34,51 @@ def error_response(exc: SnarkError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _takes_form_fields(request: Request) -> bool:
+    route = request.scope.get("route")
+    body_field = getattr(route, "body_field", None)
+    return body_field is not None and isinstance(body_field.field_info, Form)
+
+
+def _form_route_message(request: Request, exc: RequestValidationError) -> tuple[str, str | None] | None:
+    """What a form route says when the body is not form fields at all, or a required field is empty
+    (FastAPI reports both as "Field required")."""
+    content_type = request.headers.get("content-type", "")
+    path = request.url.path
+    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        sent = f"as {content_type.split(';')[0]}" if content_type else "without a Content-Type"
+        return (
+            f"POST {path} takes form fields (curl -F prompt=...), but the body was sent {sent}: send "
+            "multipart/form-data or application/x-www-form-urlencoded fields, or POST JSON to /v1/chat/completions.",
+            None,
+        )
+    form = exc.body if isinstance(exc.body, FormData) else FormData()
+    for err in exc.errors():
+        name = str(err.get("loc", ("",))[-1])
+        if err.get("type") == "missing" and form.get(name) == "":
+            return f"The form field {name} is empty: give it a value (curl -F {name}=...).", name
+    return None
+
+
+def _json_route_message(request: Request, exc: RequestValidationError) -> tuple[str, str | None] | None:
+    """A JSON route whose body is not a JSON object: most often curl -d without a JSON content type."""
+    if not any(err.get("type") == "model_attributes_type" and tuple(err.get("loc", ())) == ("body",) for err in exc.errors()):
+        return None
+    content_type = request.headers.get("content-type", "").split(";")[0]
+    if "json" not in content_type:
+        sent = f"as {content_type}" if content_type else "without a Content-Type"
+        return (
+            f"The body was sent {sent}, not as JSON: send it with the header 'Content-Type: application/json' "
+            "(curl -H 'Content-Type: application/json' -d '{...}').",
+            None,
+        )
+    return "The request body must be a JSON object ({...}), not a list or a single value.", None
+
+
+def _validation_message(request: Request, exc: RequestValidationError) -> tuple[str, str | None]:
+    special = _form_route_message(request, exc) if _takes_form_fields(request) else _json_route_message(request, exc)
+    if special is not None:
+        return special
     problems = []
     param = None
     for err in exc.errors():
@@ -47,6 +93,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "Invalid request: " + "; ".join(problems), param
 
 
+def _http_error_message(request: Request, exc: StarletteHTTPException) -> str:
+    if exc.status_code == 404:
+        return f"No route {request.method} {request.url.path}: see /docs or README.md for the endpoints."
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        methods = " or ".join(m.strip() for m in allowed.split(",") if m.strip()) or "another method"
+        return f"{request.method} is not allowed on {request.url.path}: use {methods}."
+    return str(exc.detail)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SnarkError)
     async def _snark_error(request: Request, exc: SnarkError) -> JSONResponse:
@@ -58,7 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = _validation_message(request, exc)
         return JSONResponse(
             error_body(message, type_="invalid_request_error", code="invalid_request", param=param), status_code=400
         )
@@ -66,11 +122,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        message = str(exc.detail)
-        if exc.status_code == 404:
-            message = f"No route {request.method} {request.url.path}: see README.md for the endpoints."
         return JSONResponse(
-            error_body(message, type_="invalid_request_error", code=code),
+            error_body(_http_error_message(request, exc), type_="invalid_request_error", code=code),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

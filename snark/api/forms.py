@@ -95,14 +95,24 @@ async def infer_image(request: Request, form: ImageFormFields, state: AppState =
     params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any image work
     if (image_url is None) == (image_file is None):
         raise InvalidRequest("Send exactly one of image_url (a URL or data: URI) or image_file (an upload).", param="image_url")
-    if image_file is not None:
-        image = await decode_upload(await _read_upload(image_file, state.image_limits.max_image_bytes), state.image_limits, filename=image_file.filename)
-    else:
-        image = await load_image(image_url, state.image_limits)
+    image = await _load_form_image(image_url, image_file, state)
     max_pixels = form.image_pixel_cap(state.settings)
     min_pixels = min(state.settings.min_image_pixels, max_pixels)
     prompt = await state.engine.build_prompt(form.turns(image), min_pixels=min_pixels, max_pixels=max_pixels)
     return await _answer(request, state, form, prompt, params)
+
+
+async def _load_form_image(image_url: str | None, image_file: UploadFile | None, state: AppState):
+    """The one image, decoded; its errors name the form field it came from."""
+    field = "image_file" if image_file is not None else "image_url"
+    try:
+        if image_file is not None:
+            data = await _read_upload(image_file, state.image_limits.max_image_bytes)
+            return await decode_upload(data, state.image_limits, filename=image_file.filename)
+        return await load_image(image_url, state.image_limits)
+    except SnarkError as exc:
+        exc.param = exc.param or field
+        raise
 
 
 async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:

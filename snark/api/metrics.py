@@ -110,6 +110,19 @@ class Metrics:
         self.tts_seconds.observe(time.perf_counter() - started)
 
 
+class WithoutCreated:
+    """A registry's families without the ``*_created`` samples (the creation time of each counter and
+    histogram): vLLM's /metrics has none, and they double the lines a scrape returns."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():  # each collect() builds fresh families: safe to edit
+            family.samples = [sample for sample in family.samples if not sample.name.endswith("_created")]
+            yield family
+
+
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(state: AppState = Depends(get_state)) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(WithoutCreated(state.metrics.registry)), media_type=CONTENT_TYPE_LATEST)

@@ -19,7 +19,6 @@ from snark.api.cancellation import until_disconnected, within
 from snark.api.protocol import PCM_SAMPLE_RATE, ChatCompletionRequest, SpeechRequest
 from snark.api.replies import ChatReply, chat_events
 from snark.api.state import AppState, get_state
-from snark.errors import NotFound
 from snark.media import load_image
 from snark.speech import clean_for_speech, speak_wav, split_sentences, stream_pcm, stream_wav
 from snark.speech.resample import resample_pcm16
@@ -68,16 +67,11 @@ async def list_models(state: AppState = Depends(get_state)) -> dict:
     return {"object": "list", "data": [_model_card(state)]}
 
 
-@router.get("/models/{model_id:path}", summary="One model, if it is the served one")
+@router.get("/models/{model_id:path}", summary="The served model, under any name (as chat accepts any model name)")
 async def retrieve_model(model_id: str, state: AppState = Depends(get_state)) -> dict:
-    card = _model_card(state)
-    if model_id != card["id"]:
-        raise NotFound(
-            f"Model {model_id!r} is not served here; this server serves {card['id']!r} (see GET /v1/models).",
-            param="model",
-            code="model_not_found",
-        )
-    return card
+    # One rule for every route: Snark serves one model and any name reaches it, so a client that
+    # checks its configured name ("qwen", "gpt-4o") before chatting gets the model that will answer.
+    return _model_card(state)
 
 
 @router.post("/audio/speech", summary="Speak a text (wav or pcm); long texts stream sentence by sentence", response_class=Response)
