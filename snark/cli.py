@@ -12,15 +12,17 @@ from snark.errors import ConfigError
 log = logging.getLogger("snark.cli")
 
 
+_FLAGS = {"host": "--host", "port": "--port", "vlm_size": "--size", "vlm_model": "--model"}  # setting -> flag
+
+
 def _serve(args: argparse.Namespace) -> int:
     from snark.config import load_settings
+    from snark.listen import bind_listener
 
-    overrides = {
-        name: value
-        for name, value in (("host", args.host), ("port", args.port), ("vlm_size", args.size), ("vlm_model", args.model))
-        if value is not None
-    }
-    settings = load_settings(**overrides)  # bad settings fail here, before the slow imports below
+    given = {name: flag for name, flag in _FLAGS.items() if getattr(args, flag[2:]) is not None}
+    overrides = {name: getattr(args, flag[2:]) for name, flag in given.items()}
+    settings = load_settings(sources=given, **overrides)  # bad settings fail here, before the slow imports below
+    listener = bind_listener(settings.host, settings.port)  # a taken port fails now, before any model work
 
     import uvicorn
 
@@ -40,8 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failed=stop_serving)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
-    server.run()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    log.info("listening on http://%s:%d", *listener.getsockname()[:2])
+    server.run(sockets=[listener])
     engine = app.state.snark.engine
     if engine.load_error is not None:
         print(f"snark: {engine.load_error}", file=sys.stderr)

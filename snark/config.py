@@ -7,6 +7,7 @@ upper case); README.md lists them all. Bad values raise ``ConfigError`` before a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,16 +215,48 @@ def _parse_voice_pairs(value: str) -> dict[str, str]:
     return pairs
 
 
-def load_settings(**overrides: object) -> Settings:
+def env_name(field_name: str) -> str:
+    """The environment variable a setting is read from: its alias (``VLM_SIZE``) or ``SNARK_`` + its name."""
+    alias = Settings.model_fields[field_name].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return "SNARK_" + field_name.upper()
+
+
+_SECRET_SETTINGS = frozenset({"api_key"})  # their values never appear in a message
+
+
+def load_settings(*, sources: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Read settings from the environment (``overrides`` win), turning validation errors into
-    ``ConfigError`` with the offending variable named."""
+    ``ConfigError`` naming where each bad value came from: the environment variable, or for an
+    override the name in ``sources`` (the CLI passes its flags: ``{"port": "--port"}``)."""
     from pydantic import ValidationError
 
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(_describe(err, sources or {}) for err in exc.errors())
         raise ConfigError(f"Invalid Snark settings: {problems}") from exc
+
+
+def _field_named(loc_head: object) -> str | None:
+    """The field an error's location names: pydantic reports a field read through an alias
+    (``VLM_SIZE``) under that alias."""
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if loc_head == name or (isinstance(alias, AliasChoices) and loc_head in alias.choices):
+            return name
+    return None
+
+
+def _describe(err: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+    message = str(err["msg"]).removeprefix("Value error, ")
+    field = _field_named(err["loc"][0]) if err["loc"] else None
+    if field is None:  # a rule across settings: its message names them
+        return message
+    name = sources.get(field) or env_name(field)
+    if message.startswith(name):  # the validator's own message already says which setting
+        return message
+    if field in _SECRET_SETTINGS:
+        return f"{name}: {message}"
+    return f"{name}={err['input']!r}: {message}"

@@ -24,6 +24,7 @@ def configure_logging(settings: Settings) -> None:
     if not logging.getLogger().handlers:
         level = os.environ.get("SNARK_LOG_LEVEL", "info").upper()
         logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+    _one_handler_for_libraries()
     route_transformers_progress()
     access = logging.getLogger("uvicorn.access")
     quiet = [f for f in access.filters if isinstance(f, HealthCheckFilter)]
@@ -32,3 +33,15 @@ def configure_logging(settings: Settings) -> None:
     elif settings.log_health_checks:
         for f in quiet:
             access.removeFilter(f)
+
+
+def _one_handler_for_libraries() -> None:
+    """transformers and huggingface_hub add their own stderr handlers; with Snark's on the root logger
+    each of their warnings would print twice. They go through the root handler alone, in its format."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)

@@ -5,20 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from snark.cli import build_parser
-from snark.config import Settings
+from snark.config import Settings, env_name
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
-def env_name(field_name: str, field) -> str:
-    alias = field.validation_alias
-    if alias is not None:
-        return alias.choices[0]
-    return "SNARK_" + field_name.upper()
-
-
 def test_every_setting_is_in_the_readme():
-    missing = [env_name(n, f) for n, f in Settings.model_fields.items() if f"`{env_name(n, f)}`" not in README]
+    missing = [env_name(n) for n in Settings.model_fields if f"`{env_name(n)}`" not in README]
     assert missing == []
 
 

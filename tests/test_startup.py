@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from snark import cli
 from snark.config import load_settings, model_id_for_size
 from snark.engine.loader import load_model
 from snark.errors import ConfigError
+from snark.listen import bind_listener
 from tests.conftest import free_port
 
 
@@ -37,10 +40,50 @@ def test_14b_is_refused_with_the_valid_sizes(monkeypatch):
     assert "3B, 7B, 32B, 72B" in message and "VLM_MODEL" in message and "snark serve --tiny" in message
 
 
-def test_bad_numbers_name_the_setting(monkeypatch):
-    monkeypatch.setenv("SNARK_MAX_BATCH_SIZE", "0")
-    with pytest.raises(ConfigError, match="max_batch_size"):
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [("SNARK_PORT", "abc", "SNARK_PORT='abc': Input should be a valid integer"),
+     ("SNARK_MAX_BATCH_SIZE", "0", "SNARK_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1"),
+     ("SNARK_ALLOW_PRIVATE_URLS", "maybe", "SNARK_ALLOW_PRIVATE_URLS='maybe'"),
+     ("VLLM_TP_SIZE", "0", "VLLM_TP_SIZE='0'")],
+)  # fmt: skip
+def test_bad_values_name_the_environment_variable(monkeypatch, variable, value, said):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
         load_settings()
+    assert said in str(caught.value)
+
+
+def test_bad_flag_values_name_the_flag_and_secrets_stay_out_of_messages(monkeypatch):
+    with pytest.raises(ConfigError, match="--port=0: Input should be greater than or equal to 1"):
+        load_settings(sources={"port": "--port"}, port=0)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(api_key=["not", "a", "string"])
+    assert "SNARK_API_KEY: " in str(caught.value) and "'not'" not in str(caught.value)
+
+
+def test_a_port_in_use_stops_serve_before_any_model_work(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A model folder that does not exist: had serve gone on to load it, the message would be about it.
+        assert cli.main(["serve", "--port", str(port), "--model", "/nonexistent/model"]) == 2
+    err = capsys.readouterr().err
+    assert f"Port {port} on 127.0.0.1 is already in use" in err and "--port" in err and "SNARK_PORT" in err
+    assert "VLM_MODEL" not in err and "config.json" not in err
+
+
+def test_the_port_is_taken_as_soon_as_it_is_checked():
+    # Bound and listening: a second check (a second Snark starting at the same moment) is refused.
+    first = bind_listener("127.0.0.1", 0)
+    with first, pytest.raises(ConfigError, match="already in use"):
+        bind_listener("127.0.0.1", first.getsockname()[1])
+
+
+def test_an_unknown_host_names_the_host_setting():
+    with pytest.raises(ConfigError, match="--host or SNARK_HOST"):
+        bind_listener("no-such-host.invalid", 8123)
 
 
 def test_missing_local_folder_says_what_to_do(tmp_path):
