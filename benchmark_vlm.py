@@ -35,8 +35,10 @@ Comparing servers: run them one at a time on the same machine, in rounds A, B, B
 for each label, keeps its better round: the lower TTFT p95 for poisson, the lower short-request
 ratio for hol, the higher output tok/s at the top concurrency for burst.
 
-Settings come from the environment as for the server (VLM_MODEL/VLM_SIZE, SNARK_*). VLLM_* variables
-are not read here: to measure vLLM, start its own server and use --url. Goals, for the tiny model
+Settings come from the environment as for the server (VLM_MODEL/VLM_SIZE, SNARK_*, and SNARK_ENGINE /
+VLLM_*: with --engine vllm or a VLLM_* setting, the in-process engine is the server's vLLM engine, so
+`VLLM_TP_SIZE=2 VLM_SIZE=32B uv run --extra vllm --no-group pinned python benchmark_vlm.py` measures
+vLLM at tensor parallel 2; vLLM's own server is measured with --url). Goals, for the tiny model
 on CPU at 16 concurrent requests: batched >= 5x serial, >= 85% of raw generate; HTTP JSON at
 concurrency 1 >= 95% of raw generate.
 """
@@ -54,7 +56,7 @@ import torch
 from snark.bench import options
 from snark.bench.burst import cb_rows, engine_measures, http_measures, raw_measures, requests_at, run_rounds
 from snark.bench.ceilings import pad_token_id
-from snark.bench.engine import Engine, start_engine
+from snark.bench.engine import Engine, start_engine, start_vllm_engine
 from snark.bench.latency import measure_on_engine, measure_over_http, prompts_needed
 from snark.bench.models import load, print_roofline_only
 from snark.bench.ratios import add_ratios, add_roofline
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         if args.threads:
             torch.set_num_threads(args.threads)
-        settings = load_settings()
+        settings = load_settings(**({"engine": args.engine} if args.engine else {}))
         if args.roofline_only:
             return print_roofline_only(args, settings)
         count = max(requests_at(args, c) for c in args.levels) if args.workload == "burst" else prompts_needed(args)
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.workload == "burst":
                 return burst_over_http(args, workload)
             return latency_over_http(args, workload)
+        if settings.engine_name == "vllm":
+            return vllm_in_process(args, settings, workload)
         loaded = load(args, settings)
         if args.workload == "burst":
             return burst_in_process(args, settings, loaded, workload)
@@ -171,6 +175,43 @@ def burst_in_process(args, settings, loaded, workload) -> int:
     if args.roofline:
         add_roofline(report, weight_bytes=decode_weight_bytes(loaded.model), bandwidth_gbs=args.bandwidth_gbs, top=top)
     return finish_burst(report, args, endpoint="in-process engine", model=loaded.name)
+
+
+def vllm_in_process(args, settings, workload) -> int:
+    """The server's vLLM engine in this process (--engine vllm, or SNARK_ENGINE / VLLM_*), through the same
+    seam as Snark's own engine. Only the engine is measured: the serial, compiled and raw ceilings need
+    Snark's own engine on weights loaded here, which vLLM's processes hold instead."""
+    from snark.engine.tiny_model import ensure_tiny_model
+    from snark.engine.vllm.runtime import require_vllm
+
+    require_vllm()  # before building anything
+    if args.random_weights or args.compare_serial or args.cb or args.roofline or args.compile or args.http_check:
+        raise ConfigError(
+            "With the vLLM engine the benchmark measures the engine alone: leave out --random-weights, "
+            "--compare-serial, --cb, --roofline, --compile and --http-check (or measure a running server with --url)."
+        )
+    model = str(ensure_tiny_model(settings.tiny_dir)) if args.tiny else args.model or settings.model_id
+    top = max(args.levels) if args.workload == "burst" else prompts_needed(args)
+    settings = load_settings(
+        engine="vllm", vlm_model=model, max_waiting_requests=max(settings.max_waiting_requests, top),
+        max_new_tokens_limit=max(settings.max_new_tokens_limit, args.max_tokens),
+    )  # fmt: skip
+    engine = start_vllm_engine(settings)
+    pixels = (settings.min_image_pixels, settings.max_image_pixels)
+    shown = {**vars(args), "engine": "vllm", "model": engine.model_name, "image": workload.image_label,
+             "device": engine.facts.device, "max_batch_size": engine.max_batch_size}  # fmt: skip
+    try:
+        if args.workload == "burst":
+            report = Report(machine_info(None), shown)
+            # Memory: this process's RSS only; vLLM's engine and workers are processes of their own.
+            report.rows = run_rounds(
+                engine_measures("vllm", engine, torch.device("cpu"), workload, args, pixels, args.levels), args.repeats
+            )
+            return finish_burst(report, args, endpoint="in-process vLLM engine", model=engine.model_name)
+        measured = measure_on_engine(args, engine, workload, pixels)
+    finally:
+        engine.stop()
+    return finish_latency(args, measured, shown, machine_info(None), endpoint="in-process vLLM engine", model=engine.model_name)
 
 
 def latency_over_http(args, workload) -> int:

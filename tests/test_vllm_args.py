@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -228,3 +229,13 @@ def test_asking_for_vllm_without_it_names_the_install_command(tmp_path, tiny_mod
     )
     assert result.returncode == 2
     assert "uv sync --extra vllm" in result.stderr
+
+
+def test_benchmark_on_vllm_without_it_names_the_install_command(tmp_path):
+    env = {"VLLM_TP_SIZE": "2", "SNARK_TINY_DIR": str(tmp_path / "unbuilt"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "benchmark_vlm.py", "--tiny", "--concurrency", "1"], env=env, capture_output=True, text=True,
+        timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert result.returncode == 2 and "uv sync --extra vllm" in result.stderr
+    assert not (tmp_path / "unbuilt").exists()  # refused before building anything

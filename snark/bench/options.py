@@ -97,6 +97,10 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
 
     engine = p.add_argument_group("in-process engine")
     engine.add_argument(
+        "--engine", choices=("transformers", "vllm"),
+        help="default: SNARK_ENGINE, or vllm when a VLLM_* setting is given (as for the server)",
+    )  # fmt: skip
+    engine.add_argument(
         "--compile", choices=("off", "on", "both"), help="SNARK_COMPILE path (CUDA only); default: SNARK_COMPILE"
     )
     engine.add_argument("--max-batch-size", type=int, help="default: SNARK_MAX_BATCH_SIZE (16)")

@@ -46,7 +46,8 @@ class VllmEngine(Engine):
         super().__init__(max_batch_size=vllm_args.max_num_seqs(settings))
         self.settings = settings
         self.max_waiting_requests = settings.max_waiting_requests
-        self.runtime: Runtime | None = None
+        self.runtime: Runtime | None = None  # None before start-up and after stop()
+        self._facts: ModelFacts | None = None
         self.prompts: VllmPromptBuilder | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -94,8 +95,7 @@ class VllmEngine(Engine):
     # --- facts ------------------------------------------------------------------------------------
     @property
     def facts(self) -> ModelFacts | None:
-        runtime = self.runtime
-        return None if runtime is None else runtime.facts
+        return self._facts
 
     @property
     def num_waiting(self) -> int:
@@ -170,6 +170,7 @@ class VllmEngine(Engine):
                 self.runtime.processor, max_prompt_tokens=vllm_args.prompt_token_limit(self.settings, context_len)
             )
             self.default_sampling = self.runtime.default_sampling
+            self._facts = self.runtime.facts
         except BaseException as exc:  # reported to /health, the CLI and the log
             self.load_error = exc
             self.state = EngineState.FAILED
@@ -190,7 +191,10 @@ class VllmEngine(Engine):
         pending = [future for future in self._live.values()]
         if pending:  # let the cancelled requests abort and end their streams first
             await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=5)
-        self.runtime.llm.shutdown()
+        llm, self.runtime = self.runtime.llm, None
+        llm.shutdown()
+        for _ in range(3):  # let vLLM's cancelled output handler finish on this loop before it stops
+            await asyncio.sleep(0)
         asyncio.get_running_loop().stop()
 
     async def _generate(self, request: GenerationRequest) -> None:
@@ -252,6 +256,8 @@ class VllmEngine(Engine):
     def _client_error(self, exc: Exception) -> Exception:
         """vLLM's exception -> what the client should see."""
         runtime = self.runtime
+        if runtime is None:  # stop() has shut vLLM down
+            return ModelNotReady(SHUTTING_DOWN)
         if runtime.is_engine_dead(exc) or runtime.llm.errored:
             self._mark_dead()
             return ModelNotReady(ENGINE_DIED, code="engine_dead")
