@@ -136,7 +136,8 @@ def test_bad_form_input_is_a_clear_400(http):
     assert_error(ask(http, prompt="x", max_new_tokens=10**6), 400, "SNARK_MAX_NEW_TOKENS_LIMIT")
     assert_error(ask(http, prompt="x", response_format="mp3"), 400, "response_format")
     assert_error(ask(http, prompt="x", temperature=5), 400, "temperature")
-    assert_error(ask(http, prompt="x", stream="true", response_format="wav"), 400, "stream")
+    assert_error(ask(http, prompt="x", response_format="wav", speed=9), 400, "speed")
+    assert_error(ask(http, prompt="x", response_format="pcm", voice="nobody"), 400, "SNARK_TTS_VOICES")
 
 
 def test_bad_images_are_refused(http):

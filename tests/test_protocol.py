@@ -97,8 +97,6 @@ def test_over_the_token_limit_is_a_400_naming_the_setting(field: str) -> None:
         ("logit_bias", {"50256": -100}, "logit_bias"),
         ("response_format", {"type": "json_object"}, "JSON"),
         ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}, "JSON"),
-        ("modalities", ["text", "audio"], "audio/speech"),
-        ("audio", {"voice": "alloy", "format": "wav"}, "audio/speech"),
         ("reasoning_effort", "high", "reasoning"),
     ],
 )
@@ -107,6 +105,51 @@ def test_features_snark_cannot_honour_are_a_400_naming_the_field(field: str, val
         params(**{field: value})
     assert info.value.param == field and info.value.status_code == 400
     assert fragment in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"modalities": ["text", "audio"]}, "audio"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+        ({"modalities": ["audio"], "audio": {"format": "wav"}}, "modalities"),
+        ({"modalities": ["text", "audio"], "audio": {"format": "mp3"}}, "audio.format"),
+        ({"modalities": ["text", "audio"], "audio": {"format": "wav"}, "stream": True}, "audio.format"),
+        ({"modalities": ["text", "audio"], "audio": {"format": "wav", "speed": 9}}, "speed"),
+    ],
+)
+def test_chat_audio_requests_that_cannot_be_spoken_are_a_400(fields: dict, param: str) -> None:
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **fields)
+    with pytest.raises(InvalidRequest) as info:
+        request.audio_output()
+    assert info.value.param == param and info.value.status_code == 400
+
+
+def test_chat_audio_output_and_text_only() -> None:
+    spoken = ChatCompletionRequest(
+        messages=[{"role": "user", "content": "hi"}], modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"}, stream=True
+    )
+    assert spoken.audio_output().format == "pcm16" and spoken.audio_output().voice_name == "alloy"
+    assert ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], modalities=["text"]).audio_output() is None
+
+
+def test_an_assistant_audio_id_brings_back_its_transcript() -> None:
+    from snark.api.chat_audio import audio_id
+
+    said = "Bonjour. Ça va? 你好。"
+    request = ChatCompletionRequest(
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "audio": {"id": audio_id(said)}},
+            {"role": "user", "content": "again"},
+        ]
+    )
+    turns = asyncio.run(request.to_turns(lambda url: pytest.fail("no images here"), max_images=1))
+    assert [(turn.role, turn.parts) for turn in turns] == [("user", ["hi"]), ("assistant", [said]), ("user", ["again"])]
+    forged = ChatCompletionRequest(messages=[{"role": "assistant", "audio": {"id": "audio_not-ours"}}])
+    with pytest.raises(InvalidRequest) as info:
+        asyncio.run(forged.to_turns(lambda url: pytest.fail("no images here"), max_images=1))
+    assert info.value.param == "messages[0].audio.id"
 
 
 def test_off_values_of_refused_features_and_unknown_fields_are_accepted() -> None:

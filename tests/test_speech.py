@@ -22,11 +22,11 @@ from snark.speech import (
     SpeechUnavailable,
     build_speaker,
     clean_for_speech,
+    SynthesisPool,
     pcm_to_wav,
-    speak_wav,
+    single_text,
+    speak_deltas,
     split_sentences,
-    stream_pcm,
-    stream_wav,
     wav_header,
 )
 from snark.speech.piper_engine import PiperSpeaker
@@ -42,6 +42,10 @@ def piper() -> PiperSpeaker:
 def read_wav(data: bytes) -> tuple[wave.Wave_read, bytes]:
     reader = wave.open(io.BytesIO(data), "rb")
     return reader, reader.readframes(reader.getnframes())
+
+
+def speak_wav(speaker: Speaker, text: str, speed: float = 1.0) -> bytes:
+    return pcm_to_wav(b"".join(speaker.synthesize(text, speed=speed)), speaker.sample_rate)
 
 
 def seconds(wav_bytes: bytes) -> float:
@@ -163,7 +167,7 @@ def test_piper_is_a_speaker(piper: PiperSpeaker) -> None:
 
 
 def test_piper_sentence_is_a_plausible_wav(piper: PiperSpeaker) -> None:
-    wav_bytes = asyncio.run(speak_wav(piper, SENTENCE))
+    wav_bytes = (speak_wav(piper, SENTENCE))
     reader, frames = read_wav(wav_bytes)
     assert (reader.getnchannels(), reader.getsampwidth(), reader.getframerate()) == (1, 2, 22050)
     assert reader.getnframes() > 0 and len(frames) == 2 * reader.getnframes()
@@ -172,8 +176,8 @@ def test_piper_sentence_is_a_plausible_wav(piper: PiperSpeaker) -> None:
 
 
 def test_speed_two_is_clearly_shorter(piper: PiperSpeaker) -> None:
-    normal = asyncio.run(speak_wav(piper, SENTENCE, speed=1.0))
-    fast = asyncio.run(speak_wav(piper, SENTENCE, speed=2.0))
+    normal = (speak_wav(piper, SENTENCE, speed=1.0))
+    fast = (speak_wav(piper, SENTENCE, speed=2.0))
     assert seconds(fast) < 0.8 * seconds(normal)
 
 
@@ -182,81 +186,80 @@ def test_speed_out_of_range_is_a_400(piper: PiperSpeaker, speed: float) -> None:
     with pytest.raises(InvalidRequest, match="speed") as caught:
         piper.synthesize(SENTENCE, speed=speed)  # raised on the call, before any iteration
     assert caught.value.status_code == 400 and caught.value.param == "speed"
-    with pytest.raises(InvalidRequest):
-        stream_wav(piper, SENTENCE, speed=speed)  # before a streaming response could start
-    with pytest.raises(InvalidRequest):
-        asyncio.run(speak_wav(piper, SENTENCE, speed=speed))
 
 
 @pytest.mark.parametrize("text", ["", "   ", "🎉🔥 👍🏽", "...", "**"])
 def test_nothing_speakable_gives_short_silence(piper: PiperSpeaker, text: str) -> None:
-    wav_bytes = asyncio.run(speak_wav(piper, text))
+    wav_bytes = (speak_wav(piper, text))
     reader, frames = read_wav(wav_bytes)
     assert reader.getframerate() == 22050 and 0 < seconds(wav_bytes) <= 0.5
     assert frames == bytes(len(frames))
 
 
-def test_stream_wav_header_then_pcm_per_sentence(piper: PiperSpeaker) -> None:
-    text = "First sentence here. Second one follows! And a **third**?"
+def spoken(speaker: Speaker, text: str, pool: SynthesisPool | None = None) -> list[bytes]:
+    pool = pool or SynthesisPool(2)
 
     async def collect() -> list[bytes]:
-        return [chunk async for chunk in stream_wav(piper, text)]
+        pieces = speak_deltas(single_text(text), lambda sentence: pool.speak(speaker, sentence))
+        return [piece.pcm async for piece in pieces if piece.pcm]
 
-    chunks = asyncio.run(collect())
-    header, pcm_chunks = chunks[0], chunks[1:]
-    assert len(header) == 44 and header[:4] == b"RIFF" and header[8:12] == b"WAVE"
-    assert struct.unpack_from("<I", header, 24)[0] == 22050
-    assert len(pcm_chunks) == 3  # one per sentence, so the first can play while the rest render
-    assert all(len(chunk) > 0 and len(chunk) % 2 == 0 for chunk in pcm_chunks)
-    reader, frames = read_wav(b"".join(chunks))
-    assert reader.getframerate() == 22050 and frames == b"".join(pcm_chunks)
+    return asyncio.run(collect())
+
+
+def test_spoken_text_is_pcm_per_sentence(piper: PiperSpeaker) -> None:
+    chunks = spoken(piper, "First sentence here. Second one follows! And a **third**?")
+    assert len(chunks) == 3  # one per sentence, so the first can play while the rest render
+    assert all(len(chunk) > 0 and len(chunk) % 2 == 0 for chunk in chunks)
 
 
 class ThreadRecordingSpeaker:
-    """The real piper voice, noting which thread produced each chunk."""
+    """The real piper voice, noting which thread produced each chunk and how many sentences it spoke."""
 
-    def __init__(self, inner: PiperSpeaker) -> None:
-        self.inner, self.threads, self.chunks, self.closed = inner, set[int](), 0, False
+    def __init__(self, inner: Speaker) -> None:
+        self.inner, self.threads, self.sentences = inner, set[int](), 0
+        self.started = threading.Event()
 
     @property
     def sample_rate(self) -> int:
-        self.threads.add(threading.get_ident())
         return self.inner.sample_rate
 
     def synthesize(self, text: str, *, speed: float = 1.0) -> Iterator[bytes]:
-        try:
-            for chunk in self.inner.synthesize(text, speed=speed):
-                self.threads.add(threading.get_ident())
-                self.chunks += 1
-                yield chunk
-        finally:
-            self.closed = True
+        self.threads.add(threading.get_ident())
+        self.sentences += 1
+        self.started.set()
+        return self.inner.synthesize(text, speed=speed)
 
 
-def test_streaming_never_synthesizes_on_the_event_loop(piper: PiperSpeaker) -> None:
+def test_synthesis_never_runs_on_the_event_loop(piper: PiperSpeaker) -> None:
     speaker = ThreadRecordingSpeaker(piper)
+    loop_threads = []
 
-    async def collect() -> tuple[int, list[bytes]]:
-        wav_chunks = [chunk async for chunk in stream_wav(speaker, "One. Two.")]
-        pcm_chunks = [chunk async for chunk in stream_pcm(speaker, "Three.")]
-        return threading.get_ident(), wav_chunks + pcm_chunks
+    async def collect() -> int:
+        loop_threads.append(threading.get_ident())
+        pool = SynthesisPool(2)
+        pieces = speak_deltas(single_text("One. Two. Three."), lambda sentence: pool.speak(speaker, sentence))
+        return len([piece async for piece in pieces if piece.pcm])
 
-    loop_thread, chunks = asyncio.run(collect())
-    assert len(chunks) == 1 + 2 + 1
-    assert speaker.threads and loop_thread not in speaker.threads
+    assert asyncio.run(collect()) == 3
+    assert speaker.threads and loop_threads[0] not in speaker.threads
 
 
-def test_closing_the_stream_stops_synthesis(piper: PiperSpeaker) -> None:
-    """A client that disconnects after the first sentence costs no further synthesis."""
+def test_leaving_the_stream_stops_synthesis(piper: PiperSpeaker) -> None:
+    """A client that disconnects after the first sentence costs at most the run-ahead in synthesis."""
     speaker = ThreadRecordingSpeaker(piper)
+    text = " ".join(f"Sentence number {n} is here." for n in range(30))
 
     async def first_sentence_only() -> None:
-        stream = stream_pcm(speaker, "One. Two. Three. Four. Five.")
-        assert len(await anext(stream)) > 0
-        await stream.aclose()  # what Starlette does when the client goes away
+        pool = SynthesisPool(2)
+        pieces = speak_deltas(single_text(text), lambda sentence: pool.speak(speaker, sentence), run_ahead=2)
+        async for piece in pieces:
+            if piece.pcm:
+                break
+        await pieces.aclose()  # what Starlette does when the client goes away
+        pool.close(wait=True)  # a sentence already running finishes: count it
 
     asyncio.run(first_sentence_only())
-    assert speaker.chunks == 1 and speaker.closed
+    assert 1 <= speaker.sentences <= 1 + 2  # the one heard, plus at most the run-ahead
 
 
 # --- lazy loading and engine choice --------------------------------------------------------------

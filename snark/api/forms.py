@@ -17,12 +17,13 @@ from starlette.background import BackgroundTask
 from snark.api.cancellation import until_disconnected, within
 from snark.api.protocol import resolve_sampling
 from snark.api.replies import finish_reason_of
+from snark.api.spoken import MEDIA_TYPES, STREAM_HEADERS, AudioTimer, audio_stream, complete_audio, open_voice, speak_answer
 from snark.api.state import AppState, get_state
 from snark.config import Settings
 from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams, StreamEvent
 from snark.errors import InvalidRequest, PayloadTooLarge, SnarkError
 from snark.media import decode_upload, load_image
-from snark.speech import speak_wav
+from snark.speech import validate_speed
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["form endpoints"])
@@ -33,10 +34,18 @@ class FormInferRequest(BaseModel):
 
     prompt: str = Field(min_length=1, description="The question or instruction.")
     max_new_tokens: int | None = Field(None, ge=1, description="Default SNARK_DEFAULT_MAX_NEW_TOKENS.")
-    response_format: Literal["json", "text", "wav"] = "json"
+    response_format: Literal["json", "text", "wav", "pcm"] = Field(
+        "json", description="json, text, wav (the answer spoken, streamed) or pcm (raw 24 kHz 16-bit mono, streamed)."
+    )
     system: str | None = Field(None, description="Optional system prompt.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default: the model's.")
-    stream: bool = Field(False, description="Send the answer as plain-text chunks while it is generated.")
+    stream: bool | None = Field(
+        None,
+        description="Text: send plain-text chunks while the answer is generated (default false). "
+        "wav/pcm: audio streams sentence by sentence by default; false waits and sends one file with exact sizes.",
+    )
+    voice: str | None = Field(None, description="wav/pcm: a SNARK_TTS_VOICES name; default: the default voice.")
+    speed: float = Field(1.0, description="wav/pcm: 0.25 to 4.0; 1.0 is normal.")
     max_image_pixels: int | None = Field(None, ge=1, description="Lower this request's image resolution cap.")
 
     def to_sampling_params(self, settings: Settings, defaults: SamplingParams) -> SamplingParams:
@@ -55,12 +64,12 @@ class FormInferRequest(BaseModel):
             )
         return max(self.max_image_pixels, settings.min_image_pixels)
 
+    @property
+    def spoken(self) -> bool:
+        return self.response_format in ("wav", "pcm")
+
     def check_format(self) -> None:
-        if self.stream and self.response_format == "wav":
-            raise InvalidRequest(
-                "stream=true sends text chunks; use response_format=wav without stream, or POST /v1/audio/speech.",
-                param="stream",
-            )
+        validate_speed(self.speed)
 
     def turns(self, image=None) -> list[ChatTurn]:
         turns = [ChatTurn("system", [self.system])] if self.system else []
@@ -130,6 +139,8 @@ async def _answer(
     request: Request, state: AppState, form: FormInferRequest, prompt: PromptInputs, params: SamplingParams
 ) -> Response:
     engine, settings = state.engine, state.settings
+    if form.spoken:
+        return await _spoken_answer(request, state, form, prompt, params)
     if form.stream:
         generation = engine.submit(prompt, params)  # now: a full queue is a 503, not a broken 200
         return StreamingResponse(
@@ -143,8 +154,6 @@ async def _answer(
     finish_reason = finish_reason_of(done.finish_reason)  # a row stopped by shutdown is a 503, not a 200
     if form.response_format == "text":
         return PlainTextResponse(done.text)
-    if form.response_format == "wav":
-        return Response(await state.metrics.timed_tts(speak_wav(state.speaker, done.text)), media_type="audio/wav")
     return JSONResponse(
         {
             "text": done.text,
@@ -153,6 +162,30 @@ async def _answer(
             "usage": {"prompt_tokens": prompt.num_tokens, "completion_tokens": done.completion_tokens},
             "timing": {"queue_s": round(done.queue_s, 6), "generate_s": round(done.generate_s, 6)},
         }
+    )
+
+
+async def _spoken_answer(
+    request: Request, state: AppState, form: FormInferRequest, prompt: PromptInputs, params: SamplingParams
+) -> Response:
+    """The answer spoken while it is generated: each sentence is synthesized as soon as the model has
+    written it. Streamed by default; ``stream=false`` sends one body with exact WAV sizes."""
+    audio_format = "pcm" if form.response_format == "pcm" else "wav"
+    timer = AudioTimer(state)
+    voice = await open_voice(state, form.voice, form.speed)  # a bad voice is a 400/501 before any work
+    generation = state.engine.submit(prompt, params)  # now: a full queue is a 503, not a broken 200
+    pieces = speak_answer(state, generation, voice)
+    headers = {**STREAM_HEADERS, "X-Sample-Rate": str(voice.output_rate(audio_format))}
+    if form.stream is False:
+        body = await until_disconnected(
+            request, complete_audio(pieces, voice, audio_format, timer), timeout_s=state.settings.request_timeout_s
+        )
+        return Response(body, media_type=MEDIA_TYPES[audio_format], headers=headers)
+    return StreamingResponse(
+        audio_stream(pieces, voice, audio_format, timer),
+        media_type=MEDIA_TYPES[audio_format],
+        headers=headers,
+        background=BackgroundTask(state.engine.cancel, generation),  # for a client gone before the first chunk
     )
 
 

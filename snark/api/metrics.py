@@ -8,8 +8,6 @@ called in the worker thread when a request leaves a batch; the gauges read the e
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
@@ -20,7 +18,6 @@ from snark.engine.base import Engine
 from snark.engine.request import GenerationRequest, RequestState
 
 router = APIRouter(tags=["operations"])
-T = TypeVar("T")
 
 # vLLM's buckets, so dashboards built for it read Snark's histograms the same way.
 _TTFT_BUCKETS = (
@@ -28,6 +25,7 @@ _TTFT_BUCKETS = (
 )  # fmt: skip
 _TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
+_RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 _TTS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 
@@ -71,6 +69,14 @@ class Metrics:
             "snark:tts_seconds", "Wall time to synthesize one spoken response, first to last audio chunk.",
             buckets=_TTS_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.time_to_first_audio = Histogram(
+            "snark:time_to_first_audio_seconds", "From a spoken request's arrival to its first audio byte (WAV header excluded).",
+            buckets=_TTFT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.tts_real_time_factor = Histogram(
+            "snark:tts_real_time_factor", "Synthesis time over the length of the audio, per sentence (below 1 keeps up with playback).",
+            buckets=_RTF_BUCKETS, registry=registry,
+        )  # fmt: skip
         engine.add_listener(self.observe_request)
 
     def observe_request(self, request: GenerationRequest) -> None:
@@ -94,20 +100,9 @@ class Metrics:
             if request.completion_tokens > 1:
                 self.time_per_output_token.observe((finished_at - request.first_token_at) / (request.completion_tokens - 1))
 
-    async def timed_tts(self, work: Awaitable[T]) -> T:
-        """Await one complete synthesis (a whole WAV file), observing how long it took."""
-        started = time.perf_counter()
-        result = await work
-        self.tts_seconds.observe(time.perf_counter() - started)
-        return result
-
-    async def timed_tts_stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Pass audio chunks through, observing the time once the last one is out. A stream the client
-        abandons is not observed: its time says nothing about synthesis."""
-        started = time.perf_counter()
-        async for chunk in chunks:
-            yield chunk
-        self.tts_seconds.observe(time.perf_counter() - started)
+    def observe_synthesis(self, synthesis_s: float, audio_s: float) -> None:
+        """The synthesis pool's hook: runs in its worker after each sentence."""
+        self.tts_real_time_factor.observe(synthesis_s / audio_s)
 
 
 class WithoutCreated:

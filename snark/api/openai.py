@@ -6,7 +6,6 @@ bodies in ``replies``; each route parses, calls the engine (or the speaker) once
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -15,12 +14,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from snark.api.cancellation import until_disconnected, within
+from snark.api.cancellation import until_disconnected
+from snark.api.chat_audio import audio_completion, chat_audio_events
 from snark.api.protocol import PCM_SAMPLE_RATE, ChatCompletionRequest, SpeechRequest
 from snark.api.replies import ChatReply, chat_events
+from snark.api.spoken import MEDIA_TYPES, AudioTimer, Voice, audio_stream, complete_audio, open_voice, speak_answer, speak_text
 from snark.api.state import AppState, get_state
+from snark.engine.request import GenerationRequest
 from snark.media import load_image
-from snark.speech import clean_for_speech, speak_wav, split_sentences, stream_pcm, stream_wav
+from snark.speech import SpokenPiece, clean_for_speech, split_sentences
 from snark.speech.resample import resample_pcm16
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
@@ -34,9 +36,13 @@ _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def chat_completions(request: Request, body: ChatCompletionRequest, state: AppState = Depends(get_state)) -> Response:
     engine, settings = state.engine, state.settings
     params = body.to_sampling_params(settings, engine.default_sampling)
+    audio = body.audio_output()
+    voice = None if audio is None else await open_voice(state, audio.voice_name, audio.speed)  # 400/501 before any work
     turns = await body.to_turns(partial(load_image, limits=state.image_limits), max_images=settings.max_images_per_request)
     prompt = await engine.build_prompt(turns, min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels)
     reply = ChatReply(model=engine.model_name, prompt_tokens=prompt.num_tokens)
+    if audio is not None and voice is not None:
+        return await _spoken_chat(request, state, body, reply, engine.submit(prompt, params), voice, audio.format)
     if body.stream:
         generation = engine.submit(prompt, params)  # a full queue is a 503 now, before the stream starts
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -50,6 +56,47 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, state:
         )
     done = await until_disconnected(request, engine.generate(prompt, params), timeout_s=settings.request_timeout_s)
     return JSONResponse(reply.completion(done))
+
+
+async def _spoken_chat(
+    request: Request, state: AppState, body: ChatCompletionRequest, reply: ChatReply, generation: GenerationRequest, voice: Voice, audio_format: str
+) -> Response:
+    """The answer spoken sentence by sentence while it is generated: SSE with pcm16 chunks, or one
+    JSON body with the whole file once the last sentence is spoken."""
+    timer = AudioTimer(state)
+    pieces = speak_answer(state, generation, voice)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        to_pcm16 = partial(resample_pcm16, from_rate=voice.sample_rate, to_rate=PCM_SAMPLE_RATE)
+        events = chat_audio_events(reply, generation, _timed(pieces, timer), to_pcm16, include_usage=include_usage)
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers=_STREAM_HEADERS, background=BackgroundTask(state.engine.cancel, generation)
+        )
+
+    async def spoken() -> tuple[str, bytes]:
+        transcript, audio = [], []
+        async for piece in pieces:
+            transcript.append(piece.text)
+            audio.append(piece.pcm)
+        text = "".join(transcript)
+        sent_format = "pcm" if audio_format == "pcm16" else "wav"
+        return text, await complete_audio(_replay(audio), voice, sent_format, timer)
+
+    transcript, data = await until_disconnected(request, spoken(), timeout_s=state.settings.request_timeout_s)
+    return JSONResponse(audio_completion(reply, generation, transcript, data))
+
+
+async def _timed(pieces: AsyncIterator[SpokenPiece], timer: AudioTimer) -> AsyncIterator[SpokenPiece]:
+    async for piece in pieces:
+        if piece.pcm:
+            timer.audio_sent()
+        yield piece
+    timer.finished()
+
+
+async def _replay(pcm: list[bytes]) -> AsyncIterator[SpokenPiece]:
+    for chunk in pcm:
+        yield SpokenPiece(pcm=chunk)
 
 
 def _model_card(state: AppState) -> dict:
@@ -77,22 +124,12 @@ async def retrieve_model(model_id: str, state: AppState = Depends(get_state)) ->
 @router.post("/audio/speech", summary="Speak a text (wav or pcm); long texts stream sentence by sentence", response_class=Response)
 async def create_speech(body: SpeechRequest, state: AppState = Depends(get_state)) -> Response:
     body.check_supported()
-    speaker, metrics = state.speaker, state.metrics
-    # Loading the voice here makes a missing or broken one a 501 now, not a stream cut after its 200.
-    voice_rate = await asyncio.to_thread(lambda: speaker.sample_rate)
-    if body.response_format == "pcm":
-        pcm = _resampled(stream_pcm(speaker, body.input, body.speed), voice_rate, PCM_SAMPLE_RATE)
-        chunks = metrics.timed_tts_stream(within(pcm, state.settings.request_timeout_s))
-        headers = {**_STREAM_HEADERS, "X-Sample-Rate": str(PCM_SAMPLE_RATE)}
-        return StreamingResponse(chunks, media_type="audio/pcm", headers=headers)
-    if len(split_sentences(clean_for_speech(body.input))) <= 1:
+    timer = AudioTimer(state)
+    voice = await open_voice(state, body.voice_name, body.speed)  # a missing voice is a 501 now, not a cut stream
+    audio_format = "pcm" if body.response_format == "pcm" else "wav"
+    pieces = speak_text(state, body.input, voice)
+    if audio_format == "wav" and len(split_sentences(clean_for_speech(body.input))) <= 1:
         # One sentence gains nothing from streaming: send a WAV whose header has the exact sizes.
-        wav = await metrics.timed_tts(speak_wav(speaker, body.input, body.speed))
-        return Response(wav, media_type="audio/wav")
-    chunks = metrics.timed_tts_stream(within(stream_wav(speaker, body.input, body.speed), state.settings.request_timeout_s))
-    return StreamingResponse(chunks, media_type="audio/wav", headers=_STREAM_HEADERS)
-
-
-async def _resampled(chunks: AsyncIterator[bytes], from_rate: int, to_rate: int) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        yield resample_pcm16(chunk, from_rate, to_rate)
+        return Response(await complete_audio(pieces, voice, audio_format, timer), media_type="audio/wav")
+    headers = {**_STREAM_HEADERS, "X-Sample-Rate": str(voice.output_rate(audio_format))}
+    return StreamingResponse(audio_stream(pieces, voice, audio_format, timer), media_type=MEDIA_TYPES[audio_format], headers=headers)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from snark.api.chat_audio import transcript_of
 from snark.config import Settings
 from snark.engine.request import ChatTurn, SamplingParams
 from snark.errors import InvalidRequest, SnarkError
@@ -41,11 +42,6 @@ _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
         "response_format json_object / json_schema is not supported: Snark cannot constrain output to JSON; "
         "ask for JSON in the prompt instead.",
     ),
-    "modalities": (
-        lambda v: v is not None and set(v) != {"text"},
-        "Only the text output modality is supported; use POST /v1/audio/speech for audio.",
-    ),
-    "audio": (lambda v: v is not None, "Audio output is not supported in chat: use POST /v1/audio/speech on the answer."),
     "prediction": (lambda v: v is not None, "Predicted outputs are not supported by Snark: leave prediction unset."),
     "web_search_options": (lambda v: v is not None, "Web search is not supported by Snark."),
     "reasoning_effort": (lambda v: v is not None, "reasoning_effort is not supported: Qwen2.5-VL is not a reasoning model."),
@@ -70,10 +66,28 @@ class ContentPart(_Lenient):
     image_url: ImageURL | None = None
 
 
+class MessageAudio(_Lenient):
+    id: str = Field(description="message.audio.id of an earlier spoken answer: its transcript is the history.")
+
+
 class ChatMessage(_Lenient):
     role: str
     content: str | list[ContentPart] | None = None
     tool_calls: list[dict] | None = None
+    audio: MessageAudio | None = None
+
+
+CHAT_AUDIO_FORMATS = ("wav", "pcm16")
+
+
+class ChatAudio(_Lenient):
+    voice: str | dict | None = Field(None, description="OpenAI voice names speak with the default voice; or a SNARK_TTS_VOICES name.")
+    format: str = Field("wav", description="wav (whole file) or pcm16 (24 kHz 16-bit mono; the one streamed format).")
+    speed: float = Field(1.0, description="0.25 to 4.0 (a Snark extension); 1.0 is normal.")
+
+    @property
+    def voice_name(self) -> str | None:
+        return self.voice.get("id") if isinstance(self.voice, dict) else self.voice
 
 
 class StreamOptions(_Lenient):
@@ -144,8 +158,8 @@ class ChatCompletionRequest(_Lenient):
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
-    modalities: list[str] | None = None
-    audio: dict | None = None
+    modalities: list[str] | None = Field(None, description='["text"] (default) or ["text", "audio"] with audio.')
+    audio: ChatAudio | None = Field(None, description="With audio in modalities: {voice, format: wav | pcm16}.")
     prediction: dict | None = None
     web_search_options: dict | None = None
     reasoning_effort: str | None = None
@@ -181,6 +195,36 @@ class ChatCompletionRequest(_Lenient):
             ignore_eos=self.ignore_eos,
         )
 
+    def audio_output(self) -> ChatAudio | None:
+        """The audio the request asks for (``modalities`` with "audio"), checked; None for text only."""
+        modalities = set(self.modalities or ["text"])
+        if not modalities <= {"text", "audio"} or "text" not in modalities:
+            raise InvalidRequest(
+                'modalities must be ["text"] or ["text", "audio"].', param="modalities", code="unsupported_parameter"
+            )
+        if "audio" not in modalities:
+            if self.audio is not None:
+                raise InvalidRequest('audio needs "modalities": ["text", "audio"].', param="modalities")
+            return None
+        if self.audio is None:
+            raise InvalidRequest(
+                'modalities has "audio": send "audio": {"voice": "alloy", "format": "wav"} too.', param="audio"
+            )
+        if self.audio.format not in CHAT_AUDIO_FORMATS:
+            raise InvalidRequest(
+                f"audio.format {self.audio.format!r} is not supported: Snark writes wav and pcm16 (no mp3/opus/flac "
+                "encoder).",
+                param="audio.format",
+                code="unsupported_parameter",
+            )
+        if self.stream and self.audio.format != "pcm16":
+            raise InvalidRequest(
+                'stream=true sends audio as pcm16 chunks (as OpenAI does): use "format": "pcm16", or stream=false for wav.',
+                param="audio.format",
+            )
+        validate_speed(self.audio.speed)
+        return self.audio
+
     async def to_turns(self, load_image: Callable[[str], Awaitable[Image.Image]], *, max_images: int) -> list[ChatTurn]:
         """Messages -> chat turns, images fetched concurrently with ``load_image``. Every message is
         checked before any image is fetched, so a malformed request costs no downloads."""
@@ -208,6 +252,8 @@ def _parse_message(i: int, message: ChatMessage, sources: list[tuple[str, str]])
         )
     if message.tool_calls:
         raise InvalidRequest(f"{where}.tool_calls: {_NO_TOOLS}.", param=f"{where}.tool_calls")
+    if message.content is None and message.audio is not None and role == "assistant":
+        return role, [transcript_of(message.audio.id, param=f"{where}.audio.id")]  # the spoken answer's text
     if message.content is None:
         raise InvalidRequest(f"{where}.content is missing: send a string or a list of parts.", param=f"{where}.content")
     if isinstance(message.content, str):
@@ -262,12 +308,16 @@ class SpeechRequest(_Lenient):
     model: str | None = Field(None, description="Accepted for compatibility (tts-1, ...); Snark has one TTS.")
     input: str = Field(description=f"The text to speak, at most {MAX_SPEECH_INPUT_CHARS} characters.")
     voice: str | SpeechVoice | None = Field(
-        None, description="Any OpenAI voice name (alloy, echo, ...) is accepted and speaks with the configured voice."
+        None, description="A SNARK_TTS_VOICES name; OpenAI's voice names (alloy, echo, ...) speak with the default voice."
     )
     response_format: str = Field("wav", description="wav (default) or pcm (raw 24 kHz 16-bit mono).")
     speed: float = Field(1.0, description="0.25 to 4.0; 1.0 is normal.")
     instructions: str | None = None
     stream_format: str | None = None
+
+    @property
+    def voice_name(self) -> str | None:
+        return self.voice.id if isinstance(self.voice, SpeechVoice) else self.voice
 
     def check_supported(self) -> None:
         """Raise ``InvalidRequest`` naming the field for anything Snark cannot honour."""

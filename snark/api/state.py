@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -10,7 +10,7 @@ from fastapi import Request
 from snark.config import Settings
 from snark.engine.base import Engine
 from snark.media import ImageLimits
-from snark.speech import LazySpeaker
+from snark.speech import LazySpeaker, Voices, build_voices
 
 if TYPE_CHECKING:
     from snark.api.metrics import Metrics  # metrics.py imports this module for its route
@@ -23,6 +23,10 @@ class AppState:
     speaker: LazySpeaker
     image_limits: ImageLimits
     metrics: Metrics
+    voices: Voices = field(init=False)  # named voices around ``speaker``, and the synthesis pool
+
+    def __post_init__(self) -> None:
+        self.voices = build_voices(self.settings, self.speaker, on_spoken=self.metrics.observe_synthesis)
 
 
 async def get_state(request: Request) -> AppState:

@@ -1,13 +1,18 @@
 """Text-to-speech behind one small protocol (``Speaker``); engines are imported only when loaded.
 
-    speaker = build_speaker(settings)          # nothing loaded yet
-    wav = await speak_wav(speaker, "Hello.")   # complete WAV file
-    async for chunk in stream_wav(speaker, answer, speed=1.25): ...   # header, then PCM per sentence
+    speaker = build_speaker(settings)                      # nothing loaded yet
+    voices = build_voices(settings, speaker)               # named voices and the synthesis pool
+    async for piece in speak_deltas(deltas, partial(voices.pool.speak, speaker)):
+        ...                                                # transcript deltas and PCM per sentence
 """
 
 from snark.speech.base import MAX_SPEED, MIN_SPEED, Speaker, SpeechUnavailable, validate_speed
-from snark.speech.lazy import LazySpeaker, build_speaker, speak_wav, stream_pcm, stream_wav
+from snark.speech.lazy import LazySpeaker, build_speaker
+from snark.speech.pool import SynthesisPool
+from snark.speech.splitter import SentenceSplitter
+from snark.speech.stream import SpokenPiece, single_text, speak_deltas
 from snark.speech.text import clean_for_speech, split_sentences
+from snark.speech.voices import Voices, build_voices
 from snark.speech.wav import WAV_HEADER_BYTES, pcm_to_wav, wav_header
 
 __all__ = [
@@ -15,15 +20,19 @@ __all__ = [
     "MIN_SPEED",
     "WAV_HEADER_BYTES",
     "LazySpeaker",
+    "SentenceSplitter",
     "Speaker",
     "SpeechUnavailable",
+    "SpokenPiece",
+    "SynthesisPool",
+    "Voices",
     "build_speaker",
+    "build_voices",
     "clean_for_speech",
     "pcm_to_wav",
-    "speak_wav",
+    "single_text",
+    "speak_deltas",
     "split_sentences",
-    "stream_pcm",
-    "stream_wav",
     "validate_speed",
     "wav_header",
 ]

@@ -1,20 +1,17 @@
-"""Load the speech engine on first use, and bridge its blocking synthesis to asyncio.
+"""Load the speech engine on first use.
 
-Start-up stays fast and a server whose clients never ask for audio never loads a voice. The async
-helpers run every blocking step (loading, each sentence) in a worker thread so the event loop keeps
-serving other requests while a voice speaks.
+Start-up stays fast and a server whose clients never ask for audio never loads a voice. Synthesis
+itself runs in the synthesis pool (``pool.py``), never on the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from snark.speech.base import Speaker, validate_speed
-from snark.speech.wav import pcm_to_wav, wav_header
 
 if TYPE_CHECKING:
     from snark.config import Settings
@@ -69,66 +66,11 @@ def build_speaker(settings: Settings) -> LazySpeaker:
 
         return LazySpeaker(load_coqui, engine_name="coqui")
 
-    voice_path = settings.tts_voice
+    voice_path, threads = settings.tts_voice, settings.tts_threads
 
     def load_piper() -> Speaker:
         from snark.speech.piper_engine import PiperSpeaker
 
-        return PiperSpeaker(voice_path)
+        return PiperSpeaker(voice_path, threads=threads)
 
     return LazySpeaker(load_piper, engine_name="piper")
-
-
-async def speak_wav(speaker: Speaker, text: str, speed: float = 1.0) -> bytes:
-    """A complete WAV file for ``text``; loading and synthesis run in a worker thread."""
-    validate_speed(speed)
-
-    def synthesize_file() -> bytes:
-        pcm = b"".join(speaker.synthesize(text, speed=speed))
-        return pcm_to_wav(pcm, speaker.sample_rate)
-
-    return await asyncio.to_thread(synthesize_file)
-
-
-def stream_pcm(speaker: Speaker, text: str, speed: float = 1.0) -> AsyncGenerator[bytes, None]:
-    """16-bit PCM chunks for ``text``, one sentence at a time, each synthesized in a worker thread.
-
-    A plain function returning the async iterator so a bad ``speed`` raises ``InvalidRequest`` here,
-    before a route has started its streaming response.
-    """
-    validate_speed(speed)
-    return _pcm_chunks(speaker, text, speed)
-
-
-def stream_wav(speaker: Speaker, text: str, speed: float = 1.0) -> AsyncGenerator[bytes, None]:
-    """A streaming WAV: the 44-byte header with unknown sizes (``0xFFFFFFFF``), then PCM chunks."""
-    validate_speed(speed)
-    return _wav_chunks(speaker, text, speed)
-
-
-async def _wav_chunks(speaker: Speaker, text: str, speed: float) -> AsyncGenerator[bytes, None]:
-    sample_rate = await asyncio.to_thread(lambda: speaker.sample_rate)  # may load the engine
-    yield wav_header(sample_rate)
-    async for chunk in _pcm_chunks(speaker, text, speed):
-        yield chunk
-
-
-_DONE = object()
-
-
-async def _pcm_chunks(speaker: Speaker, text: str, speed: float) -> AsyncGenerator[bytes, None]:
-    # Even building the iterator may load the engine and clean the text, so it runs in a thread too.
-    chunks = await asyncio.to_thread(lambda: iter(speaker.synthesize(text, speed=speed)))
-    try:
-        while (chunk := await asyncio.to_thread(next, chunks, _DONE)) is not _DONE:
-            yield chunk  # type: ignore[misc]
-    finally:
-        # The client went away (or we finished): stop the engine's generator so no further sentence
-        # is synthesized. If its worker thread is still inside a sentence, close() refuses with
-        # ValueError; the generator is then dropped once that sentence ends.
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            try:
-                close()
-            except ValueError:
-                pass

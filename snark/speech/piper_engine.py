@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from snark.speech.base import SpeechUnavailable, validate_speed
 from snark.speech.text import clean_for_speech, split_sentences
-from snark.speech.wav import silence
+from snark.speech.wav import float_to_pcm16, silence
+
+
+# espeak-ng, which turns text into phonemes for most Piper voices, keeps process-wide state (the
+# selected language, its buffers): phonemizing is serialised across every voice and thread. It is a
+# small share of the time; the ONNX run, most of it, runs in parallel.
+_ESPEAK_LOCK = threading.Lock()
 
 
 class PiperSpeaker:
-    """Implements ``Speaker`` with one loaded Piper voice."""
+    """Implements ``Speaker`` with one loaded Piper voice; safe to call from several threads at once.
 
-    def __init__(self, voice_path: str | Path | None = None) -> None:
+    ``threads`` caps the ONNX intra-op threads of each synthesis: several syntheses run side by side
+    in the synthesis pool, and each spreading over every core would fight the others and the model.
+    """
+
+    def __init__(self, voice_path: str | Path | None = None, *, threads: int = 1) -> None:
         # Imported here so `import snark.speech` stays cheap (onnxruntime takes a while to import).
+        import onnxruntime
+        from piper.config import PiperConfig
         from piper.voice import PiperVoice
 
         if voice_path is None:
@@ -31,12 +46,14 @@ class PiperSpeaker:
                     f"Piper voice file not found: {path}. Set SNARK_TTS_VOICE to a .onnx voice with its "
                     ".onnx.json next to it, or unset it to use the bundled joe voice."
                 )
-        self._voice = PiperVoice.load(model_path, config_path=config_path)
-        self._default_length_scale = self._voice.config.length_scale
-        # One synthesis at a time per voice: onnxruntime already spreads one run over every core, so
-        # parallel runs would only oversubscribe the CPU; and piper sets some phonemizers lazily on
-        # the voice object without a lock. Held per sentence, so concurrent requests interleave.
-        self._lock = threading.Lock()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        with open(config_path, encoding="utf-8") as config_file:
+            config = PiperConfig.from_dict(json.load(config_file))
+        session = onnxruntime.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+        self._voice = PiperVoice(session=session, config=config)
+        self._default_length_scale = config.length_scale
 
     @property
     def sample_rate(self) -> int:
@@ -54,12 +71,21 @@ class PiperSpeaker:
         config = SynthesisConfig(length_scale=self._default_length_scale / speed)
         spoke = False
         for sentence in sentences:
-            with self._lock:
-                # list(): run the whole sentence under the lock, then yield without holding it.
-                chunks = [chunk.audio_int16_bytes for chunk in self._voice.synthesize(sentence, config)]
-            for pcm in chunks:
+            with _ESPEAK_LOCK:
+                phonemes = self._voice.phonemize(sentence)
+            for sentence_phonemes in phonemes:
+                if not sentence_phonemes:
+                    continue
+                ids = self._voice.phonemes_to_ids(sentence_phonemes)
+                pcm = _to_pcm16(self._voice.phoneme_ids_to_audio(ids, config))
                 if pcm:
                     spoke = True
                     yield pcm
         if not spoke:  # nothing speakable ("", "🎉", "..."): a short valid silence, not an error
             yield silence(self.sample_rate)
+
+
+def _to_pcm16(audio) -> bytes:  # type: ignore[no-untyped-def]
+    """The voice's float samples, peak-normalised as ``PiperVoice.synthesize`` does, as 16-bit PCM."""
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    return float_to_pcm16(audio / peak) if peak > 1e-8 else bytes(2 * audio.size)

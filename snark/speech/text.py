@@ -10,6 +10,10 @@ import html
 import re
 import unicodedata
 
+from snark.speech.splitter import split_sentences
+
+__all__ = ["clean_for_speech", "split_sentences"]  # split_sentences: one splitting rule for whole and streamed text
+
 # --- markdown, line by line ------------------------------------------------------------------------
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _HRULE = re.compile(r"^\s*([-*_])(\s*\1){2,}\s*$")
@@ -82,67 +86,3 @@ def clean_for_speech(text: str) -> str:
     text = html.unescape(unicodedata.normalize("NFC", text))
     lines = (_clean_line(line) for line in text.splitlines() if not _FENCE.match(line))
     return "\n".join(line for line in lines if line)
-
-
-# --- sentences -----------------------------------------------------------------------------------
-# A candidate end: terminal punctuation, optional closing quotes/brackets, then whitespace.
-_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*\s+")
-# Words after which a period does not end a sentence ("Dr. Smith", "e.g. this").
-_ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs mt fig no approx dept est e.g i.e cf al".split())
-_WRAP_POINTS = (", ", "; ", ": ", " ")  # best place to cut an over-long sentence, in order
-
-
-def _ends_sentence(text: str, end: re.Match[str]) -> bool:
-    if text[end.start()] != ".":
-        return True  # ! ? … always end a sentence
-    following = text[end.end() : end.end() + 1]
-    if following.islower():  # "3 p.m. today", "etc. and": a new sentence starts with a capital
-        return False
-    words = text[: end.start()].split()
-    word = words[-1].lower().lstrip("(\"'") if words else ""
-    is_initial = len(word) == 1 and word.isalpha()  # "J. R. Tolkien"
-    return not (word in _ABBREVIATIONS or is_initial)
-
-
-def _split_line(line: str) -> list[str]:
-    sentences, start = [], 0
-    for end in _SENTENCE_END.finditer(line):
-        if _ends_sentence(line, end):
-            sentences.append(line[start : end.end()].strip())
-            start = end.end()
-    sentences.append(line[start:].strip())
-    return [sentence for sentence in sentences if sentence]
-
-
-def _wrap(sentence: str, max_chars: int) -> list[str]:
-    pieces = []
-    while len(sentence) > max_chars:
-        window = sentence[: max_chars + 1]  # a space right at the limit is a fine cut too
-        cut = -1
-        for point in _WRAP_POINTS:
-            cut = window.rfind(point)
-            if cut > 0:
-                cut += len(point.rstrip())  # keep the comma with the first piece
-                break
-        if cut <= 0:
-            cut = max_chars  # one unbroken token longer than the limit: cut it
-        pieces.append(sentence[:cut].strip())
-        sentence = sentence[cut:].strip()
-    pieces.append(sentence)
-    return [piece for piece in pieces if piece]
-
-
-def split_sentences(text: str, max_chars: int = 400) -> list[str]:
-    """Split into sentences (at . ! ? … and line breaks), each at most ``max_chars`` characters.
-
-    Over-long sentences are wrapped at the last comma, semicolon, colon or space that fits, so the
-    engine never gets one huge input and streaming keeps a steady pace.
-    """
-    if max_chars < 1:
-        raise ValueError("max_chars must be at least 1")
-    return [
-        piece
-        for line in text.splitlines()
-        for sentence in _split_line(line.strip())
-        for piece in _wrap(sentence, max_chars)
-    ]

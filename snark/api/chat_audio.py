@@ -1,0 +1,105 @@
+"""Chat with audio output, shaped as OpenAI's audio models answer, so its clients read it unchanged.
+
+    {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
+      -> message.audio = {"id", "data" (base64), "transcript", "expires_at"}, content null
+    the same with "stream": true ("format": "pcm16", the one format OpenAI streams)
+      -> delta.audio = {"id", "transcript": ...}, {"transcript": ...}, {"data": ...}, ..., {"id", "expires_at"}
+
+A later turn may send the answer back as ``{"role": "assistant", "audio": {"id": ...}}``. The id
+carries its own transcript (compressed), so any replica reads it back without keeping state, and
+it never really expires; ``expires_at`` is still sent because clients expect the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+
+from snark.api.errors import error_body
+from snark.api.replies import ChatReply, finish_reason_of
+from snark.engine.request import GenerationRequest
+from snark.errors import InvalidRequest, SnarkError
+from snark.speech import SpokenPiece
+
+log = logging.getLogger(__name__)
+
+_ID_PREFIX = "audio_"
+AUDIO_TTL_S = 24 * 3600
+
+
+def audio_id(transcript: str) -> str:
+    packed = zlib.compress(transcript.encode("utf-8"), 9)
+    return _ID_PREFIX + base64.urlsafe_b64encode(packed).decode("ascii").rstrip("=")
+
+
+def transcript_of(audio_id_: str, *, param: str) -> str:
+    """The transcript an ``audio.id`` from this server carries; a 400 naming ``param`` otherwise."""
+    body = audio_id_.removeprefix(_ID_PREFIX)
+    try:
+        packed = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        return zlib.decompress(packed).decode("utf-8")
+    except (binascii.Error, zlib.error, UnicodeDecodeError, ValueError):
+        raise InvalidRequest(
+            f"{param} is not an audio id from this server: send back message.audio.id as it came, "
+            "or the assistant's text as content.",
+            param=param,
+        ) from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def audio_message(transcript: str, data: bytes) -> dict:
+    """``message.audio`` of a non-streamed completion: ``data`` is the whole file (WAV or PCM)."""
+    return {"id": audio_id(transcript), "data": _b64(data), "expires_at": int(time.time()) + AUDIO_TTL_S, "transcript": transcript}
+
+
+def audio_completion(reply: ChatReply, done: GenerationRequest, transcript: str, data: bytes) -> dict:
+    body = reply.completion(done)
+    message = body["choices"][0]["message"]
+    message["content"], message["audio"] = None, audio_message(transcript, data)
+    return body
+
+
+def _sse(body: dict | str) -> str:
+    data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def chat_audio_events(
+    reply: ChatReply,
+    generation: GenerationRequest,
+    pieces: AsyncIterator[SpokenPiece],
+    to_pcm16: Callable[[bytes], bytes],
+    *,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """The SSE body of a streamed audio completion: transcript deltas as the model writes them, and
+    base64 PCM (``to_pcm16`` turns the voice's PCM into OpenAI's 24 kHz) as each sentence is ready."""
+    transcript: list[str] = []
+    usage = {"usage_field": include_usage}
+    try:
+        yield _sse(reply.chunk({"role": "assistant", "content": None, "audio": {"transcript": ""}}, **usage))
+        async for piece in pieces:
+            if piece.text:
+                transcript.append(piece.text)
+                yield _sse(reply.chunk({"audio": {"transcript": piece.text}}, **usage))
+            if piece.pcm:
+                yield _sse(reply.chunk({"audio": {"data": _b64(to_pcm16(piece.pcm))}}, **usage))
+        ending = {"id": audio_id("".join(transcript)), "expires_at": int(time.time()) + AUDIO_TTL_S}
+        yield _sse(reply.chunk({"audio": ending}, **usage))
+        yield _sse(reply.chunk({}, finish_reason_of(generation.finish_reason), **usage))
+        if include_usage:
+            yield _sse(reply.usage_chunk(generation.completion_tokens))
+    except SnarkError as exc:
+        yield _sse(error_body(exc.message, type_=exc.type, code=exc.code, param=exc.param))
+    except Exception:  # a bug: the client still gets the one error shape and the stream still ends
+        log.exception("streamed audio completion %s failed", reply.id)
+        yield _sse(error_body("Internal server error (a bug in Snark; see the server log).", type_="server_error", code="internal_error"))
+    yield _sse("[DONE]")
