@@ -24,38 +24,17 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(sources=given, **overrides)  # bad settings fail here, before the slow imports below
     listener = bind_listener(settings.host, settings.port)  # a taken port fails now, before any model work
 
-    import uvicorn
+    from snark.serving import serve
 
-    from snark.engine.tiny_model import ensure_tiny_model
-    from snark.logs import configure_logging
-    from snark.server import create_app
-
-    configure_logging(settings)
-    if args.tiny:
-        tiny_dir = ensure_tiny_model(settings.tiny_dir)
-        settings = settings.model_copy(update={"vlm_model": str(tiny_dir)})
-        log.info("serving the tiny random-weight test model from %s (answers are noise)", tiny_dir)
-    server: uvicorn.Server | None = None
-
-    def stop_serving(exc: BaseException) -> None:  # the model failed to load: leave run() below
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(settings, on_load_failed=stop_serving)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
-    log.info("listening on http://%s:%d", *listener.getsockname()[:2])
-    server.run(sockets=[listener])
-    engine = app.state.snark.engine
-    if engine.load_error is not None:
-        print(f"snark: {engine.load_error}", file=sys.stderr)
-        return 1
-    return 0
+    return serve(settings, listener, tiny=args.tiny)
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
     from snark.engine.tiny_model import write_tiny_model
+    from snark.progress import route_transformers_progress
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    route_transformers_progress()
     path = write_tiny_model(args.dir)
     print(f"Wrote a tiny random-weight Qwen2.5-VL to {path}. Serve it with: VLM_MODEL={path} snark serve")
     return 0

@@ -42,7 +42,15 @@ class ProgressLines(tqdm):
         return result
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        # Iterating a tqdm (``for x in tqdm(items)``) skips update(): its progress shows up here, at
+        # tqdm's own pace, and in close().
+        self._log_reached_quarters()
         return True  # nothing to draw
+
+    def close(self) -> None:
+        if not self.disable:
+            self._log_reached_quarters()
+        super().close()
 
     def _log_reached_quarters(self) -> None:
         if not self.total:

@@ -18,10 +18,11 @@ from snark.api import forms, health, index, metrics, openai
 from snark.api.auth import BearerAuth, document_bearer_auth
 from snark.api.body_limit import BodySizeLimit
 from snark.api.errors import install_error_handlers
+from snark.api.in_flight import InFlight, TrackInFlight
 from snark.api.metrics import Metrics
 from snark.api.state import AppState
 from snark.config import Settings, load_settings
-from snark.engine.base import Engine
+from snark.engine.base import Engine, EngineState
 from snark.engine.transformers import TransformersEngine
 from snark.engine.loader import load_model
 from snark.logs import configure_logging
@@ -84,7 +85,9 @@ def create_app(
             engine.start(on_load_failed=on_load_failed)
         yield
         if owns_engine:
-            engine.stop()
+            # A model still loading cannot be interrupted: waiting for it would hold the stop for as long
+            # as the load (or the hub's retries) takes.
+            engine.stop(timeout_s=0.0 if engine.state is EngineState.LOADING else 30.0)
 
     app = FastAPI(
         title="Snark",
@@ -104,6 +107,8 @@ def create_app(
     if settings.api_keys:
         app.add_middleware(BearerAuth, keys=settings.api_keys)
         document_bearer_auth(app)
+    app.state.in_flight = in_flight = InFlight()  # what a stop past its grace period ends (snark serve)
+    app.add_middleware(TrackInFlight, in_flight=in_flight)
     return app
 
 

@@ -53,3 +53,10 @@ def test_download_progress_counts_bytes(caplog) -> None:
         with ProgressLines(total=3_000_000_000, desc="Downloading", unit="B") as bar:
             bar.update(3_000_000_000)
     assert [r.getMessage() for r in caplog.records][-1] == "Downloading: 100% (3.00 GB of 3.00 GB)"
+
+
+def test_iterated_progress_logs_its_end(caplog) -> None:
+    # transformers iterates its bars ("for name in tqdm(weights)"), which never calls update().
+    with caplog.at_level(logging.INFO, logger="snark.progress"):
+        assert sum(ProgressLines(range(10), desc="Loading weights")) == 45
+    assert [r.getMessage() for r in caplog.records][-1] == "Loading weights: 100% (10 of 10)"

@@ -35,7 +35,7 @@ def finish_reason_of(reason: FinishReason | None) -> str:
     client as 'cancelled': it is an error."""
     if reason is FinishReason.STOP or reason is FinishReason.LENGTH:
         return reason.value
-    raise ModelNotReady("The server is shutting down and stopped this request; retry it.")
+    raise ModelNotReady("The server is shutting down and stopped this request; retry it.", code="shutting_down")
 
 
 class ChatReply:
