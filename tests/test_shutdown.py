@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -153,4 +154,42 @@ def test_sigterm_drains_and_a_later_ctrl_c_exits_at_once(tiny_model_dir: str) ->
             server.process.send_signal(signal.SIGINT)
             assert server.exit_code() == 128 + signal.SIGINT
     assert "SIGINT again: stopping at once" in server.log
+    assert_no_traceback(server.log)
+
+
+@contextlib.contextmanager
+def silent_hub() -> Iterator[tuple[str, threading.Event]]:
+    """A hub on 127.0.0.1 that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    connected = threading.Event()
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+                connected.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", connected
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
+
+
+def test_a_signal_while_the_model_loads_stops_the_load(tmp_path) -> None:
+    with silent_hub() as (endpoint, connected):
+        env = {"VLM_MODEL": "snark-test/never-answered", "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path)}
+        with ServerProcess(**env) as server:
+            assert connected.wait(60), "the server never asked the hub"
+            server.wait_until(lambda: httpx.get(f"{server.url}/health", timeout=5).status_code == 503, "/health to say loading")
+            server.process.send_signal(signal.SIGTERM)
+            # The hub never answers: had the stop waited for the load, the hub check would fail first.
+            assert server.exit_code() == 0
+    assert "stopped before the model finished loading" in server.log
+    assert "Cannot load" not in server.log
     assert_no_traceback(server.log)

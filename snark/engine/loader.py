@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -10,12 +11,14 @@ from pathlib import Path
 
 import torch
 
+from snark.engine.hub import Hub, resolve_checkpoint
 from snark.engine.tiny_model import tiny_checkpoint_version
 from snark.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "snark-tiny-random-qwen2.5-vl"
+LARGE_ON_CPU_BYTES = 4 * 10**9  # float32 weights past this: warn (the 3B already needs about 15 GB)
 
 
 @dataclass
@@ -45,7 +48,22 @@ def pick_attention(device: torch.device) -> str:
     return "sdpa"
 
 
-def load_model(model_id: str, *, device: str = "auto") -> LoadedModel:
+def warn_if_large_on_cpu(model_id: str, folder: Path) -> None:
+    """Say before a long load that a real checkpoint in float32 on CPU needs a lot of memory and is slow."""
+    stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    stored_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    in_float32 = stored * (2 if stored_dtype in ("bfloat16", "float16") else 1)
+    if in_float32 < LARGE_ON_CPU_BYTES:
+        return
+    log.warning(
+        "%s will take about %.0f GB of memory in float32 on CPU, and each answer minutes: it is meant for a GPU "
+        "(SNARK_DEVICE=cuda). On CPU, try VLM_SIZE=3B, or `snark serve --tiny` to try every endpoint.",
+        model_id, in_float32 / 1e9,
+    )  # fmt: skip
+
+
+def load_model(model_id: str, *, device: str = "auto", hub: Hub | None = None) -> LoadedModel:
     """Load ``model_id`` (hub id or local folder). Raises ``ConfigError`` saying what to do when the
     weights are not there (offline, typo, no access)."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -59,13 +77,16 @@ def load_model(model_id: str, *, device: str = "auto") -> LoadedModel:
             f"VLM_MODEL={model_id!r} is not a checkpoint folder (no config.json there). Point VLM_MODEL at a "
             "folder written by save_pretrained, or run `snark serve --tiny` to try Snark offline."
         )
-    source = str(local) if local.exists() else model_id
+    source = local if local.exists() else resolve_checkpoint(model_id, hub)
+    tiny = tiny_checkpoint_version(source) is not None
+    if target.type == "cpu" and not tiny:
+        warn_if_large_on_cpu(model_id, source)
     log.info("loading %s on %s (%s, attention=%s)", source, target, dtype, attn)
     started = time.perf_counter()
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(str(source))
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            source,
+            str(source),
             dtype=dtype,
             attn_implementation=attn,
             device_map="auto" if target.type == "cuda" else None,  # shards across several GPUs
@@ -81,7 +102,6 @@ def load_model(model_id: str, *, device: str = "auto") -> LoadedModel:
         model.to(target)
     model.eval()
     processor.tokenizer.padding_side = "left"
-    tiny = local.exists() and tiny_checkpoint_version(local) is not None
     load_s = time.perf_counter() - started
     log.info("loaded %s in %.1f s%s", source, load_s, " (tiny random-weight test model)" if tiny else "")
     return LoadedModel(
