@@ -59,16 +59,6 @@ class SamplingParams:
         # candidate: take the argmax instead of sorting and sampling 152k logits at every step (as vLLM).
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
-    @property
-    def needs_logits_processing(self) -> bool:
-        """False for plain greedy rows, which then skip the per-row sampler entirely."""
-        return not (
-            self.is_greedy
-            and self.repetition_penalty == 1.0
-            and self.frequency_penalty == 0.0
-            and self.presence_penalty == 0.0
-        )
-
 
 @dataclass
 class ChatTurn:
