@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 import importlib.util
 import io
 import struct
@@ -200,7 +201,7 @@ def spoken(speaker: Speaker, text: str, pool: SynthesisPool | None = None) -> li
     pool = pool or SynthesisPool(2)
 
     async def collect() -> list[bytes]:
-        pieces = speak_deltas(single_text(text), lambda sentence: pool.speak(speaker, sentence))
+        pieces = speak_deltas(single_text(text), partial(pool.speak, speaker))
         return [piece.pcm async for piece in pieces if piece.pcm]
 
     return asyncio.run(collect())
@@ -237,7 +238,7 @@ def test_synthesis_never_runs_on_the_event_loop(piper: PiperSpeaker) -> None:
     async def collect() -> int:
         loop_threads.append(threading.get_ident())
         pool = SynthesisPool(2)
-        pieces = speak_deltas(single_text("One. Two. Three."), lambda sentence: pool.speak(speaker, sentence))
+        pieces = speak_deltas(single_text("One. Two. Three."), partial(pool.speak, speaker))
         return len([piece async for piece in pieces if piece.pcm])
 
     assert asyncio.run(collect()) == 3
@@ -251,7 +252,7 @@ def test_leaving_the_stream_stops_synthesis(piper: PiperSpeaker) -> None:
 
     async def first_sentence_only() -> None:
         pool = SynthesisPool(2)
-        pieces = speak_deltas(single_text(text), lambda sentence: pool.speak(speaker, sentence), run_ahead=2)
+        pieces = speak_deltas(single_text(text), partial(pool.speak, speaker), run_ahead=2)
         async for piece in pieces:
             if piece.pcm:
                 break

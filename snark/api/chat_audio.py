@@ -3,7 +3,8 @@
     {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
       -> message.audio = {"id", "data" (base64), "transcript", "expires_at"}, content null
     the same with "stream": true ("format": "pcm16", the one format OpenAI streams)
-      -> delta.audio = {"id", "transcript": ...}, {"transcript": ...}, {"data": ...}, ..., {"id", "expires_at"}
+      -> delta.audio = {"transcript": ...} as the model writes, {"data": ...} as each sentence is
+         spoken, and last {"id", "expires_at"}
 
 A later turn may send the answer back as ``{"role": "assistant", "audio": {"id": ...}}``. The id
 carries its own transcript (compressed), so any replica reads it back without keeping state, and

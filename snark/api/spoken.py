@@ -68,12 +68,17 @@ async def answer_deltas(events: AsyncIterator[StreamEvent], timeout_s: float) ->
 def speak_answer(state: AppState, generation: GenerationRequest, voice: Voice) -> AsyncIterator[SpokenPiece]:
     """Transcript and audio of a submitted generation, spoken sentence by sentence as it is written."""
     deltas = answer_deltas(state.engine.follow(generation), state.settings.request_timeout_s)
-    return speak_deltas(deltas, partial(state.voices.pool.speak, voice.speaker, speed=voice.speed))
+    return _spoken(state, deltas, voice)
 
 
 def speak_text(state: AppState, text: str, voice: Voice) -> AsyncIterator[SpokenPiece]:
     """Audio of a whole ``text`` (``/v1/audio/speech``), through the same pool and pipeline."""
-    return speak_deltas(single_text(text), partial(state.voices.pool.speak, voice.speaker, speed=voice.speed))
+    return _spoken(state, single_text(text), voice)
+
+
+def _spoken(state: AppState, deltas: AsyncIterator[str], voice: Voice) -> AsyncIterator[SpokenPiece]:
+    speak = partial(state.voices.pool.speak, voice.speaker, speed=voice.speed)
+    return speak_deltas(deltas, speak, bytes_per_second=2 * voice.sample_rate)
 
 
 class AudioTimer:

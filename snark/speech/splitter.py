@@ -9,7 +9,8 @@ A sentence is released only once what follows it is known ("Dr. Smith" and "3.5"
 their periods, and a period followed by a lowercase word ends nothing), so a candidate end waits for
 the next non-space character. Line breaks always end a sentence (list items, headings). A long run
 without an end is cut at a clause or word boundary, so audio never waits for the whole answer; the
-first piece is cut shorter than the rest because its length is the wait before anything is heard.
+first piece is cut shorter than the rest because its length is the wait before anything is heard,
+and the limit doubles piece by piece from there.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ _ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs mt fig no approx dept 
 _LIST_MARKER = re.compile(r"^\s*(?:[-*+>#]\s*)*\d{1,9}[.)]$")
 _CLAUSE_BREAKS = (", ", "; ", ": ", "，", "、", "；", "：")
 
-FIRST_MAX_CHARS = 60  # a piece a voice speaks in about 4 s, synthesized in well under half a second
+FIRST_MAX_CHARS = 40  # a phrase a voice speaks in 2-3 s, synthesized in a fraction of that
 MAX_CHARS = 250
 
 
@@ -80,7 +81,10 @@ class SentenceSplitter:
         return self._take(line, final=True)
 
     def _limit(self) -> int:
-        return self.first_max_chars if self._released == 0 else self.max_chars
+        # The first piece is short so audio starts early; each later one may be twice as long as the
+        # one before, so it is synthesized while its predecessor plays (synthesis runs faster than
+        # real time), up to max_chars.
+        return min(self.max_chars, self.first_max_chars << min(self._released, 16))
 
     def _take_partial(self) -> list[str]:
         sentences, self._pending = self._split(self._pending, final=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -39,15 +40,45 @@ class _Failed:
 _END = object()
 
 
+class _Playback:
+    """When this reply's listener will need its next sentence: the first audio's time plus the
+    length of the audio synthesized since."""
+
+    def __init__(self, bytes_per_second: int) -> None:
+        self.bytes_per_second = bytes_per_second
+        self.first_audio_at: float | None = None
+        self.synthesized_s = 0.0
+
+    def started(self) -> None:
+        if self.first_audio_at is None:
+            self.first_audio_at = time.perf_counter()
+
+    def synthesized(self, job: asyncio.Future) -> None:
+        if self.bytes_per_second and not job.cancelled() and job.exception() is None:
+            self.synthesized_s += len(job.result()) / self.bytes_per_second
+
+    def due_at(self) -> float | None:
+        if self.first_audio_at is None or not self.bytes_per_second:
+            return None
+        return self.first_audio_at + self.synthesized_s
+
+
 async def speak_deltas(
     deltas: AsyncIterator[str],
-    speak: Callable[[str], Awaitable[bytes]],
+    speak: Callable[..., Awaitable[bytes]],
     *,
+    bytes_per_second: int = 0,
     run_ahead: int = RUN_AHEAD_SENTENCES,
     splitter: SentenceSplitter | None = None,
 ) -> AsyncIterator[SpokenPiece]:
-    """Transcript and audio pieces for the text ``deltas`` yield; see the module docstring."""
+    """Transcript and audio pieces for the text ``deltas`` yield; see the module docstring.
+
+    ``speak(sentence, due_at=...)`` synthesizes one sentence; ``due_at`` is when the listener will
+    need it (None: now), known once audio has started: the first audio's time plus the seconds
+    synthesized so far (``bytes_per_second`` of the PCM; 0 leaves every ``due_at`` None).
+    """
     splitter = splitter or SentenceSplitter()
+    playback = _Playback(bytes_per_second)
     slots = asyncio.Semaphore(run_ahead)
     # Text deltas and sentence jobs in the order they arose; the consumer awaits each job in turn.
     queue: asyncio.Queue[object] = asyncio.Queue()
@@ -56,7 +87,9 @@ async def speak_deltas(
         spoken = clean_for_speech(sentence)
         if spoken:
             await slots.acquire()  # bounded run-ahead: wait for the consumer to take a sentence
-            queue.put_nowait(asyncio.ensure_future(speak(spoken)))
+            job = asyncio.ensure_future(speak(spoken, due_at=playback.due_at()))
+            job.add_done_callback(playback.synthesized)
+            queue.put_nowait(job)
 
     async def read_deltas() -> None:
         try:
@@ -81,6 +114,7 @@ async def speak_deltas(
             else:
                 pcm = await item  # type: ignore[misc]
                 slots.release()
+                playback.started()
                 yield SpokenPiece(pcm=pcm)
     finally:
         reader.cancel()
