@@ -7,6 +7,7 @@ thread once the app starts, and ``/health`` answers 503 until it is ready.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 from collections.abc import Callable
@@ -88,6 +89,9 @@ def create_app(
             # A model still loading cannot be interrupted: waiting for it would hold the stop for as long
             # as the load (or the hub's retries) takes.
             engine.stop(timeout_s=0.0 if engine.state is EngineState.LOADING else 30.0)
+        # Sentences still being synthesized finish first: a voice thread inside onnxruntime when the
+        # interpreter exits aborts the process ("terminate called without an active exception").
+        await asyncio.to_thread(state.voices.pool.close, wait=True)
 
     app = FastAPI(
         title="Snark",
