@@ -1,4 +1,4 @@
-"""The ``snark`` command line: help, version, and progress written as log lines off a terminal."""
+"""The ``snark`` command line: help, version, and its logs (progress as lines off a terminal, no health checks)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from tqdm.auto import tqdm
 
 from snark import cli
+from snark.logs import HealthCheckFilter, configure_logging
 from snark.progress import ProgressLines, progress_class
 
 
@@ -60,3 +61,20 @@ def test_iterated_progress_logs_its_end(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="snark.progress"):
         assert sum(ProgressLines(range(10), desc="Loading weights")) == 45
     assert [r.getMessage() for r in caplog.records][-1] == "Loading weights: 100% (10 of 10)"
+
+
+def test_health_checks_leave_the_access_log_unless_asked(test_settings) -> None:
+    access = logging.getLogger("uvicorn.access")
+    before = list(access.filters)
+
+    def quiet_filters() -> int:
+        return sum(isinstance(f, HealthCheckFilter) for f in access.filters)
+
+    try:
+        configure_logging(test_settings.model_copy(update={"log_health_checks": False}))
+        configure_logging(test_settings.model_copy(update={"log_health_checks": False}))  # twice: still one filter
+        assert quiet_filters() == 1
+        configure_logging(test_settings.model_copy(update={"log_health_checks": True}))
+        assert quiet_filters() == 0
+    finally:
+        access.filters[:] = before
