@@ -69,6 +69,12 @@ class ModelNotReady(SnarkError):
     code = "model_loading"
 
 
+class ShuttingDown(ModelNotReady):
+    """The server is stopping: the request was refused or stopped (503; retry elsewhere)."""
+
+    code = "shutting_down"
+
+
 class RequestTimeout(SnarkError):
     """A request ran past the configured per-request timeout (504)."""
 

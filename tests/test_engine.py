@@ -457,3 +457,28 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(t
             assert decoded_meanwhile >= chunks  # one decode step after every chunk
     finally:
         engine.stop()
+
+
+def test_requests_refused_or_stopped_at_shutdown_say_so(tiny_model_dir):
+    from snark.errors import ShuttingDown
+
+    engine = start_engine(tiny_model_dir, max_batch_size=1)
+    prompt = _build(engine, "Hello")
+
+    async def run():
+        running = engine.submit(prompt, SamplingParams(max_new_tokens=2000, ignore_eos=True))
+        waiting = engine.submit(prompt, SamplingParams(max_new_tokens=4))
+        async for event in running.events():
+            if event.text:
+                break
+        await asyncio.to_thread(engine.stop)
+        with pytest.raises(ShuttingDown) as refused:
+            async for _ in waiting.events():
+                pass
+        with pytest.raises(ShuttingDown):
+            engine.submit(prompt, SamplingParams(max_new_tokens=4))
+        return refused.value, running
+
+    refused, running = asyncio.run(run())
+    assert refused.status_code == 503 and refused.code == "shutting_down"
+    assert running.finish_reason is FinishReason.CANCELLED

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from snark.api.errors import error_response
 from snark.engine.base import SHUTTING_DOWN, Engine
-from snark.errors import ModelNotReady
+from snark.errors import ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ async def _end_cut(exchange: Exchange, scope: Scope, receive: Receive, send: Sen
     if exchange.complete:
         return
     if not exchange.response_started:
-        await error_response(ModelNotReady(SHUTTING_DOWN, code="shutting_down"))(scope, receive, send)
+        await error_response(ShuttingDown(SHUTTING_DOWN))(scope, receive, send)
         return
     log.info("an audio stream ended early: the server is shutting down")
     await send({"type": "http.response.body", "body": b"", "more_body": False})

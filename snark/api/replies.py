@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from snark.api.cancellation import within
 from snark.api.errors import error_body
 from snark.engine.request import FinishReason, GenerationRequest, StreamEvent
-from snark.errors import ModelNotReady, SnarkError
+from snark.errors import ShuttingDown, SnarkError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def finish_reason_of(reason: FinishReason | None) -> str:
     client as 'cancelled': it is an error."""
     if reason is FinishReason.STOP or reason is FinishReason.LENGTH:
         return reason.value
-    raise ModelNotReady("The server is shutting down and stopped this request; retry it.", code="shutting_down")
+    raise ShuttingDown("The server is shutting down and stopped this request; retry it.")
 
 
 class ChatReply:

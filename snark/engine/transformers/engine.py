@@ -34,7 +34,7 @@ from snark.engine.transformers.rows import Row
 from snark.engine.transformers.runner import ChunkedPrefill, Runner
 from snark.engine.transformers.sampler import next_tokens, sampling_defaults
 from snark.engine.transformers.scheduler import Scheduler
-from snark.errors import ModelNotReady
+from snark.errors import ModelNotReady, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class TransformersEngine(Engine):
             waiting, self.scheduler.waiting = self.scheduler.waiting, []
             self._cond.notify_all()
         for request in waiting:
-            request.fail(ModelNotReady(SHUTTING_DOWN))
+            request.fail(ShuttingDown(SHUTTING_DOWN))
         for row in list(self.scheduler.running):
             row.request.cancel()
         if self._worker is not None:
@@ -148,7 +148,7 @@ class TransformersEngine(Engine):
     # --- the asyncio side ---------------------------------------------------------------------------
     def _require_ready(self) -> PromptBuilder:
         if self._stopping or self.state is EngineState.STOPPED:
-            raise ModelNotReady(SHUTTING_DOWN)
+            raise ShuttingDown(SHUTTING_DOWN)
         if self.state is not EngineState.READY or self.prompts is None:
             raise ModelNotReady(STILL_LOADING)
         return self.prompts
@@ -173,7 +173,7 @@ class TransformersEngine(Engine):
         request.bind_to_running_loop()
         with self._cond:
             if self._stopping:
-                raise ModelNotReady(SHUTTING_DOWN)
+                raise ShuttingDown(SHUTTING_DOWN)
             self.scheduler.add(request)
             self._cond.notify()
         return request

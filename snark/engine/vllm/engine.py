@@ -31,7 +31,7 @@ from snark.engine.vllm import args as vllm_args
 from snark.engine.vllm.prompt import VllmPrompt, VllmPromptBuilder
 from snark.engine.vllm.runtime import Runtime, load_runtime
 from snark.engine.vllm.sampling import vllm_sampling_fields
-from snark.errors import InvalidRequest, ModelNotReady, Overloaded
+from snark.errors import InvalidRequest, ModelNotReady, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class VllmEngine(Engine):
     # --- the asyncio side (uvicorn's loop) ----------------------------------------------------------
     def _require_ready(self) -> VllmPromptBuilder:
         if self._stopping or self.state is EngineState.STOPPED:
-            raise ModelNotReady(SHUTTING_DOWN)
+            raise ShuttingDown(SHUTTING_DOWN)
         if not self.healthy and self.state is EngineState.FAILED:
             raise ModelNotReady(ENGINE_DIED, code="engine_dead")
         if self.state is not EngineState.READY or self.prompts is None:
@@ -141,7 +141,7 @@ class VllmEngine(Engine):
         request.bind_to_running_loop()
         with self._lock:
             if self._stopping:
-                raise ModelNotReady(SHUTTING_DOWN)
+                raise ShuttingDown(SHUTTING_DOWN)
             if len(self._live) >= self.max_batch_size + self.max_waiting_requests:
                 raise Overloaded(
                     f"{len(self._live)} requests are already running or waiting (SNARK_MAX_WAITING_REQUESTS="
@@ -257,7 +257,7 @@ class VllmEngine(Engine):
         """vLLM's exception -> what the client should see."""
         runtime = self.runtime
         if runtime is None:  # stop() has shut vLLM down
-            return ModelNotReady(SHUTTING_DOWN)
+            return ShuttingDown(SHUTTING_DOWN)
         if runtime.is_engine_dead(exc) or runtime.llm.errored:
             self._mark_dead()
             return ModelNotReady(ENGINE_DIED, code="engine_dead")
