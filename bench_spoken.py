@@ -7,7 +7,7 @@ Per round, one after the other on the same prompt (greedy, so the same answer ea
   text      POST /infer/text (JSON): the whole answer
   sentence  POST /infer/text stream=true: when the first sentence (as the server's splitter cuts it) is written
   spoken    POST /infer/text response_format=wav: the first audio byte after the header, and the last byte
-Then ``--concurrency`` spoken replies at once; for each, the stream's real-time factor: the time from
+Then a short /v1/audio/speech "Hi." sent 10 s into a 300-token spoken reply (still synthesizing), and ``--concurrency`` spoken replies at once; for each, the stream's real-time factor: the time from
 its first to its last audio byte over the audio's length (below 1: playback started at the first
 byte never runs dry, given the first sentence), and the longest stall a player would have had.
 """
@@ -70,6 +70,24 @@ def spoken(http: httpx.Client, tokens: int) -> dict:
     }
 
 
+def short_during_long(url: str, tokens: int = 300, after_s: float = 10.0) -> float:
+    """Seconds for a "Hi." speech request sent ``after_s`` into a ``tokens``-token spoken reply (minutes
+    of audio on the tiny model, so its synthesis is still running then, on any version of the server)."""
+    def speak_long() -> None:
+        with httpx.stream("POST", f"{url}/infer/text", data=form(tokens, response_format="wav"), timeout=600) as response:
+            for _ in response.iter_raw():
+                pass
+
+    reader = threading.Thread(target=speak_long)
+    reader.start()
+    time.sleep(after_s)
+    sent = time.perf_counter()
+    httpx.post(f"{url}/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", "input": "Hi."}, timeout=600).raise_for_status()
+    took = time.perf_counter() - sent
+    reader.join()
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8123")
@@ -93,6 +111,7 @@ def main() -> None:
               f"first sentence + {first_audio_s - sentence_s:.2f} s)")
         print(f"  spoken: last byte           {last_s:6.2f} s  ({statistics.median(r[2]['audio_s'] for r in rows):.1f} s of audio)")
 
+        print(f'"Hi." while a long speech streams: {short_during_long(args.url):.2f} s')
         results: list[dict] = []
 
         def one() -> None:

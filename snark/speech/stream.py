@@ -83,12 +83,22 @@ async def speak_deltas(
     # Text deltas and sentence jobs in the order they arose; the consumer awaits each job in turn.
     queue: asyncio.Queue[object] = asyncio.Queue()
 
+    previous: list[asyncio.Future] = []  # this reply's latest job
+
+    async def speak_in_turn(spoken: str, before: asyncio.Future | None) -> bytes:
+        # One job of a reply in the pool at a time: its sentences are needed in order anyway, and a
+        # reply never holds every worker, so another request always finds one soon.
+        if before is not None:
+            await asyncio.wait([before])
+        return await speak(spoken, due_at=playback.due_at())
+
     async def submit(sentence: str) -> None:
         spoken = clean_for_speech(sentence)
         if spoken:
             await slots.acquire()  # bounded run-ahead: wait for the consumer to take a sentence
-            job = asyncio.ensure_future(speak(spoken, due_at=playback.due_at()))
+            job = asyncio.ensure_future(speak_in_turn(spoken, previous[-1] if previous else None))
             job.add_done_callback(playback.synthesized)
+            previous[:] = [job]
             queue.put_nowait(job)
 
     async def read_deltas() -> None:
