@@ -34,7 +34,9 @@ class Speaker(Protocol):
 
     def synthesize(self, text: str, *, speed: float = 1.0) -> Iterator[bytes]:
         """Yield 16-bit mono little-endian PCM chunks for ``text``. ``speed`` 1.0 is normal, 2.0
-        twice as fast. Raises ``InvalidRequest`` when called, not when iterated, for a bad speed."""
+        twice as fast. Raises ``InvalidRequest`` when called, not when iterated, for a bad speed.
+        The synthesis pool calls it from several threads at once: an engine that cannot run
+        concurrently serialises itself (Coqui does)."""
         ...
 
 
