@@ -295,3 +295,23 @@ def test_the_voices_setting_is_name_equals_path() -> None:
     assert load_settings(tts_voices="amy=/v/amy.onnx, joe = /v/joe.onnx").tts_voice_paths == {"amy": "/v/amy.onnx", "joe": "/v/joe.onnx"}
     with pytest.raises(ConfigError, match="SNARK_TTS_VOICES"):
         load_settings(tts_voices="/v/amy.onnx")
+
+
+class BreaksOnSecondSentence(CountingSpeaker):
+    """The real voice for the first sentence; the second one fails, as a broken voice file would."""
+
+    def synthesize(self, text: str, *, speed: float = 1.0) -> Iterator[bytes]:
+        if self.sentences:
+            raise RuntimeError("the voice broke")
+        return super().synthesize(text, speed=speed)
+
+
+def test_a_failure_after_the_audio_started_ends_the_stream_and_is_logged(test_settings, tiny_engine, caplog):
+    breaking = BreaksOnSecondSentence(PiperSpeaker())
+    app = create_app(test_settings, engine=tiny_engine, speaker=LazySpeaker(lambda: breaking, engine_name="piper"))
+    with serve(app) as url, caplog.at_level("ERROR", logger="snark.api.spoken"):
+        request = {"input": "The first sentence is fine. The second one breaks. A third.", "response_format": "wav"}
+        response = httpx.post(f"{url}/v1/audio/speech", json=request, timeout=60)
+    assert response.status_code == 200 and response.content[:4] == b"RIFF"
+    assert response.content[44:] == b"".join(breaking.pcm)  # the first sentence, then a clean end
+    assert any("failed after its first bytes" in record.getMessage() for record in caplog.records)
