@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import enum
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,8 @@ class Engine(abc.ABC):
     and report each request's events through ``GenerationRequest.push``/``finish``/``fail``."""
 
     name: str = "engine"
+    thread_name: str = "snark-engine"
+    still_loading: str = "the model is still loading"  # what wait_ready says when it times out
 
     def __init__(self, *, max_batch_size: int) -> None:
         self.max_batch_size = max_batch_size
@@ -59,23 +62,34 @@ class Engine(abc.ABC):
         self.load_error: BaseException | None = None
         self.default_sampling = SamplingParams()  # the model's own defaults, once it is loaded
         self._listeners: list[Callable[[GenerationRequest], None]] = []
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()  # set once the model is loaded or its load failed
 
     # --- lifecycle --------------------------------------------------------------------------------
-    @abc.abstractmethod
     def start(self, on_load_failed: Callable[[BaseException], None] | None = None) -> None:
-        """Begin loading the model in the background; return at once."""
+        """Start the engine's thread (``_main``): it loads the model, then serves. Returns at once."""
+        self._thread = threading.Thread(target=self._main, args=(on_load_failed,), name=self.thread_name, daemon=True)
+        self._thread.start()
 
     @abc.abstractmethod
+    def _main(self, on_load_failed: Callable[[BaseException], None] | None) -> None:
+        """The engine's thread: load (setting ``_ready`` and ``load_error``), then serve until stopped."""
+
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until the model is loaded; re-raise the load error if it failed."""
+        self._ready.wait(timeout_s)
+        if self.load_error is not None:
+            raise self.load_error
+        if self.state is not EngineState.READY:
+            raise TimeoutError(self.still_loading)
 
     @abc.abstractmethod
     def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new work, end what is queued or running, release the model."""
 
     @property
-    @abc.abstractmethod
-    def started(self) -> bool: ...
+    def started(self) -> bool:
+        return self._thread is not None
 
     # --- facts ------------------------------------------------------------------------------------
     @property

@@ -75,26 +75,12 @@ class TransformersEngine(Engine):
         self._preparing = 0  # prompts being built: requests about to be submitted
         self._cond = threading.Condition()
         self._stopping = False
-        self._worker: threading.Thread | None = None
-        self._ready = threading.Event()
         self._kv_cache_usage = 0.0  # set by the generation thread after each step, read by /metrics
         self.max_prefill_tokens = max_prefill_tokens
         self._chunked: ChunkedPrefill | None = None  # a long prompt being prefilled a chunk per step
         self.prefill_chunks_run = 0  # chunks of long prompts so far (logs and tests)
 
     # --- lifecycle --------------------------------------------------------------------------------
-    def start(self, on_load_failed: Callable[[BaseException], None] | None = None) -> None:
-        """Start the generation thread: it loads the model, then runs steps. Returns at once."""
-        self._worker = threading.Thread(target=self._main, args=(on_load_failed,), name="snark-engine", daemon=True)
-        self._worker.start()
-
-    def wait_ready(self, timeout_s: float | None = None) -> None:
-        self._ready.wait(timeout_s)
-        if self.load_error is not None:
-            raise self.load_error
-        if self.state is not EngineState.READY:
-            raise TimeoutError("the model is still loading")
-
     def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, fail the waiting ones, cancel the running ones (they end at the
         next step), and wait for the generation thread."""
@@ -106,13 +92,9 @@ class TransformersEngine(Engine):
             request.fail(ShuttingDown(SHUTTING_DOWN))
         for row in list(self.scheduler.running):
             row.request.cancel()
-        if self._worker is not None:
-            self._worker.join(timeout_s)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
         self.state = EngineState.STOPPED
-
-    @property
-    def started(self) -> bool:
-        return self._worker is not None
 
     # --- facts ------------------------------------------------------------------------------------
     @property

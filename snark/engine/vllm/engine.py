@@ -40,7 +40,12 @@ _FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "ab
 
 
 class VllmEngine(Engine):
+    """vLLM's async engine behind Snark's seam. Its thread (``_main``) builds the engine (minutes:
+    processes, profiling, compiling), then runs vLLM's event loop."""
+
     name = "vllm"
+    thread_name = "snark-vllm"
+    still_loading = "vLLM is still starting"
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(max_batch_size=vllm_args.max_num_seqs(settings))
@@ -50,8 +55,6 @@ class VllmEngine(Engine):
         self._facts: ModelFacts | None = None
         self.prompts: VllmPromptBuilder | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
         self._lock = threading.Lock()
         self._stopping = False
         self._live: dict[GenerationRequest, Future] = {}  # submitted and not yet ended
@@ -59,19 +62,6 @@ class VllmEngine(Engine):
         self._flush_scheduled = False
 
     # --- lifecycle --------------------------------------------------------------------------------
-    def start(self, on_load_failed: Callable[[BaseException], None] | None = None) -> None:
-        """Start vLLM's thread: it builds the engine (minutes: processes, profiling, compiling), then
-        runs its event loop. Returns at once."""
-        self._thread = threading.Thread(target=self._main, args=(on_load_failed,), name="snark-vllm", daemon=True)
-        self._thread.start()
-
-    def wait_ready(self, timeout_s: float | None = None) -> None:
-        self._ready.wait(timeout_s)
-        if self.load_error is not None:
-            raise self.load_error
-        if self.state is not EngineState.READY:
-            raise TimeoutError("vLLM is still starting")
-
     def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, cancel the live ones (their streams end as a shutdown), shut vLLM's
         processes down and end its thread."""
@@ -87,10 +77,6 @@ class VllmEngine(Engine):
         if self._thread is not None:
             self._thread.join(timeout_s)
         self.state = EngineState.STOPPED
-
-    @property
-    def started(self) -> bool:
-        return self._thread is not None
 
     # --- facts ------------------------------------------------------------------------------------
     @property
