@@ -75,6 +75,21 @@ class Engine(abc.ABC):
     def _main(self, on_load_failed: Callable[[BaseException], None] | None) -> None:
         """The engine's thread: load (setting ``_ready`` and ``load_error``), then serve until stopped."""
 
+    def _loaded(self) -> None:
+        """Called by ``_main`` once the model serves: ``wait_ready`` and ``/health`` say ready."""
+        self.state = EngineState.READY
+        self._ready.set()
+
+    def _load_failed(self, exc: BaseException, on_load_failed: Callable[[BaseException], None] | None) -> None:
+        """Called by ``_main`` when loading raised: reported to /health, ``wait_ready``, the log and
+        ``on_load_failed`` (which by default stops the process)."""
+        self.load_error = exc
+        self.state = EngineState.FAILED
+        self._ready.set()
+        log.error("%s engine failed to load the model: %s", self.name, exc)
+        if on_load_failed is not None:
+            on_load_failed(exc)
+
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until the model is loaded; re-raise the load error if it failed."""
         self._ready.wait(timeout_s)

@@ -174,16 +174,10 @@ class TransformersEngine(Engine):
     def _main(self, on_load_failed: Callable[[BaseException], None] | None) -> None:
         try:
             self._load()
-        except BaseException as exc:  # reported to /health, the CLI and the log
-            self.load_error = exc
-            self.state = EngineState.FAILED
-            self._ready.set()
-            log.error("model load failed: %s", exc)
-            if on_load_failed is not None:
-                on_load_failed(exc)
+        except BaseException as exc:
+            self._load_failed(exc, on_load_failed)
             return
-        self.state = EngineState.READY
-        self._ready.set()
+        self._loaded()
         # The cache's tensors are inference tensors: every step (and every cache move) runs in this mode.
         with torch.inference_mode():
             while (admitted := self._next_admissions()) is not None:
@@ -307,10 +301,11 @@ class TransformersEngine(Engine):
                 running.extend(rows)
         if self._chunked is not None:
             self._advance_chunked()
+        outbox = Outbox()
         for row in running:
             if not row.done and row.request.cancel_requested:
-                row.end(FinishReason.CANCELLED, outbox := Outbox())
-                outbox.flush()
+                row.end(FinishReason.CANCELLED, outbox)
+        outbox.flush()
         self._retire()
         if running := self.scheduler.running:
             self._run(running, self.runner.decode)

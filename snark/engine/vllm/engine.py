@@ -157,17 +157,11 @@ class VllmEngine(Engine):
             )
             self.default_sampling = self.runtime.default_sampling
             self._facts = self.runtime.facts
-        except BaseException as exc:  # reported to /health, the CLI and the log
-            self.load_error = exc
-            self.state = EngineState.FAILED
-            self._ready.set()
-            log.error("vLLM engine failed to start: %s", exc)
-            if on_load_failed is not None:
-                on_load_failed(exc)
+        except BaseException as exc:
+            self._load_failed(exc, on_load_failed)
             loop.close()
             return
-        self.state = EngineState.READY
-        self._ready.set()
+        self._loaded()
         try:
             loop.run_forever()
         finally:
