@@ -6,9 +6,11 @@ model code). Servers are real uvicorn instances on 127.0.0.1, driven by real HTT
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -69,3 +71,26 @@ def base_url(test_settings, tiny_engine, speaker) -> Iterator[str]:
     """A server on the shared tiny engine, with default test settings."""
     with serve(create_app(test_settings, engine=tiny_engine, speaker=speaker)) as url:
         yield url
+
+
+def hang_up_once(url: str, path: str, body: dict, running: Callable[[], object], timeout_s: float = 60.0) -> None:
+    """POST ``body`` as a client that waits for a plain (non-streamed) answer, then close the connection
+    once ``running()`` says the request is being generated: an event, not a timer, so a fast machine
+    cannot finish the request before the client gives up."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
+        connection.sendall(head + payload)
+        deadline = time.monotonic() + timeout_s
+        while not running():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the request to {path} never started running within {timeout_s} s")
+            time.sleep(0.02)
+        connection.setblocking(False)
+        try:
+            answered = connection.recv(1)  # nothing yet: the answer comes only when generation ends
+        except BlockingIOError:
+            answered = b""
+        assert not answered, "the request ended before the client hung up"
