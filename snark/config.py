@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     kv_cache_gib: float | None = Field(None, gt=0)  # default: 4 on CPU, 80% of the GPU memory free after loading
     max_waiting_requests: int = Field(64, ge=1)
 
+    # --- structured outputs (JSON schema, tool calls) -----------------------------------------
+    # Checked before any grammar is compiled: a compile cannot be interrupted once it runs.
+    max_schema_bytes: int = Field(32 * 1024, gt=0)  # one response schema, or all tools' parameters together
+    max_schema_depth: int = Field(16, ge=1)  # nesting of objects, arrays and combinators
+
     # --- images ------------------------------------------------------------------------------
     # Operator cap on the pixels an image is resized to before the vision tower (1280 * 28 * 28 is
     # 1280 image tokens); the published checkpoints allow up to 16384 * 28 * 28.

@@ -18,10 +18,10 @@ import abc
 import enum
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams, StreamEvent
+from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams, StreamEvent, ToolSpec
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,18 @@ class Engine(abc.ABC):
 
     # --- requests ---------------------------------------------------------------------------------
     @abc.abstractmethod
-    async def build_prompt(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> PromptInputs:
-        """Tokenize ``turns`` (and preprocess images) off the event loop. Raises ``InvalidRequest``."""
+    async def build_prompt(
+        self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()
+    ) -> PromptInputs:
+        """Tokenize ``turns`` (and preprocess images) off the event loop; ``tools`` are described to
+        the model in the system turn. Raises ``InvalidRequest``."""
+
+    async def prepare(self, params: SamplingParams) -> SamplingParams:
+        """``params`` ready to submit: what the engine must do before a request can join a batch (compile
+        its output grammar), done off the event loop and off the generation thread. Raises
+        ``InvalidRequest`` for a constraint the engine cannot compile. Engines that compile inside
+        their own loop (vLLM) return ``params`` as they are."""
+        return params
 
     @abc.abstractmethod
     def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:

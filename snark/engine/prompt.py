@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Sequence
 
-from snark.engine.request import ChatTurn, PromptInputs
+from snark.engine.request import ChatTurn, PromptInputs, ToolSpec
 from snark.errors import InvalidRequest
 
 ROLES = ("system", "user", "assistant")
@@ -33,7 +34,7 @@ class PromptBuilder:
         # image loses its <|image_pad|> tokens) or let client text through unsplit (a forged <|im_start|>).
         self._tokenizer_lock = threading.Lock()
 
-    def build(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> PromptInputs:
+    def build(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()) -> PromptInputs:
         """Tokenize ``turns`` with the generation prompt appended. CPU work: call it off the loop."""
         texts: list[str] = []
         messages = []

@@ -38,6 +38,21 @@ GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy decoding
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """What a request's output must follow, token by token; each engine compiles it its own way.
+
+    ``kind`` is "json_schema" (``spec``: the schema as JSON text), "json_object" (any JSON object;
+    ``spec`` empty) or "structural_tag" (``spec``: an xgrammar structural tag as JSON text, how tool
+    calls are constrained). ``compiled`` is the engine's own compiled form once ``Engine.prepare``
+    made it (Snark's engine: an xgrammar grammar; vLLM compiles inside its engine and leaves it None).
+    """
+
+    kind: str
+    spec: str = ""
+    compiled: object | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding parameters. ``temperature == 0`` means greedy decoding."""
 
@@ -51,7 +66,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI-style, over output tokens
     presence_penalty: float = 0.0
     # Run to max_new_tokens even past end-of-turn (vLLM's flag): benchmarks need fixed output lengths.
+    # A constrained row still ends where its grammar ends.
     ignore_eos: bool = False
+    structure: StructuredOutput | None = None  # constrained decoding (JSON schema, tool calls)
 
     @property
     def is_greedy(self) -> bool:
@@ -60,12 +77,32 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call: what the model asked for, or an earlier call in the history."""
+
+    id: str
+    name: str
+    arguments: str  # a JSON object as text, as OpenAI sends it
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One function the model may call (OpenAI's ``tools[].function``)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema for the arguments object; None: any object
+
+
 @dataclass
 class ChatTurn:
-    """One chat message: a role and its parts, text or decoded RGB images, in order."""
+    """One chat message: a role and its parts, text or decoded RGB images, in order. An assistant
+    turn may carry the tool calls it made; a "tool" turn is one call's result (its text part)."""
 
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" | "tool"
     parts: list[str | Image.Image]
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -27,7 +27,7 @@ from PIL import Image
 from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
 from snark.engine.loader import LoadedModel
 from snark.engine.prompt import PromptBuilder
-from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, RequestState, SamplingParams
+from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, RequestState, SamplingParams, ToolSpec
 from snark.engine.transformers.cache import RowCache
 from snark.engine.transformers.compiled import allow_recompiles, compile_step, require_cuda, warm_up
 from snark.engine.transformers.rows import Row
@@ -135,14 +135,16 @@ class TransformersEngine(Engine):
             raise ModelNotReady(STILL_LOADING)
         return self.prompts
 
-    async def build_prompt(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> PromptInputs:
+    async def build_prompt(
+        self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()
+    ) -> PromptInputs:
         """Tokenize and preprocess images in a worker thread (CPU-heavy for big images). An idle
         engine waiting for companions meanwhile waits a little longer for this request."""
         prompts = self._require_ready()
         with self._cond:
             self._preparing += 1
         try:
-            return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels)
+            return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
         finally:
             with self._cond:
                 self._preparing -= 1

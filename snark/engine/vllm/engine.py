@@ -21,12 +21,12 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from snark.config import Settings
 from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
-from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, SamplingParams, StreamEvent
+from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, SamplingParams, StreamEvent, ToolSpec
 from snark.engine.vllm import args as vllm_args
 from snark.engine.vllm.prompt import VllmPrompt, VllmPromptBuilder
 from snark.engine.vllm.runtime import Runtime, load_runtime
@@ -115,9 +115,11 @@ class VllmEngine(Engine):
             raise ModelNotReady(STILL_LOADING)
         return self.prompts
 
-    async def build_prompt(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> PromptInputs:
+    async def build_prompt(
+        self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()
+    ) -> PromptInputs:
         prompts = self._require_ready()
-        return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels)
+        return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
 
     def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:
         self._require_ready()

@@ -15,6 +15,7 @@ control tokens or image slots), so a prompt has the same tokens on both engines.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from snark.engine.prompt import IMAGE_PAD, PromptBuilder
-from snark.engine.request import ChatTurn, PromptInputs
+from snark.engine.request import ChatTurn, PromptInputs, ToolSpec
 
 
 @dataclass
@@ -62,11 +63,11 @@ class VllmPromptBuilder:
         self.builder.image_processor = self.sizer  # token counts only: vLLM computes the pixel values
         self.image_pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
-    def build(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int) -> VllmPrompt:
+    def build(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()) -> VllmPrompt:
         """CPU work (resizing): call it off the event loop."""
         # Counted on the images as decoded, as Snark's own engine does: smart_resize is not idempotent
         # where its result breaks the bounds (a small cap floors both sides), so never count a resized one.
-        counted = self.builder.build(turns, min_pixels=min_pixels, max_pixels=max_pixels)
+        counted = self.builder.build(turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
         images = [
             self._resized(part, min_pixels=min_pixels, max_pixels=max_pixels)
             for turn in turns
