@@ -11,13 +11,20 @@ Workloads (--workload):
   hol      head of line: --hol-long requests of --hol-long-tokens start together, a request of
            --hol-short-tokens follows --hol-delay-s later; its latency over its latency alone on the
            idle server (measured first, median of 3) says how long a newcomer waits behind running work.
+  structured  JSON-schema-constrained answers (response_format json_schema; a receipt schema, renamed per
+           client so each of --concurrency clients has its own grammar) against free answers to the same
+           prompts, each asked for exactly its constrained pair's token count; output tok/s of each, their
+           ratio (goals: >= 80% at concurrency 1, >= 70% at 16), each schema's compile time, and every
+           answer parsed and validated against its schema (jsonschema).
 
-Every request sets ignore_eos: output lengths are exact, so servers compare.
+Every request sets ignore_eos (constrained answers end where their grammar ends): output lengths are
+exact, so servers compare.
 
     uv run python benchmark_vlm.py --tiny --concurrency 1,4,16 --requests 32 --max-tokens 64 --compare-serial
     uv run python benchmark_vlm.py --tiny --image sample.jpeg --compare-serial --http-check
     uv run python benchmark_vlm.py --tiny --workload poisson --rate 3 --label snark --save snark-1.json
     uv run python benchmark_vlm.py --tiny --workload hol --hol-long-tokens 256
+    uv run python benchmark_vlm.py --tiny --workload structured --concurrency 1,16 --repeats 3
     uv run python benchmark_vlm.py --url http://localhost:8000 --workload poisson --rate 3 --label vllm --save vllm-1.json
     uv run python benchmark_vlm.py --compare snark-1.json vllm-1.json vllm-2.json snark-2.json
     VLM_SIZE=32B uv run python benchmark_vlm.py --max-tokens 600          # the model the server would load
@@ -98,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(**({"engine": args.engine} if args.engine else {}))
         if args.roofline_only:
             return print_roofline_only(args, settings)
+        if args.workload == "structured":
+            return structured_over_http(args) if args.url else structured_in_process(args, settings)
         count = max(requests_at(args, c) for c in args.levels) if args.workload == "burst" else prompts_needed(args)
         workload = build_workload(count, image_option=args.image, seed=args.seed)
         if args.url:
@@ -214,6 +223,45 @@ def vllm_in_process(args, settings, workload) -> int:
     return finish_latency(args, measured, shown, machine_info(None), endpoint="in-process vLLM engine", model=engine.model_name)
 
 
+def structured_over_http(args) -> int:
+    from snark.bench.structured import http_sender, run_structured
+
+    target = HttpTarget(args.url, model=args.model_name)
+    if not target.openai:
+        raise ConfigError(
+            f"--workload structured needs /v1/chat/completions, and {target.url}/v1/models lists no models: "
+            "give --model-name if the server has the route without the list."
+        )
+    report = Report(machine_info(None), {**vars(args), "model": target.model})  # the client's machine
+    open_sender = lambda workload: http_sender(target, workload, max(args.levels))  # noqa: E731
+    endpoint = f"{target.url}/v1/chat/completions"
+    return run_structured(args, open_sender, report=report, endpoint=endpoint, model=target.model)
+
+
+def structured_in_process(args, settings) -> int:
+    from snark.bench.structured import engine_sender, run_structured
+
+    if settings.engine_name == "vllm":
+        raise ConfigError(
+            "--workload structured runs on Snark's own engine in-process; measure vLLM's server with --url."
+        )
+    loaded = load(args, settings)
+    compile_mode = args.compile or ("on" if settings.compile else "off")
+    max_batch = args.max_batch_size or settings.max_batch_size
+    engine = engine_for(
+        loaded, settings, args, max_batch_size=max_batch, compile_decode=compile_mode == "on",
+        max_in_flight=max(args.levels),
+    )  # fmt: skip
+    report = Report(machine_info(loaded.device), in_process_settings(args, loaded, None, max_batch, compile_mode))
+    try:
+        return run_structured(
+            args, lambda workload: engine_sender(engine, workload), report=report, endpoint="in-process engine",
+            model=loaded.name,
+        )  # fmt: skip
+    finally:
+        engine.stop()
+
+
 def latency_over_http(args, workload) -> int:
     target = HttpTarget(args.url, model=args.model_name)
     if not target.openai:
@@ -248,8 +296,8 @@ def latency_in_process(args, settings, loaded, workload) -> int:
 
 def in_process_settings(args, loaded, workload, max_batch: int, compile_mode: str) -> dict:
     return {**vars(args), "model": loaded.name, "device": str(loaded.device), "dtype": str(loaded.dtype),
-            "attention": loaded.attn_implementation, "image": workload.image_label, "max_batch_size": max_batch,
-            "compile": compile_mode}  # fmt: skip
+            "attention": loaded.attn_implementation, "image": workload.image_label if workload else "none",
+            "max_batch_size": max_batch, "compile": compile_mode}  # fmt: skip
 
 
 def finish_burst(report: Report, args, *, endpoint: str, model: str) -> int:

@@ -26,11 +26,13 @@ from snark.bench.report import (
 )
 from snark.bench.runs import Measured, compare_table, run_record
 from snark.bench.sse import ChatStreamReader, StreamError
-from snark.bench.workload import build_workload, load_image_option
+from snark.bench.structured import PairedRequest, answer_problem, paired_free_requests
+from snark.bench.workload import build_workload, load_image_option, receipt_schema, receipt_schemas
 from snark.engine import random_model
 from snark.engine.random_model import published_config
 from snark.engine.request import ChatTurn, SamplingParams
 from snark.engine.tiny_model import tiny_config
+from snark.structured.constraint import json_grammar
 
 
 def test_percentile_interpolates_like_numpy():
@@ -367,3 +369,68 @@ def test_a_real_head_of_line_run_in_process(tiny_model_dir, tmp_path, monkeypatc
         run["settings"]["model"],
     )
     assert len(run["requests"]) == 6 and run["summary"]["short e2e under load / idle"] > 0
+
+
+# --- structured outputs (--workload structured) --------------------------------------------------
+def test_the_receipt_schemas_are_valid_and_each_compiles_to_a_grammar_of_its_own():
+    jsonschema = pytest.importorskip("jsonschema")  # the dev group has it
+    schemas = receipt_schemas(16, run_tag="run 1")
+    for schema in schemas:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    assert schemas[0]["properties"]["date"]["pattern"] == r"^\d{4}-\d{2}-\d{2}$"
+    assert schemas[0]["properties"]["items"]["maxItems"] == 8
+    grammars = {json_grammar(schema) for schema in schemas}
+    assert len(grammars) == 16  # no two requests share a compiled grammar
+    # The run tag changes the text a server caches by, not the grammar.
+    assert json_grammar(receipt_schema(3, run_tag="run 2")) == json_grammar(schemas[3])
+    assert receipt_schema(3, run_tag="run 2") != schemas[3]
+
+
+def test_free_requests_get_their_constrained_pairs_lengths_past_end_of_turn():
+    assert paired_free_requests([12, 40, 7]) == [
+        PairedRequest(0, 12, ignore_eos=True),
+        PairedRequest(1, 40, ignore_eos=True),
+        PairedRequest(2, 7, ignore_eos=True),
+    ]
+    assert paired_free_requests([]) == []
+
+
+def test_a_constrained_answer_is_checked_as_json_and_against_its_schema():
+    pytest.importorskip("jsonschema")
+    schema = receipt_schema(0)
+    answer = {"store": "Corner", "date": "2024-05-17", "currency": "EUR", "items": [], "total_cents": 1550,
+              "paid": True, "note": ""}  # fmt: skip
+    assert answer_problem(json.dumps(answer), schema, "stop") is None
+    assert answer_problem(json.dumps({**answer, "date": "17 May"}), schema, "stop").startswith("schema:")
+    assert answer_problem(json.dumps(answer)[:20], schema, "length").startswith("not JSON (cut at max_tokens)")
+
+
+def test_the_structured_workload_has_its_own_defaults_and_refuses_images():
+    args = benchmark_vlm.parse_args(["--tiny", "--workload", "structured"])
+    assert (args.levels, args.max_tokens) == ([1, 16], 1024)
+    burst = benchmark_vlm.parse_args(["--tiny"])
+    assert (burst.levels, burst.max_tokens) == ([1, 4, 16], 256)
+    with pytest.raises(SystemExit):
+        benchmark_vlm.parse_args(["--tiny", "--workload", "structured", "--image", "sample.jpeg"])
+
+
+def test_a_real_structured_run_in_process(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SNARK_TINY_DIR", tiny_model_dir)
+    out = tmp_path / "structured.json"
+    argv = ["--tiny", "--workload", "structured", "--concurrency", "1,2", "--requests", "1", "--save", str(out)]
+    assert benchmark_vlm.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "json_schema c=1 vs free, same prompts and lengths" in printed and "goal >= 80%" in printed
+    assert "Invalid answers" not in printed
+    run = json.loads(out.read_text())
+    assert run["workload"] == "structured" and run["endpoint"] == "in-process engine"
+    rows = run["rows"]
+    assert [(r["mode"], r["concurrency"]) for r in rows] == [
+        ("json_schema", 1), ("free", 1), ("json_schema", 2), ("free", 2)
+    ]  # fmt: skip
+    for constrained, free in (rows[0:2], rows[2:4]):  # the same prompts and the same lengths
+        assert [t["output_tokens"] for t in constrained["timings"]] == [t["output_tokens"] for t in free["timings"]]
+        assert all(t["output_tokens"] == t["max_tokens"] for t in free["timings"])
+    summary = run["summary"]
+    assert summary["invalid answers"] == 0 and summary["checked answers"] == 3  # 1 at c=1, 2 at c=2
+    assert summary["free answers of unequal length"] == 0 and "compile ms, first schema" in summary

@@ -77,7 +77,7 @@ def test_per_request_pixel_cap_lowers_image_tokens(builder):
 
 def test_refusals(builder):
     with pytest.raises(InvalidRequest, match="Unknown role"):
-        builder.build([ChatTurn("tool", ["x"])], **PIXELS)
+        builder.build([ChatTurn("function", ["x"])], **PIXELS)
     with pytest.raises(InvalidRequest, match="must end with a user"):
         builder.build([ChatTurn("user", ["x"]), ChatTurn("assistant", ["y"])], **PIXELS)
     tight = PromptBuilder(builder.processor, max_prompt_tokens=20)

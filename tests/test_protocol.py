@@ -88,15 +88,11 @@ def test_over_the_token_limit_is_a_400_naming_the_setting(field: str) -> None:
     ("field", "value", "fragment"),
     [
         ("n", 2, "n > 1"),
-        ("tools", [{"type": "function", "function": {"name": "f"}}], "tool calling"),
-        ("tool_choice", "auto", "tool calling"),
-        ("tool_choice", {"type": "function", "function": {"name": "f"}}, "tool calling"),
-        ("functions", [{"name": "f"}], "tool calling"),
+        ("functions", [{"name": "f"}], "send the same definitions as tools"),
+        ("function_call", "auto", "use tool_choice"),
         ("logprobs", True, "logprobs"),
         ("top_logprobs", 3, "top_logprobs"),
         ("logit_bias", {"50256": -100}, "logit_bias"),
-        ("response_format", {"type": "json_object"}, "JSON"),
-        ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}, "JSON"),
         ("reasoning_effort", "high", "reasoning"),
     ],
 )
@@ -191,9 +187,12 @@ def test_messages_become_turns_in_order_with_images_decoded() -> None:
 @pytest.mark.parametrize(
     ("message", "param"),
     [
-        ({"role": "tool", "content": "42", "tool_call_id": "x"}, "messages[0].role"),
+        ({"role": "function", "content": "42", "name": "x"}, "messages[0].role"),
         ({"role": "wizard", "content": "hi"}, "messages[0].role"),
-        ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, "messages[0].tool_calls"),
+        ({"role": "user", "content": "x", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{}"}}]},
+         "messages[0].tool_calls"),
+        ({"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "[1]"}}]},
+         "messages[0].tool_calls[0].function.arguments"),
         ({"role": "user", "content": None}, "messages[0].content"),
         ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, "messages[0].content[0].type"),
         ({"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}, "messages[0].content[0]"),

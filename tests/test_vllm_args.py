@@ -186,7 +186,7 @@ def test_media_limits_become_vllms_image_bounds(env, monkeypatch):
 # --- sampling --------------------------------------------------------------------------------------
 def test_every_sampling_field_is_mapped():
     """A field added to Snark's SamplingParams must reach vLLM: this fails until it is mapped."""
-    renamed = {"max_new_tokens": "max_tokens"}
+    renamed = {"max_new_tokens": "max_tokens", "structure": "structured_outputs"}
     fields = vllm_sampling_fields(SamplingParams())
     assert [f.name for f in dataclasses.fields(SamplingParams) if renamed.get(f.name, f.name) not in fields] == []
 

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
 from tests.conftest import free_port, hang_up_once
+from tests.test_structured_outputs import ASK, CODES, RECEIPT, TIME, WEATHER, check_calls, schema_format
 
 pytestmark = pytest.mark.vllm
 
@@ -281,6 +283,29 @@ def test_a_prompt_over_the_limit_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(messages=[{"role": "user", "content": "word " * 40000}], max_tokens=2, **GREEDY)
     assert "SNARK_MAX_PROMPT_TOKENS" in info.value.message
+
+
+# --- structured outputs: vLLM compiles the grammar Snark writes ------------------------------------
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 5}])
+def test_json_schema_answers_validate_on_vllm(client, sampling):
+    for schema in (RECEIPT, CODES):
+        reply = client.chat.completions.create(
+            model="snark", messages=ASK, max_tokens=400, response_format=schema_format(schema), **sampling
+        )
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
+def test_required_tool_calls_on_vllm_whole_and_streamed(client):
+    call = {"messages": ASK, "max_tokens": 200, "tools": [WEATHER, TIME], "tool_choice": "required", "parallel_tool_calls": False}
+    whole = client.chat.completions.create(**call, **GREEDY)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    check_calls(whole.choices[0].message.tool_calls, {"get_weather", "get_time"})
+    with client.beta.chat.completions.stream(**call, **GREEDY) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.tool_calls[0].function.arguments == whole.choices[0].message.tool_calls[0].function.arguments
+    named = client.chat.completions.create(**{**call, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, **GREEDY)
+    check_calls(named.choices[0].message.tool_calls, {"get_time"})
 
 
 # --- cancellation and metrics ----------------------------------------------------------------------

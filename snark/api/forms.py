@@ -16,6 +16,7 @@ from starlette.background import BackgroundTask
 
 from snark.api.cancellation import until_disconnected, within
 from snark.api.protocol import resolve_sampling
+from snark.api.structured import form_schema_output
 from snark.api.replies import finish_reason_of
 from snark.api.spoken import MEDIA_TYPES, STREAM_HEADERS, AudioTimer, audio_stream, complete_audio, open_voice, speak_answer
 from snark.api.state import AppState, get_state
@@ -47,11 +48,16 @@ class FormInferRequest(BaseModel):
     voice: str | None = Field(None, description="wav/pcm: a SNARK_TTS_VOICES name; default: the default voice.")
     speed: float = Field(1.0, description="wav/pcm: 0.25 to 4.0; 1.0 is normal.")
     max_image_pixels: int | None = Field(None, ge=1, description="Lower this request's image resolution cap.")
+    json_schema: str | None = Field(
+        None, description="A JSON Schema (as text): the answer is JSON that follows it, constrained token by token."
+    )
 
     def to_sampling_params(self, settings: Settings, defaults: SamplingParams) -> SamplingParams:
+        structure = form_schema_output(self.json_schema, settings) if self.json_schema else None
         return resolve_sampling(
-            settings, defaults, max_new_tokens=self.max_new_tokens, param="max_new_tokens", temperature=self.temperature
-        )
+            settings, defaults, max_new_tokens=self.max_new_tokens, param="max_new_tokens", temperature=self.temperature,
+            structure=structure,
+        )  # fmt: skip
 
     def image_pixel_cap(self, settings: Settings) -> int:
         if self.max_image_pixels is None:
@@ -94,7 +100,7 @@ async def infer_text(request: Request, form: FormFields, state: AppState = Depen
     form.check_format()
     params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any image work
     prompt = await state.engine.build_prompt(form.turns(), min_pixels=state.settings.min_image_pixels, max_pixels=state.settings.max_image_pixels)
-    return await _answer(request, state, form, prompt, params)
+    return await _answer(request, state, form, prompt, await state.engine.prepare(params))
 
 
 @router.post("/infer/image", summary="Answer a prompt about one image (image_url or image_file)")
@@ -108,7 +114,7 @@ async def infer_image(request: Request, form: ImageFormFields, state: AppState =
     max_pixels = form.image_pixel_cap(state.settings)
     min_pixels = min(state.settings.min_image_pixels, max_pixels)
     prompt = await state.engine.build_prompt(form.turns(image), min_pixels=min_pixels, max_pixels=max_pixels)
-    return await _answer(request, state, form, prompt, params)
+    return await _answer(request, state, form, prompt, await state.engine.prepare(params))
 
 
 async def _load_form_image(image_url: str | None, image_file: UploadFile | None, state: AppState):

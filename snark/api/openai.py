@@ -35,27 +35,33 @@ _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @router.post("/chat/completions", summary="Chat completion (JSON, or SSE with stream=true)", response_class=Response)
 async def chat_completions(request: Request, body: ChatCompletionRequest, state: AppState = Depends(get_state)) -> Response:
     engine, settings = state.engine, state.settings
-    params = body.to_sampling_params(settings, engine.default_sampling)
-    audio = body.audio_output()
+    tools = body.tool_use(settings)
+    params = body.to_sampling_params(settings, engine.default_sampling, tools)
+    audio = body.audio_output(tools)
     voice = None if audio is None else await open_voice(state, audio.voice_name, audio.speed)  # 400/501 before any work
     turns = await body.to_turns(partial(load_image, limits=state.image_limits), max_images=settings.max_images_per_request)
-    prompt = await engine.build_prompt(turns, min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels)
+    prompt = await engine.build_prompt(
+        turns, min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels, tools=tools.prompt_tools
+    )
+    params = await engine.prepare(params)  # the output grammar, compiled off the event loop (cached by schema)
     reply = ChatReply(model=engine.model_name, prompt_tokens=prompt.num_tokens)
+    tool_names = {spec.name for spec in tools.callable} if tools.active else None
     if audio is not None and voice is not None:
         return await _spoken_chat(request, state, body, reply, engine.submit(prompt, params), voice, audio.format)
     if body.stream:
         generation = engine.submit(prompt, params)  # a full queue is a 503 now, before the stream starts
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = chat_events(
-            reply, generation, engine.follow(generation), include_usage=include_usage, timeout_s=settings.request_timeout_s
-        )
+            reply, generation, engine.follow(generation),
+            include_usage=include_usage, timeout_s=settings.request_timeout_s, tool_names=tool_names,
+        )  # fmt: skip
         # Starlette runs the background task after the stream ends, also when the client left. The
         # stream's own finally cancels the row; this covers a client gone before the stream's first step.
         return StreamingResponse(
             events, media_type="text/event-stream", headers=_STREAM_HEADERS, background=BackgroundTask(engine.cancel, generation)
         )
     done = await until_disconnected(request, engine.generate(prompt, params), timeout_s=settings.request_timeout_s)
-    return JSONResponse(reply.completion(done))
+    return JSONResponse(reply.completion(done, tool_names=tool_names))
 
 
 async def _spoken_chat(

@@ -10,6 +10,7 @@ Response bodies are built in ``replies``.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -18,30 +19,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from snark.api.chat_audio import transcript_of
 from snark.config import Settings
-from snark.engine.request import ChatTurn, SamplingParams
+from snark.api.structured import ResponseFormat, ToolChoice, ToolDefinition, ToolUse, response_format_output
+from snark.engine.request import ChatTurn, SamplingParams, ToolCall
 from snark.errors import InvalidRequest, SnarkError
 from snark.speech.base import validate_speed
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_NO_TOOLS = "Snark does not support tool calling (Qwen2.5-VL is served as a plain chat model)"
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 # Options Snark cannot honour: asking for them is a 400 naming the field, never silently ignored.
-# Each test gets the field's value; "off" values (n=1, logprobs=false, tools=[], tool_choice="none") pass.
+# Each test gets the field's value; "off" values (n=1, logprobs=false) pass.
 _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n": (lambda v: v not in (None, 1), "n > 1 is not supported: Snark returns one choice; send several requests instead."),
-    "tools": (bool, f"tools are not supported: {_NO_TOOLS}."),
-    "tool_choice": (lambda v: v not in (None, "none"), f"tool_choice must be 'none' or absent: {_NO_TOOLS}."),
-    "functions": (bool, f"functions are not supported: {_NO_TOOLS}."),
-    "function_call": (lambda v: v not in (None, "none"), f"function_call is not supported: {_NO_TOOLS}."),
+    "functions": (bool, "functions (OpenAI's older form) is not supported: send the same definitions as tools."),
+    "function_call": (lambda v: v not in (None, "none"), "function_call is not supported: use tool_choice with tools."),
     "logprobs": (lambda v: bool(v), "logprobs are not supported by Snark: leave logprobs unset or false."),
     "top_logprobs": (lambda v: bool(v), "top_logprobs are not supported by Snark: leave it unset."),
     "logit_bias": (bool, "logit_bias is not supported by Snark: leave it unset."),
-    "response_format": (
-        lambda v: v is not None and v.type != "text",
-        "response_format json_object / json_schema is not supported: Snark cannot constrain output to JSON; "
-        "ask for JSON in the prompt instead.",
-    ),
     "prediction": (lambda v: v is not None, "Predicted outputs are not supported by Snark: leave prediction unset."),
     "web_search_options": (lambda v: v is not None, "Web search is not supported by Snark."),
     "reasoning_effort": (lambda v: v is not None, "reasoning_effort is not supported: Qwen2.5-VL is not a reasoning model."),
@@ -66,6 +60,17 @@ class ContentPart(_Lenient):
     image_url: ImageURL | None = None
 
 
+class CalledFunction(_Lenient):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON object in a string, as the model wrote them.")
+
+
+class AssistantToolCall(_Lenient):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class MessageAudio(_Lenient):
     id: str = Field(description="message.audio.id of an earlier spoken answer: its transcript is the history.")
 
@@ -73,7 +78,8 @@ class MessageAudio(_Lenient):
 class ChatMessage(_Lenient):
     role: str
     content: str | list[ContentPart] | None = None
-    tool_calls: list[dict] | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: str | None = None  # a tool message: which call this is the result of
     audio: MessageAudio | None = None
 
 
@@ -92,10 +98,6 @@ class ChatAudio(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
-
-
-class ResponseFormat(_Lenient):
-    type: str
 
 
 def resolve_sampling(
@@ -148,16 +150,17 @@ class ChatCompletionRequest(_Lenient):
     ignore_eos: bool = Field(False, description="Run to max_tokens past end-of-turn (vLLM extension, for benchmarks).")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema with a schema.")
+    tools: list[ToolDefinition] | None = Field(None, description="Functions the model may call.")
+    tool_choice: ToolChoice | None = Field(None, description="none | auto (default with tools) | required | a named function.")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer.")
     # Refused when they ask for something (see _REFUSED):
     n: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
     functions: list[dict] | None = None
     function_call: str | dict | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
-    response_format: ResponseFormat | None = None
     modalities: list[str] | None = Field(None, description='["text"] (default) or ["text", "audio"] with audio.')
     audio: ChatAudio | None = Field(None, description="With audio in modalities: {voice, format: wav | pcm16}.")
     prediction: dict | None = None
@@ -165,8 +168,14 @@ class ChatCompletionRequest(_Lenient):
     reasoning_effort: str | None = None
     verbosity: str | None = None
 
-    def to_sampling_params(self, settings: Settings, defaults: SamplingParams) -> SamplingParams:
-        """Engine parameters; where the request is silent, ``defaults`` (the model's generation config)."""
+    def tool_use(self, settings: Settings) -> ToolUse:
+        """The request's tools, checked: what the prompt shows and what the answer may be."""
+        return ToolUse(self.tools, self.tool_choice, self.parallel_tool_calls, settings)
+
+    def to_sampling_params(self, settings: Settings, defaults: SamplingParams, tools: ToolUse | None = None) -> SamplingParams:
+        """Engine parameters; where the request is silent, ``defaults`` (the model's generation config).
+        ``tools``: this request's ``tool_use`` when the caller has it already."""
+        tools = tools or self.tool_use(settings)
         for name, (asks_for_it, message) in _REFUSED.items():
             if asks_for_it(getattr(self, name)):
                 raise InvalidRequest(message, param=name, code="unsupported_parameter")
@@ -176,6 +185,15 @@ class ChatCompletionRequest(_Lenient):
         if len(stops) > 16:
             raise InvalidRequest(f"stop has {len(stops)} strings; send at most 16.", param="stop")
 
+        structure = response_format_output(self.response_format, settings)
+        if structure is not None and tools.active:
+            raise InvalidRequest(
+                "response_format and tools cannot constrain one answer together: send tool_choice 'none' "
+                "to get the response_format, or leave response_format out to let the model call tools.",
+                param="response_format",
+                code="unsupported_parameter",
+            )
+        structure = structure or tools.output()
         param, max_new = "max_tokens", self.max_tokens
         if self.max_completion_tokens is not None:
             param, max_new = "max_completion_tokens", self.max_completion_tokens
@@ -193,9 +211,10 @@ class ChatCompletionRequest(_Lenient):
             frequency_penalty=self.frequency_penalty or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
             ignore_eos=self.ignore_eos,
+            structure=structure,
         )
 
-    def audio_output(self) -> ChatAudio | None:
+    def audio_output(self, tools: ToolUse | None = None) -> ChatAudio | None:
         """The audio the request asks for (``modalities`` with "audio"), checked; None for text only."""
         modalities = set(self.modalities or ["text"])
         if not modalities <= {"text", "audio"} or "text" not in modalities:
@@ -209,6 +228,12 @@ class ChatCompletionRequest(_Lenient):
         if self.audio is None:
             raise InvalidRequest(
                 'modalities has "audio": send "audio": {"voice": "alloy", "format": "wav"} too.', param="audio"
+            )
+        if tools is not None and tools.active:
+            raise InvalidRequest(
+                'A spoken answer cannot carry tool calls: send tool_choice "none" with audio, or ask for text only.',
+                param="tool_choice",
+                code="unsupported_parameter",
             )
         if self.audio.format not in CHAT_AUDIO_FORMATS:
             raise InvalidRequest(
@@ -237,23 +262,52 @@ class ChatCompletionRequest(_Lenient):
                 param="messages",
             )
         images = await _load_all(sources, load_image)
-        return [ChatTurn(role, [images[p] if isinstance(p, int) else p for p in parts]) for role, parts in layout]
+        return [
+            ChatTurn(role, [images[p] if isinstance(p, int) else p for p in parts], tool_calls=calls)
+            for role, parts, calls in layout
+        ]
 
 
-def _parse_message(i: int, message: ChatMessage, sources: list[tuple[str, str]]) -> tuple[str, list[str | int]]:
-    """(engine role, parts): text stays text, an image becomes its index in ``sources`` (appended here)."""
+def _parse_message(i: int, message: ChatMessage, sources: list[tuple[str, str]]) -> tuple[str, list[str | int], list[ToolCall]]:
+    """(engine role, parts, tool calls): text stays text, an image becomes its index in ``sources``
+    (appended here); an assistant message's tool calls come along for the prompt."""
     where = f"messages[{i}]"
     role = _ROLES.get(message.role)
     if role is None:
-        hint = f" ({_NO_TOOLS})" if message.role in ("tool", "function") else ""
         raise InvalidRequest(
-            f"{where}.role {message.role!r} is not supported{hint}: use system, developer, user or assistant.",
+            f"{where}.role {message.role!r} is not supported: use system, developer, user, assistant or tool.",
             param=f"{where}.role",
         )
-    if message.tool_calls:
-        raise InvalidRequest(f"{where}.tool_calls: {_NO_TOOLS}.", param=f"{where}.tool_calls")
+    calls = _history_calls(where, role, message.tool_calls)
+    role, parts = _message_parts(where, role, message, sources, has_calls=bool(calls))
+    return role, parts, calls
+
+
+def _history_calls(where: str, role: str, tool_calls: list[AssistantToolCall] | None) -> list[ToolCall]:
+    if not tool_calls:
+        return []
+    if role != "assistant":
+        raise InvalidRequest(f"{where}.tool_calls: only assistant messages carry tool calls.", param=f"{where}.tool_calls")
+    calls = []
+    for j, call in enumerate(tool_calls):
+        at = f"{where}.tool_calls[{j}].function.arguments"
+        try:
+            arguments = json.loads(call.function.arguments)
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise InvalidRequest(f"{at} must be a JSON object in a string, such as '{{\"city\": \"Paris\"}}'.", param=at)
+        calls.append(ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments))
+    return calls
+
+
+def _message_parts(
+    where: str, role: str, message: ChatMessage, sources: list[tuple[str, str]], *, has_calls: bool
+) -> tuple[str, list[str | int]]:
     if message.content is None and message.audio is not None and role == "assistant":
         return role, [transcript_of(message.audio.id, param=f"{where}.audio.id")]  # the spoken answer's text
+    if message.content is None and has_calls:
+        return role, []  # an assistant turn that only called tools
     if message.content is None:
         raise InvalidRequest(f"{where}.content is missing: send a string or a list of parts.", param=f"{where}.content")
     if isinstance(message.content, str):

@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator
 
 from snark.api.cancellation import within
 from snark.api.errors import error_body
-from snark.engine.request import FinishReason, GenerationRequest, StreamEvent
+from snark.engine.request import FinishReason, GenerationRequest, StreamEvent, ToolCall
 from snark.errors import ShuttingDown, SnarkError
+from snark.structured.tool_calls import ToolCallDelta, ToolCallStream, parse_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,23 @@ class ChatReply:
         total = self.prompt_tokens + completion_tokens
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
-    def completion(self, done: GenerationRequest) -> dict:
+    def completion(self, done: GenerationRequest, *, tool_names: set[str] | None = None) -> dict:
+        """The JSON answer. With ``tool_names`` (the model may call these), the calls in its text become
+        ``tool_calls`` and finish_reason "tool_calls"; what is not a call stays the content."""
         message = {"role": "assistant", "content": done.text, "refusal": None}
+        finish_reason = finish_reason_of(done.finish_reason)
+        if tool_names is not None:
+            content, calls = parse_tool_calls(done.text, known=tool_names)
+            if calls:
+                message["content"] = content
+                message["tool_calls"] = [_call_json(call) for call in calls]
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_of(done.finish_reason), "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
             "usage": self.usage(done.completion_tokens),
         }
 
@@ -92,6 +102,10 @@ class ChatReply:
         return body
 
 
+def _call_json(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 def _json(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -108,19 +122,38 @@ async def chat_events(
     *,
     include_usage: bool,
     timeout_s: float,
+    tool_names: set[str] | None = None,
 ) -> AsyncIterator[str]:
     """The SSE body for one streamed completion. ``events`` is the engine's stream for ``generation``;
-    each text delta is sent as soon as the engine produced it (already whole characters)."""
+    each text delta is sent as soon as the engine produced it (already whole characters). With
+    ``tool_names``, calls in the text go out as OpenAI streams them: ``delta.tool_calls`` items, the
+    first with the call's id and name, the next ones with pieces of its arguments."""
     role_sent = False
+    calls = ToolCallStream(known=tool_names) if tool_names is not None else None
     try:
         async for event in within(events, timeout_s):
-            if event.text and role_sent:
-                yield reply.content_sse(event.text, usage_field=include_usage)
-            elif event.text or (event.finish_reason is not None and not role_sent):
-                role_sent = True
-                yield _sse(reply.chunk({"role": "assistant", "content": event.text}, usage_field=include_usage))
+            pieces = [event.text] if calls is None else calls.feed(event.text)
+            if event.finish_reason is not None and calls is not None:
+                pieces += calls.finish()
+            for piece in pieces:
+                if isinstance(piece, ToolCallDelta):
+                    delta = {"tool_calls": [piece.to_openai()]}
+                    if not role_sent:
+                        role_sent, delta = True, {"role": "assistant", "content": None, **delta}
+                    yield _sse(reply.chunk(delta, usage_field=include_usage))
+                elif piece and role_sent:
+                    yield reply.content_sse(piece, usage_field=include_usage)
+                elif piece:
+                    role_sent = True
+                    yield _sse(reply.chunk({"role": "assistant", "content": piece}, usage_field=include_usage))
             if event.finish_reason is not None:
-                yield _sse(reply.chunk({}, finish_reason_of(event.finish_reason), usage_field=include_usage))
+                if not role_sent:
+                    role_sent = True
+                    yield _sse(reply.chunk({"role": "assistant", "content": ""}, usage_field=include_usage))
+                finish_reason = finish_reason_of(event.finish_reason)
+                if calls is not None and calls.calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+                yield _sse(reply.chunk({}, finish_reason, usage_field=include_usage))
         if include_usage:
             yield _sse(reply.usage_chunk(generation.completion_tokens))
     except SnarkError as exc:

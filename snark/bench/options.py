@@ -7,8 +7,10 @@ import argparse
 
 from snark.config import DEFAULT_TINY_DIR
 
-WORKLOADS = ("burst", "poisson", "hol")
+WORKLOADS = ("burst", "poisson", "hol", "structured")
 POISSON_REQUESTS = 48
+MAX_TOKENS, STRUCTURED_MAX_TOKENS = 256, 1024
+CONCURRENCY, STRUCTURED_CONCURRENCY = "1,4,16", "1,16"
 
 
 def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespace:
@@ -43,7 +45,8 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
         "--requests",
         type=int,
         help=f"burst: requests per concurrency level (default 2 x concurrency, at least 4); "
-        f"poisson: requests in all (default {POISSON_REQUESTS})",
+        f"poisson: requests in all (default {POISSON_REQUESTS}); structured: requests per level and side "
+        "(default: the concurrency, at least 4)",
     )
     p.add_argument(
         "--image", help="one image per request: a file (sample.jpeg), a size (448x448, seeded noise) or none"
@@ -60,9 +63,15 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
     )
 
     burst = p.add_argument_group("burst")
-    burst.add_argument("--max-tokens", type=int, default=256, help="output tokens per request (default 256)")
     burst.add_argument(
-        "--concurrency", default="1,4,16", help="comma-separated client counts to sweep (default 1,4,16)"
+        "--max-tokens",
+        type=int,
+        help=f"output tokens per request (default {MAX_TOKENS}); structured: the most a constrained answer may "
+        f"take (default {STRUCTURED_MAX_TOKENS})",
+    )
+    burst.add_argument(
+        "--concurrency",
+        help=f"comma-separated client counts to sweep (default {CONCURRENCY}; structured: {STRUCTURED_CONCURRENCY})",
     )
     burst.add_argument(
         "--compare-serial", action="store_true", help="run the highest-concurrency load again with batch size 1"
@@ -77,6 +86,12 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
     )
     burst.add_argument(
         "--repeats", type=int, default=1, help="rounds of every timed load; each row is its median round (default 1)"
+    )
+
+    structured = p.add_argument_group(
+        "structured",
+        "JSON-schema-constrained answers against free ones of the same lengths, at each --concurrency (one schema "
+        "per client: a receipt, renamed per index); uses --requests, --max-tokens and --repeats",
     )
 
     poisson = p.add_argument_group("poisson")
@@ -117,6 +132,11 @@ def positive_ints(text: str) -> list[int]:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Parse the lists and refuse settings that cannot run, before anything is loaded."""
+    structured = args.workload == "structured"
+    if args.concurrency is None:
+        args.concurrency = STRUCTURED_CONCURRENCY if structured else CONCURRENCY
+    if args.max_tokens is None:
+        args.max_tokens = STRUCTURED_MAX_TOKENS if structured else MAX_TOKENS
     try:
         args.levels = sorted(set(positive_ints(args.concurrency)))
         args.output_lens = positive_ints(args.output_lens)
@@ -135,5 +155,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     hol_counts = (args.hol_long, args.hol_long_tokens, args.hol_short_tokens)
     if args.workload == "hol" and (min(hol_counts) < 1 or args.hol_delay_s < 0):
         p.error("--hol-long, --hol-long-tokens and --hol-short-tokens need positive counts, --hol-delay-s >= 0")
+    if structured and args.image not in (None, "none"):
+        p.error("--workload structured sends text prompts (a receipt to extract): leave out --image")
+    if args.repeats < 1:
+        p.error("--repeats needs a positive count")
     if args.workload != "burst" and args.compile == "both":
         p.error(f"--compile both runs two engines; --workload {args.workload} measures one: give on or off")

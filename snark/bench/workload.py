@@ -59,3 +59,57 @@ def build_workload(requests: int, *, image_option: str | None, seed: int) -> Wor
     image, label = load_image_option(image_option, seed=seed)
     template = IMAGE_PROMPT if image is not None else TEXT_PROMPT
     return Workload(prompts=tuple(template.format(index=i) for i in range(requests)), image=image, image_label=label)
+
+
+# --- structured outputs (``--workload structured``) ----------------------------------------------
+RECEIPT_PROMPT = (
+    "Request {index}: extract this receipt as JSON.\n"
+    "CORNER BAKERY  2024-05-17\n2 x croissant 3.40\n1 x rye loaf 5.90\n1 x coffee 2.80\n"
+    "TOTAL EUR 15.50  paid by card"
+)
+CURRENCIES = ("EUR", "USD", "GBP", "CHF", "JPY", "SEK", "NOK", "DKK", "PLN", "CZK", "CAD", "AUD")
+
+
+def receipt_schema(index: int = 0, *, run_tag: str = "") -> dict:
+    """A receipt-extraction schema. Index 0 is the plain receipt; index i > 0 renames every property
+    (``store_i``, ...) and rotates the currency enum, so each index compiles to a grammar of its own.
+    ``run_tag`` goes into the title only: it changes no grammar, but makes a server that compiled these
+    schemas in an earlier run (and cached them) compile them again."""
+    suffix = f"_{index}" if index else ""
+    currencies = [CURRENCIES[(index + k) % len(CURRENCIES)] for k in range(4)]
+    item = {
+        "type": "object",
+        "properties": {
+            f"name{suffix}": {"type": "string", "maxLength": 20},
+            f"quantity{suffix}": {"type": "integer", "minimum": 1, "maximum": 99},
+            f"price_cents{suffix}": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+        },
+        "required": [f"name{suffix}", f"quantity{suffix}", f"price_cents{suffix}"],
+        "additionalProperties": False,
+    }
+    properties = {
+        f"store{suffix}": {"type": "string", "maxLength": 24},
+        f"date{suffix}": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+        f"currency{suffix}": {"type": "string", "enum": currencies},
+        f"items{suffix}": {"type": "array", "items": item, "maxItems": 8},
+        f"total_cents{suffix}": {"type": "integer", "minimum": 0},
+        f"paid{suffix}": {"type": "boolean"},
+        f"note{suffix}": {"type": "string", "maxLength": 60},
+    }
+    return {
+        "title": f"receipt {index}" + (f" ({run_tag})" if run_tag else ""),
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+def receipt_schemas(count: int, *, run_tag: str = "") -> list[dict]:
+    return [receipt_schema(i, run_tag=run_tag) for i in range(count)]
+
+
+def build_receipt_workload(requests: int) -> Workload:
+    """Text prompts asking for a receipt as JSON, the same for constrained and free requests."""
+    prompts = tuple(RECEIPT_PROMPT.format(index=i) for i in range(requests))
+    return Workload(prompts=prompts, image=None, image_label="none")

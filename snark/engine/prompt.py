@@ -1,22 +1,30 @@
-"""Chat turns -> token ids and pixel values, with user text unable to forge control tokens.
+"""Chat turns -> token ids and pixel values, with client text unable to forge control tokens.
 
-The chat template is rendered with placeholders where client text goes. Template pieces are
-tokenized normally (so ``<|im_start|>`` is one control token), client text with
-``split_special_tokens=True`` (so a client's literal ``<|im_start|>`` or ``<|image_pad|>`` becomes
-plain text tokens and cannot open a turn or claim an image slot). Each ``<|image_pad|>`` of the
-template is expanded to its image's token count, exactly as the Qwen2.5-VL processor does.
+The chat template is rendered with placeholders where client text goes: the published Qwen2.5-VL
+template, or Snark's tools-aware one (``chat_template``) when a request has tools or tool history.
+The rendered text is cut at the template's own added tokens (``<|im_start|>``, ``<|image_pad|>``,
+``<tool_call>``, ...), which become their ids; each stretch between them, template text and client
+text together, goes through a copy of the tokenizer that has no added tokens at all. So the ids are
+those of tokenizing the whole prompt (BPE merges across a seam as it would), while a client's literal
+``<|im_start|>``, ``<|image_pad|>`` or ``<tool_call>`` stays plain text: it cannot open a turn, claim
+an image slot or fake a call. (``split_special_tokens=True`` is not enough: it still matches the
+non-special added tokens such as ``<tool_call>``.) Each ``<|image_pad|>`` of the template is expanded
+to its image's token count, exactly as the Qwen2.5-VL processor does.
 """
 
 from __future__ import annotations
 
+import json
 import re
-import threading
 from collections.abc import Sequence
 
-from snark.engine.request import ChatTurn, PromptInputs, ToolSpec
+from tokenizers import Tokenizer
+
+from snark.engine.chat_template import render_with_tools
+from snark.engine.request import ChatTurn, PromptInputs, ToolCall, ToolSpec
 from snark.errors import InvalidRequest
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 IMAGE_PAD = "<|image_pad|>"
 _PLACEHOLDER = "\x00{}\x00"  # never produced by the template; client text is checked for \x00
 _PLACEHOLDER_RE = re.compile("\x00(\\d+)\x00")
@@ -29,30 +37,41 @@ class PromptBuilder:
         self.image_processor = processor.image_processor
         self.merge_size = int(self.image_processor.merge_size)
         self.max_prompt_tokens = max_prompt_tokens
-        # The fast tokenizer keeps split_special_tokens as state on its shared backend, set by every call:
-        # prompts built in parallel threads would otherwise split the template's control tokens (an
-        # image loses its <|image_pad|> tokens) or let client text through unsplit (a forged <|im_start|>).
-        self._tokenizer_lock = threading.Lock()
+        backend = self.tokenizer.backend_tokenizer
+        self._added_ids = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()}
+        longest_first = sorted(self._added_ids, key=len, reverse=True)
+        self._added_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+        self._plain = _without_added_tokens(backend)
 
     def build(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()) -> PromptInputs:
         """Tokenize ``turns`` with the generation prompt appended. CPU work: call it off the loop."""
-        texts: list[str] = []
+        texts: list[str] = []  # client text, in placeholder order
+
+        def placeholder(text: str) -> str:
+            texts.append(text.replace("\x00", ""))
+            return _PLACEHOLDER.format(len(texts) - 1)
+
         messages = []
         images = []
         for turn in turns:
-            if turn.role not in ROLES:
-                raise InvalidRequest(f"Unknown role {turn.role!r}: use one of {', '.join(ROLES)}.", param="role")
+            _check_turn(turn)
             content = []
             for part in turn.parts:
                 if isinstance(part, str):
-                    content.append({"type": "text", "text": _PLACEHOLDER.format(len(texts))})
-                    texts.append(part.replace("\x00", ""))
+                    content.append({"type": "text", "text": placeholder(part)})
                 else:
                     content.append({"type": "image"})
                     images.append(part)
             messages.append({"role": turn.role, "content": content})
+            if turn.tool_calls:
+                # Qwen2.5 starts the calls right after the header when the turn has no text of its own.
+                messages[-1]["content"] = [c for c, p in zip(content, turn.parts) if p != ""]
+                messages[-1]["tool_calls"] = [
+                    {"name": placeholder(call.name), "arguments": placeholder(_arguments_text(call))}
+                    for call in turn.tool_calls
+                ]
         if not messages or messages[-1]["role"] == "assistant":
-            raise InvalidRequest("The conversation must end with a user (or system) message.", param="messages")
+            raise InvalidRequest("The conversation must end with a user, system or tool message.", param="messages")
 
         pixel_values = image_grid_thw = None
         image_token_counts: list[int] = []
@@ -65,9 +84,11 @@ class PromptBuilder:
             pixel_values, image_grid_thw = vision["pixel_values"], vision["image_grid_thw"]
             image_token_counts = (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
 
-        rendered = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        with self._tokenizer_lock:
-            input_ids = self._tokenize(rendered, texts, image_token_counts)
+        if tools or any(turn.role == "tool" or turn.tool_calls for turn in turns):
+            rendered = render_with_tools(messages, [placeholder(_tool_json(tool)) for tool in tools])
+        else:  # the published template, so prompts without tools are exactly what Qwen2.5-VL renders
+            rendered = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        input_ids = self._tokenize(rendered, texts, image_token_counts)
         if len(input_ids) > self.max_prompt_tokens:
             raise InvalidRequest(
                 f"The prompt is {len(input_ids)} tokens (images included), over this server's limit of "
@@ -77,17 +98,57 @@ class PromptBuilder:
         return PromptInputs(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
 
     def _tokenize(self, rendered: str, texts: list[str], image_token_counts: list[int]) -> list[int]:
-        pieces = _PLACEHOLDER_RE.split(rendered)  # [template, index, template, index, ..., template]
         counts = iter(image_token_counts)
         ids: list[int] = []
+        stretch: list[str] = []  # plain text since the last added token: template and client text
+        pieces = _PLACEHOLDER_RE.split(rendered)  # [template, index, template, index, ..., template]
         for position, piece in enumerate(pieces):
-            if position % 2:  # client text
-                ids += self.tokenizer(texts[int(piece)], add_special_tokens=False, split_special_tokens=True)[
-                    "input_ids"
-                ]
-            elif piece:
-                if IMAGE_PAD in piece:
-                    segments = piece.split(IMAGE_PAD)
-                    piece = segments[0] + "".join(IMAGE_PAD * next(counts) + s for s in segments[1:])
-                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-        return ids
+            if position % 2:  # client text: never searched for added tokens
+                stretch.append(texts[int(piece)])
+                continue
+            for index, fragment in enumerate(self._added_re.split(piece)):  # [text, token, text, ...]
+                if index % 2 == 0:
+                    stretch.append(fragment)
+                    continue
+                ids += self._encode_plain(stretch)
+                stretch = []
+                ids += [self._added_ids[fragment]] * (next(counts) if fragment == IMAGE_PAD else 1)
+        return ids + self._encode_plain(stretch)
+
+    def _encode_plain(self, stretch: list[str]) -> list[int]:
+        text = "".join(stretch)
+        return self._plain.encode(text, add_special_tokens=False).ids if text else []
+
+
+def _without_added_tokens(backend: Tokenizer) -> Tokenizer:
+    """A private copy of ``backend`` that knows none of its added tokens: any text is plain BPE. Private
+    too because the shared one carries per-call state (``split_special_tokens``, truncation)."""
+    spec = json.loads(backend.to_str())
+    spec["added_tokens"] = []
+    spec["truncation"] = spec["padding"] = None
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _check_turn(turn: ChatTurn) -> None:
+    if turn.role not in ROLES:
+        raise InvalidRequest(f"Unknown role {turn.role!r}: use one of {', '.join(ROLES)}.", param="role")
+    if turn.tool_calls and turn.role != "assistant":
+        raise InvalidRequest(f"Only assistant messages carry tool calls, not {turn.role!r} ones.", param="tool_calls")
+    if turn.role == "tool" and (not turn.parts or not all(isinstance(part, str) for part in turn.parts)):
+        raise InvalidRequest("A tool message carries the call's result as text: send it as content.", param="content")
+
+
+def _arguments_text(call: ToolCall) -> str:
+    """The arguments as Qwen2.5's template writes them (``json.dumps`` of the object); text that is not
+    JSON stays as the client sent it."""
+    try:
+        return json.dumps(json.loads(call.arguments), ensure_ascii=False)
+    except ValueError:
+        return call.arguments
+
+
+def _tool_json(tool: ToolSpec) -> str:
+    """One tool's line inside <tools>, as Qwen2.5's template writes it (absent fields left out)."""
+    function = {"name": tool.name, "description": tool.description, "parameters": tool.parameters}
+    function = {key: value for key, value in function.items() if value is not None}
+    return json.dumps({"type": "function", "function": function}, ensure_ascii=False)

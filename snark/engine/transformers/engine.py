@@ -16,10 +16,12 @@ runs in a thread pool, every forward pass in the generation thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from PIL import Image
@@ -30,6 +32,7 @@ from snark.engine.prompt import PromptBuilder
 from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, RequestState, SamplingParams, ToolSpec
 from snark.engine.transformers.cache import RowCache
 from snark.engine.transformers.compiled import allow_recompiles, compile_step, require_cuda, warm_up
+from snark.engine.transformers.grammar import Grammars, StepMasks
 from snark.engine.transformers.rows import Row
 from snark.engine.transformers.runner import ChunkedPrefill, Runner
 from snark.engine.transformers.sampler import next_tokens, sampling_defaults
@@ -69,6 +72,8 @@ class TransformersEngine(Engine):
         self.loaded: LoadedModel | None = None
         self.prompts: PromptBuilder | None = None
         self.cache: RowCache | None = None
+        self.grammars: Grammars | None = None  # constrained decoding: compiles off this engine's thread
+        self.masks: StepMasks | None = None
         self.scheduler = Scheduler(
             max_rows=max_batch_size, max_waiting=max_waiting_requests, max_prefill_tokens=max_prefill_tokens
         )
@@ -94,6 +99,8 @@ class TransformersEngine(Engine):
             row.request.cancel()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self.grammars is not None:
+            self.grammars.close()
         self.state = EngineState.STOPPED
 
     # --- facts ------------------------------------------------------------------------------------
@@ -150,8 +157,19 @@ class TransformersEngine(Engine):
                 self._preparing -= 1
                 self._cond.notify()
 
+    async def prepare(self, params: SamplingParams) -> SamplingParams:
+        """Compile the request's output grammar (cached by schema) in the grammar thread."""
+        structure = params.structure
+        if structure is None or structure.compiled is not None:
+            return params
+        self._require_ready()
+        compiled = await self.grammars.compile(structure)
+        return dataclasses.replace(params, structure=dataclasses.replace(structure, compiled=compiled))
+
     def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:
         self._require_ready()
+        if params.structure is not None and params.structure.compiled is None:
+            raise ValueError("a constrained request must go through prepare() before submit()")
         request = GenerationRequest(prompt=prompt, params=params, deliver_deltas=deliver_deltas)
         self.scheduler.check_fits_alone(request, self.cache)
         request.bind_to_running_loop()
@@ -204,6 +222,9 @@ class TransformersEngine(Engine):
         self.default_sampling = sampling_defaults(gen)
         self.runner = Runner(loaded, pad_token_id=pad)
         self.cache = self._build_cache(loaded)
+        vocab_size = loaded.model.config.text_config.vocab_size
+        self.grammars = Grammars(tokenizer, vocab_size=vocab_size, stop_token_ids=self.eos_token_ids)
+        self.masks = StepMasks(vocab_size)
         if self.compile_decode:
             self._compile(loaded)
         else:
@@ -325,7 +346,9 @@ class TransformersEngine(Engine):
         out-of-memory) fails these rows; the engine goes on serving."""
         try:
             logits = forward(rows, self.cache)
-            tokens = next_tokens(logits, [row.sampler for row in rows])
+            grammars = [row.grammar for row in rows]
+            constrain = partial(self.masks.apply, grammars=grammars) if any(grammars) else None
+            tokens = next_tokens(logits, [row.sampler for row in rows], constrain=constrain)
         except Exception as exc:
             log.exception("a %s step failed for %d rows", forward.__name__, len(rows))
             if self.cache.num_rows == len(self.scheduler.running) and rows is not self.scheduler.running:

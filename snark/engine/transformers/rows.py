@@ -11,6 +11,7 @@ from __future__ import annotations
 from snark.engine.request import FinishReason, GenerationRequest, Outbox, RequestState, StreamEvent
 from snark.engine.transformers.cache import Joining
 from snark.engine.transformers.detokenize import IncrementalDetokenizer, StopMatcher
+from snark.engine.transformers.grammar import RowGrammar
 from snark.engine.transformers.sampler import RowSampler
 
 
@@ -22,6 +23,8 @@ class Row:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopMatcher(request.params.stop)
         self.sampler = RowSampler(request.params, request.prompt.input_ids, vocab_size=vocab_size, device=device)
+        structure = request.params.structure
+        self.grammar = RowGrammar(structure.compiled) if structure is not None else None
         self.joining = joining(request)
         self.last_token = -1  # the token the next decode step feeds
         self.next_position = 0  # its rope position (all three M-RoPE axes: text continues 1-D)
@@ -41,8 +44,11 @@ class Row:
         request.completion_tokens += 1
         self.last_token = token
         self.sampler.observe(token)
-        if token in self.eos_token_ids and not request.params.ignore_eos:
-            self.end(FinishReason.STOP, outbox)
+        if self.grammar is not None and not self.grammar.accept(token):
+            request.fail(RuntimeError(f"the output grammar refused token {token}, which its own mask allowed"))
+            return
+        if token in self.eos_token_ids and (not request.params.ignore_eos or self.grammar is not None):
+            self.end(FinishReason.STOP, outbox)  # a grammar's end is the answer's end, ignore_eos or not
             return
         text, stopped = self.stops.feed(self.detokenizer.push(token))
         if text:

@@ -12,7 +12,7 @@ that is every row), with no host sync; only rows that sample draw one by one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -79,9 +79,15 @@ def apply_penalties(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> tor
     return logits
 
 
-def next_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
-    """One token per row from ``logits`` ([rows, vocab] float32); one host sync for greedy rows."""
+def next_tokens(
+    logits: torch.Tensor, samplers: Sequence[RowSampler], *, constrain: Callable[[torch.Tensor], None] | None = None
+) -> list[int]:
+    """One token per row from ``logits`` ([rows, vocab] float32); one host sync for greedy rows.
+    ``constrain`` masks, in place, the tokens constrained rows may not take (after the penalties,
+    so a penalty can never bring back a forbidden token)."""
     logits = apply_penalties(logits, samplers)
+    if constrain is not None:
+        constrain(logits)
     tokens = logits.argmax(-1).tolist()
     for row, sampler in enumerate(samplers):
         if sampler.generator is not None:

@@ -18,6 +18,7 @@ false (``/health`` answers 503) and requests fail with a 503.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -30,7 +31,7 @@ from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outb
 from snark.engine.vllm import args as vllm_args
 from snark.engine.vllm.prompt import VllmPrompt, VllmPromptBuilder
 from snark.engine.vllm.runtime import Runtime, load_runtime
-from snark.engine.vllm.sampling import vllm_sampling_fields
+from snark.engine.vllm.sampling import vllm_sampling_fields, vllm_structured_fields
 from snark.errors import InvalidRequest, ModelNotReady, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,15 @@ class VllmEngine(Engine):
     ) -> PromptInputs:
         prompts = self._require_ready()
         return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
+
+    async def prepare(self, params: SamplingParams) -> SamplingParams:
+        """Write the request's grammar (vLLM compiles it in its own engine) off the event loop: a schema
+        xgrammar cannot take is a 400 here, before the request reaches vLLM."""
+        structure = params.structure
+        if structure is None or structure.compiled is not None:
+            return params
+        fields = await asyncio.to_thread(vllm_structured_fields, structure)
+        return dataclasses.replace(params, structure=dataclasses.replace(structure, compiled=fields))
 
     def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:
         self._require_ready()

@@ -54,11 +54,15 @@ class Runtime:
     max_model_len: int
     default_sampling: SamplingParams
     _sampling_params: Any
+    _structured_outputs: Any
     _tokens_prompt: Any
     _dead_errors: tuple[type[BaseException], ...]
     _client_errors: tuple[type[BaseException], ...]
 
     def sampling_params(self, fields: dict[str, Any]):
+        structured = fields.get("structured_outputs")
+        if structured is not None:
+            fields = {**fields, "structured_outputs": self._structured_outputs(**structured)}
         return self._sampling_params(**fields)
 
     def tokens_prompt(self, prompt: VllmPrompt):
@@ -79,7 +83,7 @@ async def load_runtime(settings: Settings) -> Runtime:
     try:
         import vllm
         from vllm import envs
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.engine.exceptions import EngineDeadError
     except ImportError as exc:
@@ -135,6 +139,7 @@ async def load_runtime(settings: Settings) -> Runtime:
         max_model_len=int(model_config.max_model_len),
         default_sampling=sampling_defaults(generation),
         _sampling_params=partial(vllm.SamplingParams, output_kind=RequestOutputKind.DELTA),
+        _structured_outputs=StructuredOutputsParams,
         _tokens_prompt=vllm.TokensPrompt,
         _dead_errors=(EngineDeadError,),
         _client_errors=_client_errors(),

@@ -4,13 +4,18 @@ Every field a Snark route accepts has its vLLM counterpart with the same meaning
 Snark's greedy threshold (or top_k=1), HF-style repetition penalty over prompt and output,
 OpenAI-style frequency/presence penalties over the output, stop strings cut from the answer,
 end-of-turn ignored on request. Text is detokenized without special tokens, as Snark's own engine does.
+
+Structured outputs travel as vLLM's own (``structured_outputs``, compiled by its xgrammar backend):
+the grammar text Snark writes for a schema, and the same structural tag for tool calls, so both
+engines constrain a request to the same grammar; a constrained row ends where its grammar ends.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from snark.engine.request import SamplingParams
+from snark.engine.request import SamplingParams, StructuredOutput
+from snark.structured.constraint import ANY_OBJECT, json_grammar, schema_error, tool_calls_structural_tag
 
 
 def vllm_sampling_fields(params: SamplingParams) -> dict[str, Any]:
@@ -29,7 +34,28 @@ def vllm_sampling_fields(params: SamplingParams) -> dict[str, Any]:
         "repetition_penalty": params.repetition_penalty,
         "frequency_penalty": params.frequency_penalty,
         "presence_penalty": params.presence_penalty,
-        "ignore_eos": params.ignore_eos,
+        "ignore_eos": params.ignore_eos and params.structure is None,
         "skip_special_tokens": True,
         "include_stop_str_in_output": False,
+        "structured_outputs": None if params.structure is None else _structured(params.structure),
     }
+
+
+def _structured(structure: StructuredOutput) -> dict[str, Any]:
+    # The engine's prepare() wrote it off the event loop; a caller that skipped prepare() writes it now.
+    return structure.compiled if structure.compiled is not None else vllm_structured_fields(structure)
+
+
+def vllm_structured_fields(structure: StructuredOutput) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.sampling_params.StructuredOutputsParams``. Raises ``InvalidRequest``
+    for a schema xgrammar cannot turn into a grammar."""
+    try:
+        if structure.kind == "json_schema":
+            return {"grammar": json_grammar(structure.spec)}
+        if structure.kind == "json_object":  # an object, as on Snark's own engine (vLLM's json_object allows any JSON)
+            return {"grammar": json_grammar(ANY_OBJECT)}
+        if structure.kind == "tool_calls":
+            return {"structural_tag": tool_calls_structural_tag(structure.spec)}
+    except RuntimeError as exc:
+        raise schema_error(exc) from None
+    raise ValueError(f"unknown structured output kind {structure.kind!r}")
