@@ -203,9 +203,9 @@ def test_streamed_chat_with_an_image(client: openai.OpenAI, image_server: str) -
     ("options", "param"),
     [
         ({"n": 2}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "look up"}}]}, "tools[0].function.name"),
         ({"logprobs": True}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"temperature": 3.5}, "temperature"),
         ({"messages": []}, "messages"),
