@@ -20,6 +20,7 @@ HEADLINE = {
     "burst": ("out tok/s at top concurrency", "higher"),
     "poisson": ("TTFT p95 ms", "lower"),
     "hol": ("short e2e under load / idle", "lower"),
+    "structured": ("json_schema / free at top concurrency", "higher"),
 }
 
 # The settings shown above the figures, so that runs made with different loads are seen to differ.
@@ -27,6 +28,7 @@ SHOWN_SETTINGS = {
     "burst": ("concurrency", "requests", "max_tokens", "image"),
     "poisson": ("rate", "requests", "output_lens", "seed", "image"),
     "hol": ("hol_long", "hol_long_tokens", "hol_short_tokens", "hol_delay_s", "image"),
+    "structured": ("concurrency", "requests", "max_tokens", "repeats"),
 }
 
 

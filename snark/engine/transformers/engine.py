@@ -223,7 +223,9 @@ class TransformersEngine(Engine):
         self.runner = Runner(loaded, pad_token_id=pad)
         self.cache = self._build_cache(loaded)
         vocab_size = loaded.model.config.text_config.vocab_size
-        self.grammars = Grammars(tokenizer, vocab_size=vocab_size, stop_token_ids=self.eos_token_ids)
+        self.grammars = Grammars(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=self.eos_token_ids, max_queued=self.scheduler.max_waiting
+        )
         self.masks = StepMasks(vocab_size)
         if self.compile_decode:
             self._compile(loaded)

@@ -27,6 +27,7 @@ import torch
 import xgrammar
 
 from snark.engine.request import StructuredOutput
+from snark.errors import Overloaded
 from snark.structured.constraint import ANY_OBJECT, json_grammar, schema_error, tool_calls_structural_tag
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,9 @@ CACHED_GRAMMAR_BYTES = 512 * 1024**2
 class Grammars:
     """Compiles ``StructuredOutput``s for one tokenizer, one at a time, in its own thread."""
 
-    def __init__(self, tokenizer, *, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer, *, vocab_size: int, stop_token_ids: Sequence[int], max_queued: int) -> None:
         self._tokenizer = tokenizer
+        self.max_queued = max_queued  # compiles waiting for the grammar thread; past it, 503
         self.vocab_size = vocab_size  # the model's logits width (the tokenizer's size, padded)
         self._stop_token_ids = sorted(stop_token_ids)
         self._compiler: xgrammar.GrammarCompiler | None = None  # built with the first grammar (~0.6 s)
@@ -56,6 +58,13 @@ class Grammars:
         with self._lock:
             future = self._cache.get(key)
             if future is None:
+                queued = sum(1 for f in self._cache.values() if not f.done())
+                if queued >= self.max_queued:
+                    raise Overloaded(
+                        f"{queued} new output schemas are already waiting to be compiled (SNARK_MAX_WAITING_REQUESTS); "
+                        "retry shortly. A schema compiled once is cached.",
+                        retry_after_s=2,
+                    )
                 future = self._cache[key] = self._pool.submit(self._compile, structure)
                 future.add_done_callback(lambda done, key=key: self._settle(key, done))
             self._cache.move_to_end(key)
