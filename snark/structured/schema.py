@@ -81,10 +81,18 @@ _UNSUPPORTED_REGEX = [
 _QUANTIFIER = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
 
 
+class LengthBudget:
+    """String length units spent so far: one schema's, or all of a request's tools' (they are compiled
+    into one grammar, so their compile times add up)."""
+
+    def __init__(self) -> None:
+        self.units = 0
+
+
 class _Checker:
-    def __init__(self, root: dict, param: str, max_depth: int) -> None:
+    def __init__(self, root: dict, param: str, max_depth: int, budget: LengthBudget) -> None:
         self.root, self.param, self.max_depth = root, param, max_depth
-        self.length_units = 0
+        self.budget = budget
 
     def fail(self, where: str, message: str, code: str = "unsupported_schema") -> None:
         raise InvalidRequest(f"{message} (at {where or '/'})", param=self.param, code=code)
@@ -214,11 +222,11 @@ class _Checker:
                 counted_inside[-1] = True
 
     def spend(self, units: int, where: str) -> None:
-        self.length_units += min(units, 256)
-        if self.length_units > MAX_STRING_LENGTH_UNITS:
+        self.budget.units += min(units, 256)
+        if self.budget.units > MAX_STRING_LENGTH_UNITS:
             self.fail(where, f"string length limits (minLength, maxLength, pattern counts) add up to more than "
-                      f"{MAX_STRING_LENGTH_UNITS} characters over the schema; use smaller limits or drop "
-                      "some and check lengths after parsing", "schema_too_large")
+                      f"{MAX_STRING_LENGTH_UNITS} characters over the schema (all tools' schemas together); use "
+                      "smaller limits or drop some and check lengths after parsing", "schema_too_large")
 
     def check_number(self, node: dict, where: str, types: set[str]) -> None:
         for key in sorted(NUMBER_KEYWORDS & node.keys()):
@@ -293,8 +301,11 @@ def _is_type(value: object, name: str) -> bool:
     return isinstance(value, python) and not (name == "number" and isinstance(value, bool))
 
 
-def check_schema(schema: object, *, param: str, max_bytes: int, max_depth: int) -> dict:
-    """Return ``schema`` (``True`` becomes ``{}``) if xgrammar enforces all of it cheaply; else 400."""
+def check_schema(
+    schema: object, *, param: str, max_bytes: int, max_depth: int, budget: LengthBudget | None = None
+) -> dict:
+    """Return ``schema`` (``True`` becomes ``{}``) if xgrammar enforces all of it cheaply; else 400.
+    ``budget``: string length units shared with other schemas of the same grammar (a request's tools)."""
     if schema is True:
         return {}
     if not isinstance(schema, dict):
@@ -305,5 +316,5 @@ def check_schema(schema: object, *, param: str, max_bytes: int, max_depth: int) 
             f"the schema is {size} bytes, over this server's limit of {max_bytes} (SNARK_MAX_SCHEMA_BYTES): send a "
             "smaller schema", param=param, code="schema_too_large",
         )  # fmt: skip
-    _Checker(schema, param, max_depth).walk(schema, "", 0)
+    _Checker(schema, param, max_depth, budget or LengthBudget()).walk(schema, "", 0)
     return schema
