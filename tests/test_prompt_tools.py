@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-from transformers import AutoProcessor
 
-from snark.engine.prompt import PromptBuilder
 from snark.engine.request import ChatTurn, ToolCall, ToolSpec
 from snark.errors import InvalidRequest
+from tests.test_prompt import builder, processor  # noqa: F401  (the same fixtures: the tiny model's processor)
 
 IM_START, IM_END, IMAGE_PAD, VISION_START = 151644, 151645, 151655, 151652
 TOOL_CALL, TOOL_CALL_END = 151657, 151658
@@ -33,16 +32,6 @@ TOOLS_SYSTEM = (
     "<tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
 )
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return AutoProcessor.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def builder(processor):
-    return PromptBuilder(processor, max_prompt_tokens=8192)
 
 
 def rendered(builder, prompt) -> str:
