@@ -16,8 +16,9 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from snark.api.lenient import Lenient
 from snark.config import Settings
 from snark.engine.request import StructuredOutput, ToolSpec
 from snark.errors import InvalidRequest
@@ -27,41 +28,37 @@ from snark.structured.schema import LengthBudget, check_schema
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-
-class JsonSchemaFormat(_Lenient):
+class JsonSchemaFormat(Lenient):
     name: str = Field("response", description="A name for the schema (OpenAI requires one; Snark only reports it).")
     description: str | None = None
     schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="The JSON Schema the answer follows.")
     strict: bool | None = Field(None, description="Accepted: Snark always enforces the schema.")
 
 
-class ResponseFormat(_Lenient):
+class ResponseFormat(Lenient):
     type: Literal["text", "json_object", "json_schema"] = Field(
         description="text (default), json_object (any JSON object) or json_schema (this schema)."
     )
     json_schema: JsonSchemaFormat | None = None
 
 
-class FunctionDefinition(_Lenient):
+class FunctionDefinition(Lenient):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="A JSON Schema for the arguments object.")
     strict: bool | None = Field(None, description="Accepted: Snark always enforces the parameters schema.")
 
 
-class ToolDefinition(_Lenient):
+class ToolDefinition(Lenient):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(_Lenient):
+class NamedFunction(Lenient):
     name: str
 
 
-class NamedToolChoice(_Lenient):
+class NamedToolChoice(Lenient):
     type: Literal["function"] = "function"
     function: NamedFunction
 
