@@ -313,6 +313,7 @@ def test_tool_requests_that_cannot_work_are_400s(client: openai.OpenAI) -> None:
         client, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}
     ).message
     assert "needs tools" in bad_request(client, tool_choice="required").message
+    assert 'tool_choice is "none", "auto", "required"' in bad_request(client, tools=[WEATHER], tool_choice="sometimes").message
     assert "cannot constrain one answer together" in bad_request(
         client, tools=[WEATHER], response_format={"type": "json_object"}
     ).message

@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from snark.api.lenient import Lenient
 from snark.config import Settings
@@ -63,7 +63,22 @@ class NamedToolChoice(Lenient):
     function: NamedFunction
 
 
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+ToolChoice = str | dict  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+_TOOL_CHOICES = ("none", "auto", "required")
+_CHOICE_HELP = 'tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": "..."}}'
+
+
+def _tool_choice(value: ToolChoice | None, has_tools: bool) -> str | NamedToolChoice:
+    if value is None:
+        return "auto" if has_tools else "none"
+    if isinstance(value, str):
+        if value not in _TOOL_CHOICES:
+            raise InvalidRequest(f"{_CHOICE_HELP}; got {value!r}.", param="tool_choice")
+        return value
+    try:
+        return NamedToolChoice.model_validate(value)
+    except ValidationError:
+        raise InvalidRequest(f"{_CHOICE_HELP}; got {json.dumps(value)[:200]}.", param="tool_choice") from None
 
 
 def response_format_output(response_format: ResponseFormat | None, settings: Settings) -> StructuredOutput | None:
@@ -115,7 +130,7 @@ class ToolUse:
         settings: Settings,
     ) -> None:
         tools = tools or []
-        self.choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+        self.choice = _tool_choice(tool_choice, bool(tools))
         if self.choice != "none" and not tools:
             raise InvalidRequest("tool_choice needs tools: send the functions the model may call in tools.", param="tool_choice")
         self.specs = _tool_specs(tools, settings)
