@@ -13,13 +13,12 @@ import re
 import jsonschema
 import numpy as np
 import pytest
+import xgrammar as xgr
 from pydantic import BaseModel, Field
 
 from snark.errors import InvalidRequest
 from snark.structured.constraint import json_grammar
 from snark.structured.schema import check_schema
-
-xgr = pytest.importorskip("xgrammar")
 
 LIMITS = {"max_bytes": 32 * 1024, "max_depth": 16}
 
@@ -245,3 +244,17 @@ def test_allowlisted_keywords_constrain_xgrammar(compiler, name):
         validator.validate(value)
         if name.startswith("format ") and (fmt := name.split()[1]) in STRICT_FORMATS:
             assert STRICT_FORMATS[fmt](value), f"{fmt}: {value!r}"
+
+
+def test_a_required_name_must_be_described():
+    # xgrammar drops a requirement for a name not in properties: {} would pass as valid.
+    error = refused({"type": "object", "required": ["a"]})
+    assert "'a'" in error.message and "properties" in error.message
+    check_schema({"type": "object", "properties": {"a": {}}, "required": ["a"]}, param="p", **LIMITS)
+
+
+def test_property_names_that_are_keywords_are_still_schemas():
+    schema = {"type": "object", "properties": {"default": {"type": "string", "maxLength": 5}, "maxLength": True}}
+    check_schema(schema, param="p", **LIMITS)
+    grammar = json_grammar(schema)
+    assert "Regex(" in grammar and "_characters ::=" not in grammar  # the bounded string went the pattern way

@@ -333,3 +333,15 @@ def test_tools_are_bounded_together(client: openai.OpenAI) -> None:
     assert "all tools' schemas together" in error.message and error.body["param"] == "tools[1].function.parameters"
     not_an_object = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
     assert "must describe an object" in bad_request(client, tools=[not_an_object]).message
+
+
+def test_stop_strings_cannot_cut_a_constrained_answer(client: openai.OpenAI) -> None:
+    error = bad_request(client, response_format=schema_format(RECEIPT), stop=["}"])
+    assert error.body["param"] == "stop"
+
+
+def test_offered_tools_not_called_give_the_same_content_streamed_or_not(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(messages=ASK, max_tokens=12, tools=[WEATHER], **GREEDY)
+    stream = client.chat.completions.create(messages=ASK, max_tokens=12, tools=[WEATHER], stream=True, **GREEDY)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert whole.choices[0].message.tool_calls is None and streamed == whole.choices[0].message.content

@@ -100,7 +100,7 @@ async def infer_text(request: Request, form: FormFields, state: AppState = Depen
     form.check_format()
     params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any image work
     prompt = await state.engine.build_prompt(form.turns(), min_pixels=state.settings.min_image_pixels, max_pixels=state.settings.max_image_pixels)
-    return await _answer(request, state, form, prompt, await state.engine.prepare(params))
+    return await _answer(request, state, form, prompt, await _prepared(request, state, params))
 
 
 @router.post("/infer/image", summary="Answer a prompt about one image (image_url or image_file)")
@@ -114,7 +114,12 @@ async def infer_image(request: Request, form: ImageFormFields, state: AppState =
     max_pixels = form.image_pixel_cap(state.settings)
     min_pixels = min(state.settings.min_image_pixels, max_pixels)
     prompt = await state.engine.build_prompt(form.turns(image), min_pixels=min_pixels, max_pixels=max_pixels)
-    return await _answer(request, state, form, prompt, await state.engine.prepare(params))
+    return await _answer(request, state, form, prompt, await _prepared(request, state, params))
+
+
+async def _prepared(request: Request, state: AppState, params: SamplingParams) -> SamplingParams:
+    """``params`` with their output grammar compiled (json_schema); a client that leaves stops waiting."""
+    return await until_disconnected(request, state.engine.prepare(params), timeout_s=state.settings.request_timeout_s)
 
 
 async def _load_form_image(image_url: str | None, image_file: UploadFile | None, state: AppState):

@@ -101,7 +101,7 @@ def _history_calls(where: str, role: str, tool_calls: list[AssistantToolCall] | 
         at = f"{where}.tool_calls[{j}].function.arguments"
         try:
             arguments = json.loads(call.function.arguments)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nested too deep to be a call's arguments
             arguments = None
         if not isinstance(arguments, dict):
             raise InvalidRequest(f"{at} must be a JSON object in a string, such as '{{\"city\": \"Paris\"}}'.", param=at)

@@ -43,7 +43,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, state:
     prompt = await engine.build_prompt(
         turns, min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels, tools=tools.prompt_tools
     )
-    params = await engine.prepare(params)  # the output grammar, compiled off the event loop (cached by schema)
+    # The output grammar, compiled off the event loop (cached by schema); a client that leaves stops waiting.
+    params = await until_disconnected(request, engine.prepare(params), timeout_s=settings.request_timeout_s)
     reply = ChatReply(model=engine.model_name, prompt_tokens=prompt.num_tokens)
     tool_names = {spec.name for spec in tools.callable} if tools.active else None
     if audio is not None and voice is not None:

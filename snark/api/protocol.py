@@ -150,6 +150,13 @@ class ChatCompletionRequest(Lenient):
                 code="unsupported_parameter",
             )
         structure = structure or tools.output()
+        if structure is not None and stops:
+            raise InvalidRequest(
+                "stop cannot be combined with response_format or tools: a stop string could cut the JSON or the "
+                "call short; the answer already ends where its schema ends.",
+                param="stop",
+                code="unsupported_parameter",
+            )
         param, max_new = "max_tokens", self.max_tokens
         if self.max_completion_tokens is not None:
             param, max_new = "max_completion_tokens", self.max_completion_tokens

@@ -58,10 +58,10 @@ class ChatReply:
         ``tool_calls`` and finish_reason "tool_calls"; what is not a call stays the content."""
         message = {"role": "assistant", "content": done.text, "refusal": None}
         finish_reason = finish_reason_of(done.finish_reason)
-        if tool_names is not None:
+        if tool_names is not None:  # what is not a call is the content, as the stream sends it
             content, calls = parse_tool_calls(done.text, known=tool_names)
+            message["content"] = content if calls else (content or "")
             if calls:
-                message["content"] = content
                 message["tool_calls"] = [_call_json(call) for call in calls]
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         return {

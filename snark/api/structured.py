@@ -113,8 +113,9 @@ def form_schema_output(text: str, settings: Settings) -> StructuredOutput:
         )
     try:
         parsed = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"json_schema is not valid JSON ({exc}): send a JSON Schema object.", param="json_schema") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
+        raise InvalidRequest(f"json_schema is not valid JSON ({reason}): send a JSON Schema object.", param="json_schema") from None
     schema = check_schema(parsed, param="json_schema", max_bytes=settings.max_schema_bytes, max_depth=settings.max_schema_depth)
     return json_schema_output(schema)
 

@@ -146,8 +146,8 @@ def run_structured(
     """Measure with the sender ``open_sender`` gives, print the table, ratios, notes and any invalid
     answer, and save the run (``--save``)."""
     top = max(args.levels)
-    # A tag per run in the schemas' titles: a server that cached these schemas in an earlier run compiles again.
-    schemas = receipt_schemas(top, run_tag=f"run {time.time_ns():x}")
+    # A tag per run in a property name: a server that cached these schemas in an earlier run compiles again.
+    schemas = receipt_schemas(top, run_tag=f"{time.time_ns():x}")
     workload = build_receipt_workload(max(requests_at(args, level) for level in args.levels))
 
     async def measure() -> StructuredResult:

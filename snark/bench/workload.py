@@ -73,9 +73,10 @@ CURRENCIES = ("EUR", "USD", "GBP", "CHF", "JPY", "SEK", "NOK", "DKK", "PLN", "CZ
 def receipt_schema(index: int = 0, *, run_tag: str = "") -> dict:
     """A receipt-extraction schema. Index 0 is the plain receipt; index i > 0 renames every property
     (``store_i``, ...) and rotates the currency enum, so each index compiles to a grammar of its own.
-    ``run_tag`` goes into the title only: it changes no grammar, but makes a server that compiled these
-    schemas in an earlier run (and cached them) compile them again."""
+    ``run_tag`` goes into the note's property name, so a server that compiled these schemas in an
+    earlier run compiles them again (xgrammar may still reuse the masks of parts it has seen)."""
     suffix = f"_{index}" if index else ""
+    tag = f"_{run_tag}" if run_tag else ""
     currencies = [CURRENCIES[(index + k) % len(CURRENCIES)] for k in range(4)]
     item = {
         "type": "object",
@@ -94,10 +95,10 @@ def receipt_schema(index: int = 0, *, run_tag: str = "") -> dict:
         f"items{suffix}": {"type": "array", "items": item, "maxItems": 8},
         f"total_cents{suffix}": {"type": "integer", "minimum": 0},
         f"paid{suffix}": {"type": "boolean"},
-        f"note{suffix}": {"type": "string", "maxLength": 60},
+        f"note{suffix}{tag}": {"type": "string", "maxLength": 60},
     }
     return {
-        "title": f"receipt {index}" + (f" ({run_tag})" if run_tag else ""),
+        "title": f"receipt {index}",
         "type": "object",
         "properties": properties,
         "required": list(properties),

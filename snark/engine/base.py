@@ -144,11 +144,15 @@ class Engine(abc.ABC):
         the model in the system turn. Raises ``InvalidRequest``."""
 
     async def prepare(self, params: SamplingParams) -> SamplingParams:
-        """``params`` ready to submit: what the engine must do before a request can join a batch (compile
-        its output grammar), done off the event loop and off the generation thread. Raises
-        ``InvalidRequest`` for a constraint the engine cannot compile. Engines that compile inside
-        their own loop (vLLM) return ``params`` as they are."""
+        """``params`` ready to submit: what the engine must do before a request can join a batch (its
+        output grammar: Snark's engine compiles it, vLLM's gets its text), done off the event loop and
+        off the generation thread. Raises ``InvalidRequest`` for a constraint the engine cannot take."""
         return params
+
+    @staticmethod
+    def _require_prepared(params: SamplingParams) -> None:
+        if params.structure is not None and params.structure.compiled is None:
+            raise ValueError("a constrained request must go through prepare() before submit()")
 
     @abc.abstractmethod
     def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:

@@ -42,9 +42,10 @@ class StructuredOutput:
     """What a request's output must follow, token by token; each engine compiles it its own way.
 
     ``kind`` is "json_schema" (``spec``: the schema as JSON text), "json_object" (any JSON object;
-    ``spec`` empty) or "structural_tag" (``spec``: an xgrammar structural tag as JSON text, how tool
-    calls are constrained). ``compiled`` is the engine's own compiled form once ``Engine.prepare``
-    made it (Snark's engine: an xgrammar grammar; vLLM compiles inside its engine and leaves it None).
+    ``spec`` empty) or "tool_calls" (``spec``: the callable tools, whether a call is required and
+    whether several may come, as JSON text; ``snark.structured.constraint`` turns it into the
+    structural tag both engines compile). ``compiled`` is what ``Engine.prepare`` made of it for its
+    engine (Snark's: an xgrammar compiled grammar; vLLM's: the arguments of its structured outputs).
     """
 
     kind: str

@@ -37,7 +37,11 @@ ANY_OBJECT = {"type": "object"}  # a tool without a parameters schema takes any 
 # regex path: valid JSON, and ~0.05 ms a step. (Quotes, backslashes and control characters stay out of
 # length-bounded strings, as xgrammar's own class keeps the first two out.)
 _BOUNDED_STRING = '^[^"\\\\\\x00-\\x1f]{{{low},{high}}}$'
-_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples"})  # values there are data, not schemas
+# Where a schema holds schemas: one (items, not, ...), a list of them (anyOf, prefixItems), or a map of
+# names to them (properties, $defs). Everything else on a schema node is data (enum, default, title).
+_ONE_SCHEMA = ("items", "additionalProperties", "contains", "not", "if", "then", "else", "propertyNames")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 def json_schema_output(schema: dict) -> StructuredOutput:
@@ -59,6 +63,22 @@ def tool_call_output(tools: Sequence[ToolSpec], *, required: bool, parallel: boo
     return StructuredOutput("tool_calls", json.dumps(spec, ensure_ascii=False, separators=(",", ":")))
 
 
+def grammar_of(structure: StructuredOutput) -> tuple[str, str]:
+    """What both engines compile for ``structure``: ("grammar", xgrammar EBNF) for JSON, or
+    ("structural_tag", its JSON) for tool calls. Raises ``InvalidRequest`` for a schema xgrammar
+    cannot turn into a grammar."""
+    try:
+        if structure.kind == "json_schema":
+            return "grammar", json_grammar(structure.spec)
+        if structure.kind == "json_object":  # an object, as OpenAI's json_object means
+            return "grammar", json_grammar(ANY_OBJECT)
+        if structure.kind == "tool_calls":
+            return "structural_tag", tool_calls_structural_tag(structure.spec)
+    except RuntimeError as exc:
+        raise schema_error(exc) from None
+    raise ValueError(f"unknown structured output kind {structure.kind!r}")
+
+
 def json_grammar(schema: str | dict) -> str:
     """The grammar (xgrammar's EBNF) of JSON that follows ``schema``, written without free whitespace.
     Both engines compile this text, so both constrain a request to the same grammar."""
@@ -68,18 +88,24 @@ def json_grammar(schema: str | dict) -> str:
     return str(xgrammar.Grammar.from_json_schema(json.dumps(_lengths_as_patterns(parsed)), any_whitespace=False))
 
 
-def _lengths_as_patterns(node):
-    """``node`` with every string's minLength/maxLength written as a pattern (see _BOUNDED_STRING)."""
-    if isinstance(node, list):
-        return [_lengths_as_patterns(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {key: value if key in _NOT_SCHEMAS else _lengths_as_patterns(value) for key, value in node.items()}
+def _lengths_as_patterns(schema):
+    """``schema`` with every string's minLength/maxLength written as a pattern (see _BOUNDED_STRING)."""
+    if not isinstance(schema, dict):
+        return schema  # true / false
+    out = dict(schema)
+    for key in _ONE_SCHEMA:
+        if key in out:
+            out[key] = _lengths_as_patterns(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_lengths_as_patterns(item) for item in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _lengths_as_patterns(item) for name, item in out[key].items()}
     low, high = out.get("minLength"), out.get("maxLength")
-    bounded = isinstance(low, int) or isinstance(high, int)
-    if bounded and "pattern" not in out and "format" not in out:
+    if (type(low) is int or type(high) is int) and "pattern" not in out and "format" not in out:
         out.pop("minLength", None), out.pop("maxLength", None)
-        out["pattern"] = _BOUNDED_STRING.format(low=low if isinstance(low, int) else 0, high=high if isinstance(high, int) else "")
+        out["pattern"] = _BOUNDED_STRING.format(low=low if type(low) is int else 0, high=high if type(high) is int else "")
     return out
 
 

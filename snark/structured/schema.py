@@ -263,6 +263,11 @@ class _Checker:
         required = node.get("required", [])
         if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
             self.fail(f"{where}/required", "required must be a list of property names", "invalid_schema")
+        listed = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        for name in required:
+            if name not in listed:  # xgrammar would drop the requirement and let an answer without it through
+                self.fail(f"{where}/required", f"required names {name!r}, which is not in properties: describe it "
+                          f'there (any value: "{name}": {{}})')
         extra = node.get("additionalProperties", False)
         if extra is not False:
             self.walk(extra, f"{where}/additionalProperties", depth + 1)

@@ -185,7 +185,7 @@ def _call_after_tag(text: str, start: int, known: set[str] | None) -> tuple[str,
     arguments = text[args_start:args_start + length]
     try:
         json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than a parser goes: not a call
         return None
     outcome, end, _ = _match_sequence(text, args_start + length, _ENVELOPE)
     return (strings[0], arguments, end) if outcome is _Match.FULL else None

@@ -168,8 +168,7 @@ class TransformersEngine(Engine):
 
     def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:
         self._require_ready()
-        if params.structure is not None and params.structure.compiled is None:
-            raise ValueError("a constrained request must go through prepare() before submit()")
+        self._require_prepared(params)
         request = GenerationRequest(prompt=prompt, params=params, deliver_deltas=deliver_deltas)
         self.scheduler.check_fits_alone(request, self.cache)
         request.bind_to_running_loop()

@@ -29,7 +29,7 @@ import xgrammar
 
 from snark.engine.request import StructuredOutput
 from snark.errors import Overloaded
-from snark.structured.constraint import ANY_OBJECT, json_grammar, schema_error, tool_calls_structural_tag
+from snark.structured.constraint import grammar_of, schema_error
 
 log = logging.getLogger(__name__)
 _NEG_INF = torch.tensor(float("-inf"))
@@ -68,9 +68,13 @@ class Grammars:
                         retry_after_s=2,
                     )
                 future = self._cache[key] = self._pool.submit(self._compile, structure)
+                self._cache.move_to_end(key)
                 future.add_done_callback(lambda done, key=key: self._settle(key, done))
-            self._cache.move_to_end(key)
-        return await asyncio.wrap_future(future)
+            else:
+                self._cache.move_to_end(key)
+        # Shielded: a request that gives up (client gone, shutdown) must not cancel a compile that other
+        # requests with the same schema wait for.
+        return await asyncio.shield(asyncio.wrap_future(future))
 
     def _settle(self, key: tuple[str, str], done: Future) -> None:
         """A compile ended: forget a failed one (the next request gets the same 400 anew), and keep
@@ -105,16 +109,13 @@ class Grammars:
             self._compiler = xgrammar.GrammarCompiler(
                 info, max_threads=COMPILE_THREADS, cache_enabled=True, cache_limit_bytes=CACHED_GRAMMAR_BYTES
             )
+        kind, text = grammar_of(structure)
         try:
-            if structure.kind == "json_schema":
-                return self._compiler.compile_grammar(json_grammar(structure.spec))
-            if structure.kind == "json_object":  # an object, as OpenAI's json_object means
-                return self._compiler.compile_grammar(json_grammar(ANY_OBJECT))
-            if structure.kind == "tool_calls":
-                return self._compiler.compile_structural_tag(tool_calls_structural_tag(structure.spec))
+            if kind == "grammar":
+                return self._compiler.compile_grammar(text)
+            return self._compiler.compile_structural_tag(text)
         except RuntimeError as exc:  # xgrammar's message names the part of the schema it cannot take
             raise schema_error(exc) from None
-        raise ValueError(f"unknown structured output kind {structure.kind!r}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

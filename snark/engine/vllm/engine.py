@@ -135,6 +135,7 @@ class VllmEngine(Engine):
         self._require_ready()
         if not isinstance(prompt, VllmPrompt):
             raise TypeError("the vLLM engine takes prompts from its own build_prompt()")
+        self._require_prepared(params)
         request = GenerationRequest(prompt=prompt, params=params, deliver_deltas=deliver_deltas)
         request.bind_to_running_loop()
         with self._lock:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from snark.engine.request import SamplingParams, StructuredOutput
-from snark.structured.constraint import ANY_OBJECT, json_grammar, schema_error, tool_calls_structural_tag
+from snark.structured.constraint import grammar_of
 
 
 def vllm_sampling_fields(params: SamplingParams) -> dict[str, Any]:
@@ -42,20 +42,11 @@ def vllm_sampling_fields(params: SamplingParams) -> dict[str, Any]:
 
 
 def _structured(structure: StructuredOutput) -> dict[str, Any]:
-    # The engine's prepare() wrote it off the event loop; a caller that skipped prepare() writes it now.
-    return structure.compiled if structure.compiled is not None else vllm_structured_fields(structure)
+    return structure.compiled  # VllmEngine.prepare wrote it (vllm_structured_fields)
 
 
 def vllm_structured_fields(structure: StructuredOutput) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.sampling_params.StructuredOutputsParams``. Raises ``InvalidRequest``
-    for a schema xgrammar cannot turn into a grammar."""
-    try:
-        if structure.kind == "json_schema":
-            return {"grammar": json_grammar(structure.spec)}
-        if structure.kind == "json_object":  # an object, as on Snark's own engine (vLLM's json_object allows any JSON)
-            return {"grammar": json_grammar(ANY_OBJECT)}
-        if structure.kind == "tool_calls":
-            return {"structural_tag": tool_calls_structural_tag(structure.spec)}
-    except RuntimeError as exc:
-        raise schema_error(exc) from None
-    raise ValueError(f"unknown structured output kind {structure.kind!r}")
+    """Keyword arguments for ``vllm.sampling_params.StructuredOutputsParams``: the grammar or structural
+    tag Snark's own engine compiles too. Raises ``InvalidRequest`` for a schema xgrammar cannot take."""
+    kind, text = grammar_of(structure)
+    return {kind: text}
