@@ -6,11 +6,14 @@ model code). Servers are real uvicorn instances on 127.0.0.1, driven by real HTT
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -94,3 +97,39 @@ def hang_up_once(url: str, path: str, body: dict, running: Callable[[], object],
         except BlockingIOError:
             answered = b""
         assert not answered, "the request ended before the client hung up"
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 30.0, poll_s: float = 0.05):
+    """``condition()``'s first true result, polled every ``poll_s``; fails after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
+    return result
+
+
+@contextlib.contextmanager
+def image_server(body: bytes, content_type: str, on_get: Callable[[str], None] | None = None) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 answering every GET with ``body``; yields its base URL.
+    ``on_get(path)`` runs first in the handler thread (to count requests, or to hold the answer)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if on_get is not None:
+                on_get(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import io
 import threading
 import wave
@@ -18,6 +17,7 @@ from snark.engine.loader import load_model
 from snark.server import create_app
 from snark.speech import LazySpeaker
 from snark.speech.piper_engine import PiperSpeaker
+from tests.conftest import image_server as serve_image
 from tests.conftest import serve
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample.jpeg"
@@ -33,24 +33,8 @@ def http(base_url):
 def image_server():
     """Serves sample.jpeg on 127.0.0.1 and counts the requests it gets."""
     hits: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            body = SAMPLE.read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    server.shutdown()
+    with serve_image(SAMPLE.read_bytes(), "image/jpeg", on_get=hits.append) as url:
+        yield url, hits
 
 
 def ask(http, path="/infer/text", files=None, **fields):

@@ -9,15 +9,15 @@ from __future__ import annotations
 import base64
 import io
 import struct
-import threading
 import wave
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
 import pytest
 from PIL import Image
+
+from tests.conftest import image_server as serve_image
 
 GREEDY = {"model": "snark", "temperature": 0}
 
@@ -49,23 +49,8 @@ def client(base_url: str) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def image_server() -> Iterator[str]:
     """A real HTTP server on 127.0.0.1 serving one PNG (test settings allow loopback image URLs)."""
-    body = png((56, 84), (30, 10, 200))
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/picture.png"
-    server.shutdown()
+    with serve_image(png((56, 84), (30, 10, 200)), "image/png") as url:
+        yield f"{url}/picture.png"
 
 
 # --- models --------------------------------------------------------------------------------------

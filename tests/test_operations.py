@@ -8,13 +8,14 @@ long generation really occupies it; nothing sleeps to wait, every wait polls wit
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 
 import httpx
 import openai
 import pytest
 from tests.conftest import hang_up_once, serve, start_engine
+from tests.conftest import wait_until as shared_wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from snark.engine.transformers import TransformersEngine as Engine
@@ -39,13 +40,7 @@ def create_args(body: dict) -> dict:
     return body
 
 
-def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 15.0):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
-    return result
+wait_until = partial(shared_wait_until, timeout_s=15.0, poll_s=0.02)
 
 
 def next_content(lines: Iterator[str]) -> str:

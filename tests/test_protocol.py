@@ -271,7 +271,7 @@ def test_key_matches_only_whole_keys() -> None:
 @pytest.mark.parametrize("usage_field", [False, True])
 @pytest.mark.parametrize("text", ["Hello", 'quote " and \\ backslash', "東京 🎉\n", "\x00 nul"])
 def test_the_templated_content_chunk_equals_the_plain_one(text: str, usage_field: bool) -> None:
-    from snark.api.replies import ChatReply, _sse
+    from snark.api.replies import ChatReply, sse_line
 
     reply = ChatReply(model='tiny "model"', prompt_tokens=3)
-    assert reply.content_sse(text, usage_field=usage_field) == _sse(reply.chunk({"content": text}, usage_field=usage_field))
+    assert reply.content_sse(text, usage_field=usage_field) == sse_line(reply.chunk({"content": text}, usage_field=usage_field))

@@ -11,13 +11,13 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
 from snark.serving import REPEAT_WINDOW_S, SignalAction, StopSignals
+from tests.conftest import image_server
 from tests.server_process import ServerProcess, assert_no_traceback
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample.jpeg"
@@ -42,27 +42,15 @@ def held_image() -> Iterator[tuple[str, threading.Event, threading.Event]]:
     """An image URL whose answer waits until the test releases it: a request stays in flight on it."""
     asked, release = threading.Event(), threading.Event()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            asked.set()
-            release.wait(60)
-            body = SAMPLE.read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def hold(path: str) -> None:
+        asked.set()
+        release.wait(60)
 
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/sample.jpeg", asked, release
-    finally:
-        release.set()
-        server.shutdown()
+    with image_server(SAMPLE.read_bytes(), "image/jpeg", on_get=hold) as url:
+        try:
+            yield f"{url}/sample.jpeg", asked, release
+        finally:
+            release.set()  # before the server shuts down: a held answer must not keep it waiting
 
 
 def next_text(lines: Iterator[str]) -> str:

@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import free_port, hang_up_once
+from tests.conftest import free_port, hang_up_once, wait_until
 from tests.test_structured_outputs import ASK, CODES, RECEIPT, TIME, WEATHER, check_calls, schema_format
 
 pytestmark = pytest.mark.vllm
@@ -152,15 +152,6 @@ def metric(http: httpx.Client, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
-    return result
 
 
 def image_data_uri() -> str:

@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
-import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 
-from snark.api.errors import error_body
-from snark.api.replies import ChatReply, finish_reason_of
+from snark.api.replies import ChatReply, finish_reason_of, sse_line
 from snark.engine.request import GenerationRequest
-from snark.errors import InvalidRequest, SnarkError
+from snark.errors import InvalidRequest
 from snark.speech import SpokenPiece
 
-log = logging.getLogger(__name__)
 
 _ID_PREFIX = "audio_"
 AUDIO_TTL_S = 24 * 3600
@@ -68,11 +64,6 @@ def audio_completion(reply: ChatReply, done: GenerationRequest, transcript: str,
     return body
 
 
-def _sse(body: dict | str) -> str:
-    data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
 async def chat_audio_events(
     reply: ChatReply,
     generation: GenerationRequest,
@@ -82,25 +73,19 @@ async def chat_audio_events(
     include_usage: bool,
 ) -> AsyncIterator[str]:
     """The SSE body of a streamed audio completion: transcript deltas as the model writes them, and
-    base64 PCM (``to_pcm16`` turns the voice's PCM into OpenAI's 24 kHz) as each sentence is ready."""
+    base64 PCM (``to_pcm16`` turns the voice's PCM into OpenAI's 24 kHz) as each sentence is ready.
+    Wrap it in ``replies.sse_stream`` for the error event and ``[DONE]``."""
     transcript: list[str] = []
     usage = {"usage_field": include_usage}
-    try:
-        yield _sse(reply.chunk({"role": "assistant", "content": None, "audio": {"transcript": ""}}, **usage))
-        async for piece in pieces:
-            if piece.text:
-                transcript.append(piece.text)
-                yield _sse(reply.chunk({"audio": {"transcript": piece.text}}, **usage))
-            if piece.pcm:
-                yield _sse(reply.chunk({"audio": {"data": _b64(to_pcm16(piece.pcm))}}, **usage))
-        ending = {"id": audio_id("".join(transcript)), "expires_at": int(time.time()) + AUDIO_TTL_S}
-        yield _sse(reply.chunk({"audio": ending}, **usage))
-        yield _sse(reply.chunk({}, finish_reason_of(generation.finish_reason), **usage))
-        if include_usage:
-            yield _sse(reply.usage_chunk(generation.completion_tokens))
-    except SnarkError as exc:
-        yield _sse(error_body(exc.message, type_=exc.type, code=exc.code, param=exc.param))
-    except Exception:  # a bug: the client still gets the one error shape and the stream still ends
-        log.exception("streamed audio completion %s failed", reply.id)
-        yield _sse(error_body("Internal server error (a bug in Snark; see the server log).", type_="server_error", code="internal_error"))
-    yield _sse("[DONE]")
+    yield sse_line(reply.chunk({"role": "assistant", "content": None, "audio": {"transcript": ""}}, **usage))
+    async for piece in pieces:
+        if piece.text:
+            transcript.append(piece.text)
+            yield sse_line(reply.chunk({"audio": {"transcript": piece.text}}, **usage))
+        if piece.pcm:
+            yield sse_line(reply.chunk({"audio": {"data": _b64(to_pcm16(piece.pcm))}}, **usage))
+    ending = {"id": audio_id("".join(transcript)), "expires_at": int(time.time()) + AUDIO_TTL_S}
+    yield sse_line(reply.chunk({"audio": ending}, **usage))
+    yield sse_line(reply.chunk({}, finish_reason_of(generation.finish_reason), **usage))
+    if include_usage:
+        yield sse_line(reply.usage_chunk(generation.completion_tokens))

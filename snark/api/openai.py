@@ -17,7 +17,7 @@ from starlette.background import BackgroundTask
 from snark.api.cancellation import until_disconnected
 from snark.api.chat_audio import audio_completion, chat_audio_events
 from snark.api.protocol import PCM_SAMPLE_RATE, ChatCompletionRequest, SpeechRequest
-from snark.api.replies import ChatReply, chat_events
+from snark.api.replies import ChatReply, chat_events, sse_stream
 from snark.api.spoken import MEDIA_TYPES, AudioTimer, Voice, audio_stream, complete_audio, open_voice, speak_answer, speak_text
 from snark.api.state import AppState, get_state
 from snark.engine.request import GenerationRequest
@@ -52,10 +52,11 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, state:
     if body.stream:
         generation = engine.submit(prompt, params)  # a full queue is a 503 now, before the stream starts
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = chat_events(
+        lines = chat_events(
             reply, generation, engine.follow(generation),
             include_usage=include_usage, timeout_s=settings.request_timeout_s, tool_names=tool_names,
         )  # fmt: skip
+        events = sse_stream(lines, f"streamed completion {reply.id}")
         # Starlette runs the background task after the stream ends, also when the client left. The
         # stream's own finally cancels the row; this covers a client gone before the stream's first step.
         return StreamingResponse(
@@ -75,7 +76,8 @@ async def _spoken_chat(
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         to_pcm16 = partial(resample_pcm16, from_rate=voice.sample_rate, to_rate=PCM_SAMPLE_RATE)
-        events = chat_audio_events(reply, generation, _timed(pieces, timer), to_pcm16, include_usage=include_usage)
+        lines = chat_audio_events(reply, generation, _timed(pieces, timer), to_pcm16, include_usage=include_usage)
+        events = sse_stream(lines, f"streamed audio completion {reply.id}")
         return StreamingResponse(
             events, media_type="text/event-stream", headers=_STREAM_HEADERS, background=BackgroundTask(state.engine.cancel, generation)
         )

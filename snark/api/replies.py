@@ -16,6 +16,7 @@ An error after the stream has started cannot change the 200 status any more; it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -86,7 +87,7 @@ class ChatReply:
         return body
 
     def content_sse(self, text: str, *, usage_field: bool) -> str:
-        """``_sse(self.chunk({"content": text}, usage_field=...))``, the body of nearly every event,
+        """``sse_line(self.chunk({"content": text}, usage_field=...))``, the body of nearly every event,
         from a serialized template: only the text is encoded per token."""
         template = self._content_templates.get(usage_field)
         if template is None:
@@ -110,7 +111,8 @@ def _json(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _sse(body: dict | str) -> str:
+def sse_line(body: dict | str) -> str:
+    """One Server-Sent Event: ``data: <JSON or text>`` and the blank line that ends it."""
     data = body if isinstance(body, str) else _json(body)
     return f"data: {data}\n\n"
 
@@ -127,39 +129,48 @@ async def chat_events(
     """The SSE body for one streamed completion. ``events`` is the engine's stream for ``generation``;
     each text delta is sent as soon as the engine produced it (already whole characters). With
     ``tool_names``, calls in the text go out as OpenAI streams them: ``delta.tool_calls`` items, the
-    first with the call's id and name, the next ones with pieces of its arguments."""
+    first with the call's id and name, the next ones with pieces of its arguments. Wrap it in
+    ``sse_stream`` for the error event and ``[DONE]``."""
     role_sent = False
     calls = ToolCallStream(known=tool_names) if tool_names is not None else None
-    try:
-        async for event in within(events, timeout_s):
-            pieces = [event.text] if calls is None else calls.feed(event.text)
-            if event.finish_reason is not None and calls is not None:
-                pieces += calls.finish()
-            for piece in pieces:
-                if isinstance(piece, ToolCallDelta):
-                    delta = {"tool_calls": [piece.to_openai()]}
-                    if not role_sent:
-                        role_sent, delta = True, {"role": "assistant", "content": None, **delta}
-                    yield _sse(reply.chunk(delta, usage_field=include_usage))
-                elif piece and role_sent:
-                    yield reply.content_sse(piece, usage_field=include_usage)
-                elif piece:
-                    role_sent = True
-                    yield _sse(reply.chunk({"role": "assistant", "content": piece}, usage_field=include_usage))
-            if event.finish_reason is not None:
+    async for event in within(events, timeout_s):
+        pieces = [event.text] if calls is None else calls.feed(event.text)
+        if event.finish_reason is not None and calls is not None:
+            pieces += calls.finish()
+        for piece in pieces:
+            if isinstance(piece, ToolCallDelta):
+                delta = {"tool_calls": [piece.to_openai()]}
                 if not role_sent:
-                    role_sent = True
-                    yield _sse(reply.chunk({"role": "assistant", "content": ""}, usage_field=include_usage))
-                finish_reason = finish_reason_of(event.finish_reason)
-                if calls is not None and calls.calls and finish_reason == "stop":
-                    finish_reason = "tool_calls"
-                yield _sse(reply.chunk({}, finish_reason, usage_field=include_usage))
-        if include_usage:
-            yield _sse(reply.usage_chunk(generation.completion_tokens))
+                    role_sent, delta = True, {"role": "assistant", "content": None, **delta}
+                yield sse_line(reply.chunk(delta, usage_field=include_usage))
+            elif piece and role_sent:
+                yield reply.content_sse(piece, usage_field=include_usage)
+            elif piece:
+                role_sent = True
+                yield sse_line(reply.chunk({"role": "assistant", "content": piece}, usage_field=include_usage))
+        if event.finish_reason is not None:
+            if not role_sent:
+                role_sent = True
+                yield sse_line(reply.chunk({"role": "assistant", "content": ""}, usage_field=include_usage))
+            finish_reason = finish_reason_of(event.finish_reason)
+            if calls is not None and calls.calls and finish_reason == "stop":
+                finish_reason = "tool_calls"
+            yield sse_line(reply.chunk({}, finish_reason, usage_field=include_usage))
+    if include_usage:
+        yield sse_line(reply.usage_chunk(generation.completion_tokens))
+
+
+async def sse_stream(lines: AsyncIterator[str], what: str) -> AsyncIterator[str]:
+    """``lines`` (SSE events), then ``data: [DONE]``. The 200 has gone out by then, so an error raised
+    on the way cannot change the status any more: it is sent as one ``data: {"error": {...}}`` event in
+    the one error shape, which OpenAI clients raise as ``APIError``, and the stream still ends."""
+    try:
+        async with contextlib.aclosing(lines):  # a client gone closes ``lines`` now: its row is cancelled
+            async for line in lines:
+                yield line
     except SnarkError as exc:
-        yield _sse(error_body(exc.message, type_=exc.type, code=exc.code, param=exc.param))
-    except Exception:  # a bug: the client still gets the one error shape and the stream still ends
-        log.exception("streamed completion %s failed", reply.id)
-        message = "Internal server error (a bug in Snark; see the server log)."
-        yield _sse(error_body(message, type_="server_error", code="internal_error"))
-    yield _sse("[DONE]")
+        yield sse_line(error_body(exc.message, type_=exc.type, code=exc.code, param=exc.param))
+    except Exception:  # a bug: the client still gets the one error shape
+        log.exception("%s failed", what)
+        yield sse_line(error_body("Internal server error (a bug in Snark; see the server log).", type_="server_error", code="internal_error"))
+    yield sse_line("[DONE]")
