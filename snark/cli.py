@@ -7,6 +7,7 @@ import logging
 import sys
 
 from snark.config import DEFAULT_TINY_DIR, VLM_SIZES
+from snark.engine.tiny_model import SIZES
 from snark.errors import ConfigError
 
 log = logging.getLogger("snark.cli")
@@ -35,8 +36,8 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     route_transformers_progress()
-    path = write_tiny_model(args.dir)
-    print(f"Wrote a tiny random-weight Qwen2.5-VL to {path}. Serve it with: VLM_MODEL={path} snark serve")
+    path = write_tiny_model(args.dir, size=args.size)
+    print(f"Wrote a {args.size} random-weight Qwen2.5-VL to {path}. Serve it with: VLM_MODEL={path} snark serve")
     return 0
 
 
@@ -72,8 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"build (or reuse) a tiny random-weight model in SNARK_TINY_DIR (default {DEFAULT_TINY_DIR}) and serve it",
     )
     serve.set_defaults(run=_serve)
-    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight Qwen2.5-VL checkpoint to DIR")
+    tiny = commands.add_parser(
+        "tiny-model",
+        help="write a tiny random-weight Qwen2.5-VL checkpoint to DIR",
+        description="Write a random-weight Qwen2.5-VL checkpoint to DIR, offline: the exact architecture at a "
+        "small size, the real Qwen2 tokenizer, processor and chat template. Its answers are noise.",
+    )
     tiny.add_argument("dir", help="output folder")
+    tiny.add_argument(
+        "--size",
+        choices=SIZES,
+        default="tiny",
+        help="tiny (default): the toy that `snark serve --tiny` serves (text hidden 64, 2 layers, 10M parameters, "
+        "40 MB), for trying every endpoint and for tests; small: text hidden 512, 8 layers of 8 heads of 64, "
+        "a 4-block vision tower (108M parameters, 430 MB in float32), a benchmark checkpoint where compute shows",
+    )
     tiny.set_defaults(run=_tiny_model)
     return parser
 

@@ -33,6 +33,18 @@ def test_serve_help_describes_itself_and_points_to_the_settings(capsys) -> None:
     assert "Settings table in README.md" in out
 
 
+def test_tiny_model_help_describes_both_sizes(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["tiny-model", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exited.value.code == 0
+    assert "--size {tiny,small}" in out and "tiny (default)" in out and "108M parameters" in out
+    assert cli.build_parser().parse_args(["tiny-model", "d"]).size == "tiny"
+    assert cli.build_parser().parse_args(["tiny-model", "d", "--size", "small"]).size == "small"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["tiny-model", "d", "--size", "huge"])
+
+
 def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(caplog) -> None:
     assert progress_class(interactive=True) is tqdm and progress_class(interactive=False) is ProgressLines
     with caplog.at_level(logging.INFO, logger="snark.progress"):

