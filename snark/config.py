@@ -60,8 +60,13 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(32768, gt=0)
     max_batch_size: int = Field(16, ge=1, le=256)  # rows decoded together; 1: one request at a time
     batch_wait_ms: float = Field(0.0, ge=0)  # an idle engine waits this long for companions to its first prefill
-    max_prefill_tokens: int = Field(8192, gt=0)  # prompt positions prefilled in one step; longer prompts go in chunks
+    # Prompt tokens prefilled in one step, across prompts, beside every running row's decode token; longer
+    # prompts go in chunks, so running rows never wait more than one chunk.
+    max_prefill_tokens: int = Field(2048, gt=0)
     kv_cache_gib: float | None = Field(None, gt=0)  # default: 4 on CPU, 80% of the GPU memory free after loading
+    kv_block_size: int | None = Field(None, ge=1, le=4096)  # tokens a KV block; default 16 (256 with flash-attn)
+    prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before (images keyed by content)
+    encoder_cache_mib: float = Field(512, ge=0)  # the vision tower's outputs kept for images seen again
     max_waiting_requests: int = Field(64, ge=1)
 
     # --- structured outputs (JSON schema, tool calls) -----------------------------------------
@@ -191,6 +196,10 @@ class Settings(BaseSettings):
     @property
     def vllm_extra_engine_args(self) -> dict[str, Any]:
         return json.loads(self.vllm_engine_args) if self.vllm_engine_args else {}
+
+    @property
+    def encoder_cache_bytes(self) -> int:
+        return int(self.encoder_cache_mib * 1024**2)
 
     @property
     def kv_cache_bytes(self) -> int | None:

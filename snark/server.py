@@ -50,7 +50,9 @@ def build_engine(settings: Settings) -> Engine:
         max_prompt_tokens=settings.max_prompt_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
         kv_cache_bytes=settings.kv_cache_bytes,
-        compile_decode=settings.compile,
+        kv_block_size=settings.kv_block_size,
+        prefix_caching=settings.prefix_caching,
+        encoder_cache_bytes=settings.encoder_cache_bytes,
     )
 
 

@@ -246,7 +246,7 @@ def test_end_of_turn_ends_a_row_unless_it_ignores_eos(tiny_engine, ignore_eos):
         prompt=PromptInputs([1, 2]), params=SamplingParams(max_new_tokens=3, ignore_eos=ignore_eos)
     )
     row = Row(request, tokenizer=tiny_engine.loaded.processor.tokenizer, eos_token_ids=tiny_engine.eos_token_ids,
-              vocab_size=200, device=torch.device("cpu"), now=time.perf_counter())  # fmt: skip
+              vocab_size=200, device=torch.device("cpu"), image_token_id=tiny_engine.loaded.model.config.image_token_id)  # fmt: skip
     row.accept(eos, Outbox(), time.perf_counter())
     assert row.done is not ignore_eos
     if ignore_eos:
@@ -338,19 +338,21 @@ def test_a_request_larger_than_the_whole_kv_budget_is_refused_at_submit(tiny_mod
 
 
 def test_a_burst_of_long_prompts_waits_for_room_and_stays_within_the_kv_budget(tiny_model_dir, tiny_engine):
-    """A budget of about two long rows: eight long requests at once run two or three at a time,
-    all finish, their outputs equal their outputs alone, and the cache never outgrows the budget."""
+    """A budget of about two long rows: eight long requests at once run a few at a time (joining,
+    and being preempted, as blocks free up), all finish, their outputs equal their outputs alone, and
+    the cache's tensors never outgrow the budget."""
     prompts = [_build(tiny_engine, f"Request {i}: " + "tell me about the history of bicycles. " * 12) for i in range(8)]
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     need = max(p.num_tokens for p in prompts) + params.max_new_tokens
     alone = [_solo(tiny_engine, p, params).text for p in prompts]
     per_token = 2 * 2 * 1 * 32 * 4  # keys and values x 2 layers x 1 KV head x 32 dims x float32
-    engine = start_engine(tiny_model_dir, max_batch_size=8, kv_cache_bytes=(2 * need + 1) * per_token)
+    budget = (2 * need + 1) * per_token
+    engine = start_engine(tiny_model_dir, max_batch_size=8, kv_cache_bytes=budget, prefix_caching=False)
     try:
-        assert engine.cache.bytes_per_token == per_token
+        assert engine.cache.block_bytes == per_token * engine.cache.block_size
+        assert engine.cache.num_blocks * engine.cache.block_bytes <= budget
         done = _together(engine, [(p, params) for p in prompts])
         assert [r.text for r in done] == alone
-        assert engine.cache.peak_allocated_tokens <= engine.kv_cache_budget_tokens
         joined_at = sorted({r.scheduled_at for r in done})
         assert len(joined_at) >= 4  # they could not all run at once: they joined as room freed up
     finally:
@@ -398,12 +400,14 @@ def test_the_engine_warms_up_before_it_is_ready_without_counting_it_as_traffic(t
     try:
         engine.wait_ready(120)
         assert heard == [] and engine.num_running == 0 and engine.num_waiting == 0
-        assert engine.cache.peak_allocated_tokens > 0  # the warm-up did run through the cache
+        assert engine.peak_blocks_used > 0  # the warm-up did run through the cache
+        assert engine.prefix_cache_counts == (0, 0)
     finally:
         engine.stop()
 
 
-def test_kv_cache_usage_shows_the_room_running_rows_hold(tiny_engine):
+def test_kv_cache_usage_shows_the_blocks_running_rows_hold(tiny_engine):
+    """Usage counts the blocks a row's tokens fill so far, not the room its max_tokens could take."""
     prompt = _build(tiny_engine, "Tell me a long story.")
 
     async def run():
@@ -414,13 +418,17 @@ def test_kv_cache_usage_shows_the_room_running_rows_hold(tiny_engine):
             if seen == 3:
                 break
         usage = tiny_engine.kv_cache_usage
+        generated = request.completion_tokens
         tiny_engine.cancel(request)
         async for _ in request.events():
             pass
-        return usage
+        return usage, generated
 
-    expected = (prompt.num_tokens + 2000) / tiny_engine.kv_cache_budget_tokens
-    assert asyncio.run(run()) == pytest.approx(expected)
+    usage, generated = asyncio.run(run())
+    blocks = usage * (tiny_engine.pool.num_blocks - 1)
+    size = tiny_engine.cache.block_size
+    assert blocks == pytest.approx(round(blocks))
+    assert -(-(prompt.num_tokens + 2) // size) <= round(blocks) <= -(-(prompt.num_tokens + generated + 1) // size)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(tiny_model_dir, tiny_engine):

@@ -14,10 +14,12 @@ to its image's token count, exactly as the Qwen2.5-VL processor does.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
 
+from PIL import Image
 from tokenizers import Tokenizer
 
 from snark.engine.chat_template import render_with_tools
@@ -75,6 +77,7 @@ class PromptBuilder:
 
         pixel_values = image_grid_thw = None
         image_token_counts: list[int] = []
+        image_keys: tuple[bytes, ...] = ()
         if images:
             vision = self.image_processor(
                 images=images,
@@ -83,6 +86,7 @@ class PromptBuilder:
             )
             pixel_values, image_grid_thw = vision["pixel_values"], vision["image_grid_thw"]
             image_token_counts = (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
+            image_keys = tuple(image_key(image, grid) for image, grid in zip(images, image_grid_thw.tolist()))
 
         if tools or any(turn.role == "tool" or turn.tool_calls for turn in turns):
             rendered = render_with_tools(messages, [placeholder(_tool_json(tool)) for tool in tools])
@@ -95,7 +99,9 @@ class PromptBuilder:
                 f"{self.max_prompt_tokens} (SNARK_MAX_PROMPT_TOKENS): shorten the text or send smaller images.",
                 code="context_length_exceeded",
             )
-        return PromptInputs(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        return PromptInputs(
+            input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw, image_keys=image_keys
+        )
 
     def _tokenize(self, rendered: str, texts: list[str], image_token_counts: list[int]) -> list[int]:
         counts = iter(image_token_counts)
@@ -118,6 +124,13 @@ class PromptBuilder:
     def _encode_plain(self, stretch: list[str]) -> list[int]:
         text = "".join(stretch)
         return self._plain.encode(text, add_special_tokens=False).ids if text else []
+
+
+def image_key(image: Image.Image, grid_thw: Sequence[int]) -> bytes:
+    """A digest of an image's pixels and the grid it was resized to: equal keys, equal processed input."""
+    digest = hashlib.sha256(f"{image.mode} {image.size} {list(grid_thw)}".encode())
+    digest.update(image.tobytes())
+    return digest.digest()
 
 
 def _without_added_tokens(backend: Tokenizer) -> Tokenizer:

@@ -1,22 +1,25 @@
-"""Snark's own engine: continuous batching on a Hugging Face Qwen2.5-VL, one generation thread.
+"""Snark's own engine: continuous batching on a paged KV cache, one generation thread.
 
     submit() ──► waiting (bounded) ──► generation thread, one step at a time:
-                                          1. admit: the oldest waiting requests that fit join
-                                          2. prefill them together (their first token)
-                                          3. decode one token for every running row
-                                          4. stream each row's text; retire rows that ended
+                                          1. schedule: a decode token for every running row, prompt
+                                             chunks under the step's prefill budget, new rows joining
+                                             with their cached prefix (scheduler.py)
+                                          2. run: one flat batch of tokens -> logits (runner.py)
+                                          3. postprocess: sample, stream each row's text, cache the
+                                             blocks that filled, retire rows that ended
     client ◄── asyncio queue ◄── loop.call_soon_threadsafe ◄── Outbox (one wake-up per step)
 
 Requests join and leave the running batch at every step: a short request that arrives while long
-ones run starts at the next step and leaves as soon as it is done. ``max_batch_size=1`` is the
-one-request-at-a-time "GPU lock" design. The event loop never touches the model: prompt building
-runs in a thread pool, every forward pass in the generation thread.
+ones run starts at the next step, and a long prompt never stalls running rows for more than one
+chunk. ``max_batch_size=1`` is the one-request-at-a-time "GPU lock" design. The event loop never
+touches the model: prompt building runs in a thread pool, every forward pass in the generation thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import logging
 import threading
 import time
@@ -30,13 +33,14 @@ from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState,
 from snark.engine.loader import LoadedModel
 from snark.engine.prompt import PromptBuilder
 from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, RequestState, SamplingParams, ToolSpec
-from snark.engine.transformers.cache import RowCache
-from snark.engine.transformers.compiled import allow_recompiles, compile_step, require_cuda, warm_up
+from snark.engine.transformers.blocks import BlockPool
+from snark.engine.transformers.encoder_cache import EncoderCache
 from snark.engine.transformers.grammar import Grammars, StepMasks
+from snark.engine.transformers.kv_cache import KVCache
 from snark.engine.transformers.rows import Row
-from snark.engine.transformers.runner import ChunkedPrefill, Runner
+from snark.engine.transformers.runner import Runner
 from snark.engine.transformers.sampler import next_tokens, sampling_defaults
-from snark.engine.transformers.scheduler import Scheduler
+from snark.engine.transformers.scheduler import Scheduler, StepPlan
 from snark.errors import ModelNotReady, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,8 @@ log = logging.getLogger(__name__)
 PREPARING_WAIT_FACTOR = 20  # x batch_wait_ms: how long an idle engine waits for prompts being built
 CPU_KV_CACHE_BYTES = 4 * 1024**3  # the KV budget on CPU unless SNARK_KV_CACHE_GIB says otherwise
 CUDA_KV_CACHE_FRACTION = 0.8  # of the GPU memory still free once the weights are loaded
+BLOCK_SIZE, FLASH_BLOCK_SIZE = 16, 256  # tokens a KV block (flash-attn's paged kernels take multiples of 256)
+ENCODER_CACHE_BYTES = 512 * 1024**2
 
 
 class TransformersEngine(Engine):
@@ -57,33 +63,36 @@ class TransformersEngine(Engine):
         batch_wait_ms: float = 0.0,
         max_waiting_requests: int = 64,
         max_prompt_tokens: int = 32768,
-        max_prefill_tokens: int = 8192,
+        max_prefill_tokens: int = 2048,
         kv_cache_bytes: int | None = None,
-        compile_decode: bool = False,
-        allow_cpu_compile: bool = False,  # tests only: compile with inductor's CPU backend
+        kv_block_size: int | None = None,
+        prefix_caching: bool = True,
+        encoder_cache_bytes: int = ENCODER_CACHE_BYTES,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size)
         self._loader = loader
         self.batch_wait_s = batch_wait_ms / 1000
         self.max_prompt_tokens = max_prompt_tokens
+        self.max_waiting_requests = max_waiting_requests
+        self.max_prefill_tokens = max_prefill_tokens
         self.kv_cache_bytes = kv_cache_bytes
-        self.compile_decode = compile_decode
-        self.allow_cpu_compile = allow_cpu_compile
+        self.kv_block_size = kv_block_size
+        self.prefix_caching = prefix_caching
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.loaded: LoadedModel | None = None
         self.prompts: PromptBuilder | None = None
-        self.cache: RowCache | None = None
+        self.pool: BlockPool | None = None
+        self.cache: KVCache | None = None
+        self.scheduler: Scheduler | None = None
         self.grammars: Grammars | None = None  # constrained decoding: compiles off this engine's thread
         self.masks: StepMasks | None = None
-        self.scheduler = Scheduler(
-            max_rows=max_batch_size, max_waiting=max_waiting_requests, max_prefill_tokens=max_prefill_tokens
-        )
         self._preparing = 0  # prompts being built: requests about to be submitted
         self._cond = threading.Condition()
         self._stopping = False
         self._kv_cache_usage = 0.0  # set by the generation thread after each step, read by /metrics
-        self.max_prefill_tokens = max_prefill_tokens
-        self._chunked: ChunkedPrefill | None = None  # a long prompt being prefilled a chunk per step
-        self.prefill_chunks_run = 0  # chunks of long prompts so far (logs and tests)
+        self.steps_run = 0
+        self.prefill_chunks_run = 0  # steps that prefilled part of a prompt longer than one step's budget
+        self.peak_blocks_used = 0  # the most KV blocks ever held at once (tests and logs)
 
     # --- lifecycle --------------------------------------------------------------------------------
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -91,12 +100,15 @@ class TransformersEngine(Engine):
         next step), and wait for the generation thread."""
         with self._cond:
             self._stopping = True
-            waiting, self.scheduler.waiting = self.scheduler.waiting, []
+            waiting = []
+            if self.scheduler is not None:
+                waiting, self.scheduler.waiting = self.scheduler.waiting, []
             self._cond.notify_all()
         for request in waiting:
             request.fail(ShuttingDown(SHUTTING_DOWN))
-        for row in list(self.scheduler.running):
-            row.request.cancel()
+        if self.scheduler is not None:
+            for row in [*self.scheduler.running, *self.scheduler.preempted]:
+                row.request.cancel()
         if self._thread is not None:
             self._thread.join(timeout_s)
         if self.grammars is not None:
@@ -120,19 +132,28 @@ class TransformersEngine(Engine):
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + len(self.scheduler.preempted) if self.scheduler else 0
 
     @property
     def num_running(self) -> int:
-        return len(self.scheduler.running)
+        return len(self.scheduler.running) if self.scheduler else 0
 
     @property
     def kv_cache_budget_tokens(self) -> int:
-        return self.cache.budget_tokens if self.cache else 0
+        return self.scheduler.capacity_tokens if self.scheduler else 0
 
     @property
     def kv_cache_usage(self) -> float:
         return self._kv_cache_usage
+
+    @property
+    def prefix_cache_counts(self) -> tuple[int, int]:
+        """Prompt tokens looked up in the prefix cache, and how many were found."""
+        return (self.pool.queries, self.pool.hits) if self.pool else (0, 0)
+
+    @property
+    def preemptions(self) -> int:
+        return self.scheduler.preemptions if self.scheduler else 0
 
     # --- the asyncio side ---------------------------------------------------------------------------
     def _require_ready(self) -> PromptBuilder:
@@ -170,7 +191,7 @@ class TransformersEngine(Engine):
         self._require_ready()
         self._require_prepared(params)
         request = GenerationRequest(prompt=prompt, params=params, deliver_deltas=deliver_deltas)
-        self.scheduler.check_fits_alone(request, self.cache)
+        self.scheduler.check_fits_alone(request)
         request.bind_to_running_loop()
         with self._cond:
             if self._stopping:
@@ -181,7 +202,7 @@ class TransformersEngine(Engine):
 
     def cancel(self, request: GenerationRequest) -> None:
         """A waiting request leaves the queue (and frees its place) at once; a running one ends at
-        the next step, which frees its KV cache room. A no-op for a finished request."""
+        the next step, which frees its KV blocks. A no-op for a finished request."""
         if request.is_done:
             return
         request.cancel()
@@ -197,19 +218,16 @@ class TransformersEngine(Engine):
             self._load_failed(exc, on_load_failed)
             return
         self._loaded()
-        # The cache's tensors are inference tensors: every step (and every cache move) runs in this mode.
         with torch.inference_mode():
-            while (admitted := self._next_admissions()) is not None:
+            while self._wait_for_work():
                 try:
-                    self._step(admitted)
-                except Exception as exc:  # a bug outside the forward passes: fail the batch, keep serving
+                    self._step()
+                except Exception as exc:  # a bug outside the forward pass: fail the rows, keep serving
                     log.exception("a generation step failed")
-                    self._fail_all(exc, admitted)
+                    self._fail_all(exc)
             self._end_running()
 
     def _load(self) -> None:
-        if self.compile_decode and not self.allow_cpu_compile:
-            require_cuda()  # before minutes of loading weights
         loaded = self._loader()
         self.loaded = loaded
         self.prompts = PromptBuilder(loaded.processor, max_prompt_tokens=self.max_prompt_tokens)
@@ -217,39 +235,44 @@ class TransformersEngine(Engine):
         gen = loaded.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
-        pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
         self.default_sampling = sampling_defaults(gen)
-        self.runner = Runner(loaded, pad_token_id=pad)
-        self.cache = self._build_cache(loaded)
+        flash = loaded.attn_implementation == "flash_attention_2" and loaded.device.type == "cuda"
+        block_size = self.kv_block_size or (FLASH_BLOCK_SIZE if flash else BLOCK_SIZE)
+        flash = flash and block_size % FLASH_BLOCK_SIZE == 0 and importlib.util.find_spec("flash_attn") is not None
+        self.cache = self._build_cache(loaded, block_size)
+        self.pool = BlockPool(self.cache.num_blocks, enable_caching=self.prefix_caching)
+        self.scheduler = Scheduler(
+            max_rows=self.max_batch_size, max_waiting=self.max_waiting_requests,
+            max_prefill_tokens=self.max_prefill_tokens, pool=self.pool, block_size=block_size,
+        )  # fmt: skip
+        self.runner = Runner(loaded, self.cache, self.encoder_cache, flash=flash)
         vocab_size = loaded.model.config.text_config.vocab_size
         self.grammars = Grammars(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=self.eos_token_ids, max_queued=self.scheduler.max_waiting
+            tokenizer, vocab_size=vocab_size, stop_token_ids=self.eos_token_ids, max_queued=self.max_waiting_requests
         )
         self.masks = StepMasks(vocab_size)
-        if self.compile_decode:
-            self._compile(loaded)
-        else:
-            self._warm_up()
+        self._warm_up()
         log.info(
-            "KV cache budget: %d tokens (%.2f GiB at %d bytes a token), up to %d rows",
-            self.cache.budget_tokens, self.cache.budget_tokens * self.cache.bytes_per_token / 1024**3,
-            self.cache.bytes_per_token, self.max_batch_size,
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB), up to %d rows; prefix caching %s; "
+            "linear layers on %s; attention: %s",
+            self.cache.num_blocks - 1, block_size, self.scheduler.capacity_tokens,
+            self.cache.num_blocks * self.cache.block_bytes / 1024**3, self.max_batch_size,
+            "on" if self.prefix_caching else "off", "oneDNN (packed weights)" if self.runner.packed else "PyTorch",
+            "flash-attn paged" if flash else "PyTorch SDPA over gathered blocks",
         )  # fmt: skip
 
-    def _build_cache(self, loaded: LoadedModel) -> RowCache:
+    def _build_cache(self, loaded: LoadedModel, block_size: int) -> KVCache:
         text = loaded.model.config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        cache = RowCache(
-            num_layers=text.num_hidden_layers, kv_heads=text.num_key_value_heads, head_dim=head_dim,
-            dtype=loaded.dtype, device=loaded.device, budget_tokens=0, max_rows=self.max_batch_size,
-            static=self.compile_decode,
-        )  # fmt: skip
+        shape = {"num_layers": text.num_hidden_layers, "block_size": block_size,
+                 "kv_heads": text.num_key_value_heads, "head_dim": head_dim}  # fmt: skip
+        block_bytes = KVCache.bytes_per_block(**shape, dtype=loaded.dtype)
         budget = self.kv_cache_bytes
         if budget is None and loaded.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(loaded.device)
             budget = int(free * CUDA_KV_CACHE_FRACTION)
-        cache.budget_tokens = (budget if budget is not None else CPU_KV_CACHE_BYTES) // cache.bytes_per_token
-        return cache
+        num_blocks = (budget if budget is not None else CPU_KV_CACHE_BYTES) // block_bytes
+        return KVCache(**shape, num_blocks=max(num_blocks, 2), dtype=loaded.dtype, device=loaded.device)
 
     def _warm_up(self) -> None:
         """One short text request and one with an image through the whole loop before ``/health`` says
@@ -262,17 +285,9 @@ class TransformersEngine(Engine):
         params = SamplingParams(max_new_tokens=2, ignore_eos=True)
         with torch.inference_mode():
             self._run_to_completion([GenerationRequest(prompt=p, params=params) for p in prompts])
+        self.pool.queries = self.pool.hits = 0  # /metrics counts users' requests only
+        self.encoder_cache.queries = self.encoder_cache.hits = 0
         log.info("warmed up in %.2f s", time.perf_counter() - started)
-
-    def _compile(self, loaded: LoadedModel) -> None:
-        """Compile the decode step and run every row bucket once, before the first request."""
-        if not self.allow_cpu_compile:
-            require_cuda(loaded.device)
-        allow_recompiles(self.max_batch_size)
-        self.runner.compiled_step = compile_step(loaded.model, loaded.device)
-        prompt = self.prompts.build([ChatTurn("user", ["Warm up."])], min_pixels=0, max_pixels=0)
-        with torch.inference_mode():
-            warm_up(self._run_to_completion, prompt, max_rows=self.max_batch_size)
 
     def _run_to_completion(self, requests: list[GenerationRequest]) -> None:
         """Run start-up ``requests`` (unbound: their events go nowhere) through the loop until they
@@ -281,26 +296,21 @@ class TransformersEngine(Engine):
         try:
             self.scheduler.waiting.extend(requests)
             while not all(r.is_done for r in requests):
-                self._step(self._admit())
+                self._step()
         finally:
             self._listeners = listeners
 
-    def _next_admissions(self) -> list[GenerationRequest] | None:
-        """Block until there is work; return the requests that join at this step (None: stop)."""
+    def _wait_for_work(self) -> bool:
+        """Block until there is work (True) or the engine stops (False)."""
         with self._cond:
-            while not (self.scheduler.waiting or self.scheduler.running or self._chunked or self._stopping):
+            while not (self.scheduler.has_work or self._stopping):
                 self._cond.wait()
             if self._stopping:
-                return None
-            if not self.scheduler.running and not self._chunked and self.batch_wait_s > 0:
+                return False
+            if not self.scheduler.running and self.batch_wait_s > 0:
                 self._wait_for_companions()
             self.scheduler.drop_cancelled()
-            return self._admit()
-
-    def _admit(self) -> list[GenerationRequest]:
-        if self._chunked is not None:
-            return []  # first come, first served: nobody overtakes a prompt being prefilled
-        return self.scheduler.admit(self.cache)
+            return True
 
     def _wait_for_companions(self) -> None:
         """An idle engine gives concurrent arrivals ``batch_wait_ms`` to join its first prefill (longer,
@@ -313,95 +323,61 @@ class TransformersEngine(Engine):
                 return
             self._cond.wait(left)
 
-    def _step(self, admitted: list[GenerationRequest]) -> None:
-        """One iteration: prefill the rows that join, decode every running row, retire ended rows."""
-        running = self.scheduler.running
-        if admitted:
-            now = time.perf_counter()
-            rows = [self._row(request, now) for request in admitted]
-            if len(rows) == 1 and rows[0].joining.prompt_tokens > self.max_prefill_tokens:
-                self._start_chunked(rows[0])
-            elif self._run(rows, self.runner.prefill):
-                running.extend(rows)
-        if self._chunked is not None:
-            self._advance_chunked()
-        outbox = Outbox()
-        for row in running:
-            if not row.done and row.request.cancel_requested:
-                row.end(FinishReason.CANCELLED, outbox)
-        outbox.flush()
+    def _step(self) -> None:
+        """One iteration: schedule -> run -> postprocess."""
+        self._end_cancelled()
+        with self._cond:  # the waiting list is shared with the event loop
+            plan = self.scheduler.schedule(self._row)
+        if plan.rows:
+            self._run(plan)
         self._retire()
-        if running := self.scheduler.running:
-            self._run(running, self.runner.decode)
-            self._retire()
-        self._kv_cache_usage = self.cache.footprint() / self.cache.budget_tokens if self.cache.budget_tokens else 0.0
+        self.peak_blocks_used = max(self.peak_blocks_used, self.pool.num_used)
+        self._kv_cache_usage = self.pool.usage
 
-    def _row(self, request: GenerationRequest, now: float) -> Row:
+    def _row(self, request: GenerationRequest) -> Row:
         return Row(
             request, tokenizer=self.loaded.processor.tokenizer, eos_token_ids=self.eos_token_ids,
-            vocab_size=self.loaded.model.config.text_config.vocab_size, device=self.loaded.device, now=now,
+            vocab_size=self.loaded.model.config.text_config.vocab_size, device=self.loaded.device,
+            image_token_id=self.loaded.model.config.image_token_id,
         )  # fmt: skip
 
-    def _run(self, rows: list[Row], forward: Callable[[list[Row], RowCache], torch.Tensor]) -> bool:
-        """Run ``forward`` (prefill or decode) for ``rows``, sample, and stream. A failure (a bug or an
-        out-of-memory) fails these rows; the engine goes on serving."""
+    def _run(self, plan: StepPlan) -> None:
+        """Run the plan and sample; a failure (a bug, an out-of-memory) fails the plan's rows, and the
+        engine goes on serving the others."""
+        now = time.perf_counter()
+        for scheduled in plan.rows:
+            row = scheduled.row
+            row.start(now)
+            self.prefill_chunks_run += row.computed < row.prompt_tokens and row.prompt_tokens > self.max_prefill_tokens
+        self.cache.ensure_zeroed(self.pool.high_water)
         try:
-            logits = forward(rows, self.cache)
-            grammars = [row.grammar for row in rows]
-            constrain = partial(self.masks.apply, grammars=grammars) if any(grammars) else None
-            tokens = next_tokens(logits, [row.sampler for row in rows], constrain=constrain)
+            logits, rows = self.runner.execute(plan)
+            tokens: list[int] = []
+            if rows:
+                grammars = [row.grammar for row in rows]
+                constrain = partial(self.masks.apply, grammars=grammars) if any(grammars) else None
+                tokens = next_tokens(logits, [row.sampler for row in rows], constrain=constrain)
         except Exception as exc:
-            log.exception("a %s step failed for %d rows", forward.__name__, len(rows))
-            if self.cache.num_rows == len(self.scheduler.running) and rows is not self.scheduler.running:
-                self._fail([row.request for row in rows], exc)  # a prefill that left the cache as it was
-            else:
-                self._fail_all(exc, [row.request for row in rows])
-            return False
+            log.exception("a step failed for %d rows", len(plan.rows))
+            failed = [scheduled.row for scheduled in plan.rows]
+            self.scheduler.fail_rows(failed)
+            self._fail([row.request for row in failed], exc)
+            return
+        for scheduled in plan.rows:
+            self.scheduler.computed(scheduled)
+        self.steps_run += 1
         now = time.perf_counter()
         outbox = Outbox()
         for row, token in zip(rows, tokens):
             row.accept(token, outbox, now)
         outbox.flush()
-        return True
 
-    def _start_chunked(self, row: Row) -> None:
-        try:  # the vision tower runs here, on every image of the prompt at once
-            self._chunked = self.runner.start_chunked(row, chunk_tokens=self.max_prefill_tokens)
-        except Exception as exc:
-            log.exception("preparing a long prompt failed")
-            self._fail([row.request], exc)
-
-    def _advance_chunked(self) -> None:
-        """Prefill the next chunk of the long prompt; once it is all in and fits the cache (rows may
-        have moved since it was admitted), it joins the running rows with its first token."""
-        chunked, row = self._chunked, self._chunked.row
-        if row.request.cancel_requested:
-            self._chunked = None
-            row.end(FinishReason.CANCELLED, outbox := Outbox())
-            outbox.flush()
-            self._notify_listeners(row.request)
-            return
-        if not chunked.finished:
-            try:
-                chunked.logits = chunked.run_chunk()
-            except Exception as exc:
-                log.exception("a prefill chunk failed")
-                self._chunked = None
-                self._fail([row.request], exc)
-                return
-            self.prefill_chunks_run += 1
-        if chunked.finished and self.cache.fits([row.joining]):
-            self._chunked = None
-            self._run([row], lambda rows, cache: self._insert_chunked(chunked, cache))
-            if not row.done:
-                self.scheduler.running.append(row)
-            elif row.request.state is not RequestState.FAILED:
-                self._notify_listeners(row.request)
-
-    @staticmethod
-    def _insert_chunked(chunked: ChunkedPrefill, cache: RowCache) -> torch.Tensor:
-        cache.insert(chunked.capture.keys, chunked.capture.values, [chunked.row.joining])
-        return chunked.logits
+    def _end_cancelled(self) -> None:
+        outbox = Outbox()
+        for row in [*self.scheduler.running, *self.scheduler.preempted]:
+            if not row.done and row.request.cancel_requested:
+                row.end(FinishReason.CANCELLED, outbox)
+        outbox.flush()
 
     def _fail(self, requests: list[GenerationRequest], exc: Exception) -> None:
         for request in requests:
@@ -409,29 +385,21 @@ class TransformersEngine(Engine):
                 request.fail(exc)
             self._notify_listeners(request)
 
-    def _fail_all(self, exc: Exception, admitted: list[GenerationRequest]) -> None:
-        """Fail every running row and ``admitted``, and start the shared cache over: a failure in the
-        middle of a step may have left it half-written."""
-        running = [row.request for row in self.scheduler.running]
-        if self._chunked is not None:
-            running.append(self._chunked.row.request)
-            self._chunked = None
-        self.scheduler.running = []
-        self.cache.clear()
-        self._fail(running + [r for r in admitted if r not in running], exc)
+    def _fail_all(self, exc: Exception) -> None:
+        """Fail every row (a step failed outside the forward pass, in the engine's own bookkeeping)."""
+        rows = [*self.scheduler.running, *self.scheduler.preempted]
+        self.scheduler.fail_rows(rows)
+        self.scheduler.preempted = []
+        self._fail([row.request for row in rows], exc)
 
     def _retire(self) -> None:
-        for row in self.scheduler.retire(self.cache):
+        for row in self.scheduler.retire():
             self._notify_listeners(row.request)
 
     def _end_running(self) -> None:
-        """Stopping: running rows end as cancelled (their clients see a shutdown)."""
+        """Stopping: running and preempted rows end as cancelled (their clients see a shutdown)."""
         outbox = Outbox()
-        if self._chunked is not None:
-            self._chunked.row.end(FinishReason.CANCELLED, outbox)
-            self._notify_listeners(self._chunked.row.request)
-            self._chunked = None
-        for row in self.scheduler.running:
+        for row in [*self.scheduler.running, *self.scheduler.preempted]:
             if not row.done:
                 row.end(FinishReason.CANCELLED, outbox)
         outbox.flush()

@@ -1,39 +1,65 @@
-"""One running row: a request's place in the running batch between its prefill and its end.
+"""One row: a request's tokens, where their keys and values are, and what turns tokens into text.
 
-A ``Row`` holds what the loop needs to feed the row's next step (its last token and its next rope
-position) and what turns tokens into the client's text: an incremental detokenizer, a stop-string
-matcher and its sampler. ``accept`` takes the row's newest token and decides whether the row goes
-on; every text delta goes into the step's ``Outbox`` (one event-loop wake-up per step, not per row).
+A row's ``tokens`` are its prompt and then every token it generated. ``computed`` of them have keys
+and values in the KV cache (in ``blocks``); each step computes the next few (a prefill chunk) or the
+last one (a decode step), and once every token is computed the row samples its next one. A prompt
+prefix found in the prefix cache counts as computed from the start; a row preempted for room starts
+over at 0 and recomputes (mostly finding its own blocks again in the prefix cache).
+
+``accept`` takes the row's newest token and decides whether the row goes on; every text delta goes
+into the step's ``Outbox`` (one event-loop wake-up per step, not per row).
 """
 
 from __future__ import annotations
 
+import hashlib
+
+import torch
+
 from snark.engine.request import FinishReason, GenerationRequest, Outbox, RequestState, StreamEvent
-from snark.engine.transformers.cache import Joining
+from snark.engine.transformers.blocks import ImageSpan
 from snark.engine.transformers.detokenize import IncrementalDetokenizer, StopMatcher
 from snark.engine.transformers.grammar import RowGrammar
 from snark.engine.transformers.sampler import RowSampler
 
 
 class Row:
-    def __init__(self, request: GenerationRequest, *, tokenizer, eos_token_ids: frozenset[int], vocab_size: int, device,
-                 now: float) -> None:  # fmt: skip
+    def __init__(self, request: GenerationRequest, *, tokenizer, eos_token_ids: frozenset[int], vocab_size: int,
+                 device, image_token_id: int) -> None:  # fmt: skip
         self.request = request
         self.eos_token_ids = eos_token_ids
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopMatcher(request.params.stop)
-        self.sampler = RowSampler(request.params, request.prompt.input_ids, vocab_size=vocab_size, device=device)
+        prompt = request.prompt
+        self.sampler = RowSampler(request.params, prompt.input_ids, vocab_size=vocab_size, device=device)
         structure = request.params.structure
         self.grammar = RowGrammar(structure.compiled) if structure is not None else None
-        self.joining = joining(request)
-        self.last_token = -1  # the token the next decode step feeds
-        self.next_position = 0  # its rope position (all three M-RoPE axes: text continues 1-D)
-        request.state = RequestState.RUNNING
-        request.scheduled_at = now  # the same instant for every row that joins at one step
+        self.tokens: list[int] = list(prompt.input_ids)
+        self.prompt_tokens = len(self.tokens)
+        self.max_tokens = self.prompt_tokens + request.params.max_new_tokens  # the most it may ever hold
+        self.images = image_spans(prompt.input_ids, prompt_image_keys(request.prompt), image_token_id)
+        self.computed = 0  # tokens whose keys and values are in the cache
+        self.blocks: list[int] = []  # KV cache blocks, in token order
+        self.keys: list[bytes] = []  # prefix-cache keys of its full, computed blocks
+        self.looked_up = False  # the prefix cache was asked (at admission, again after a preemption)
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.positions: torch.Tensor | None = None  # [3, prompt] M-RoPE positions, set by the runner
+        self.rope_delta = 0  # after the prompt, token i sits at position i + rope_delta on all axes
+        self.features: dict[int, torch.Tensor] = {}  # image index -> its vision features, while prefilling it
 
     @property
     def done(self) -> bool:
         return self.request.is_done
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to compute before the row can sample its next one."""
+        return len(self.tokens) - self.computed
+
+    def reset(self) -> None:
+        """Preempted: its blocks went back to the pool; it recomputes from the start."""
+        self.computed, self.blocks, self.keys, self.looked_up = 0, [], [], False
+        self.features.clear()
 
     def accept(self, token: int, outbox: Outbox, now: float) -> None:
         """Take the row's newest token: stream its text, or end the row (end-of-turn, a stop string,
@@ -42,7 +68,7 @@ class Row:
         if request.first_token_at is None:
             request.first_token_at = now
         request.completion_tokens += 1
-        self.last_token = token
+        self.tokens.append(token)
         self.sampler.observe(token)
         if self.grammar is not None and not self.grammar.accept(token):
             request.fail(RuntimeError(f"the output grammar refused token {token}, which its own mask allowed"))
@@ -68,8 +94,35 @@ class Row:
                 self.request.push(StreamEvent(text=tail), outbox)
         self.request.finish(reason, outbox)
 
+    def start(self, now: float) -> None:
+        """Its first step (not again after a preemption)."""
+        if self.request.state is RequestState.WAITING:
+            self.request.state = RequestState.RUNNING
+            self.request.scheduled_at = now
 
-def joining(request: GenerationRequest) -> Joining:
-    """The cache room ``request`` may take: its prompt and every token it may generate."""
-    prompt = request.prompt.num_tokens
-    return Joining(prompt_tokens=prompt, total_tokens=prompt + request.params.max_new_tokens)
+
+def prompt_image_keys(prompt) -> tuple[bytes, ...]:
+    """The prompt's image keys; for a prompt built without them, digests of each image's pixel values."""
+    if len(prompt.image_keys) == prompt.num_images:
+        return prompt.image_keys
+    keys, offset = [], 0
+    for grid in prompt.image_grid_thw.tolist():
+        patches = prompt.pixel_values[offset : offset + grid[0] * grid[1] * grid[2]]
+        offset += patches.shape[0]
+        keys.append(hashlib.sha256(str(grid).encode() + patches.contiguous().numpy().tobytes()).digest())
+    return tuple(keys)
+
+
+def image_spans(input_ids: list[int], keys: tuple[bytes, ...], image_token_id: int) -> list[ImageSpan]:
+    """Each image's run of placeholder tokens in a prompt, in order, with its key."""
+    spans, index, n = [], 0, len(input_ids)
+    while index < n and len(spans) < len(keys):
+        if input_ids[index] != image_token_id:
+            index += 1
+            continue
+        end = index
+        while end < n and input_ids[end] == image_token_id:
+            end += 1
+        spans.append(ImageSpan(start=index, length=end - index, key=keys[len(spans)]))
+        index = end
+    return spans

@@ -1,19 +1,18 @@
-"""Prefill and decode steps on the Hugging Face Qwen2.5-VL model, outside ``generate``.
+"""Executes one ``StepPlan``: one flat batch of tokens through the model, logits for the rows that sample.
 
-The model code is transformers' own; Snark only prepares what ``generate`` would have prepared,
-row by row:
+The runner changes no row's bookkeeping (the engine does, after the step); it reads each scheduled
+row's next tokens and builds what the flat model needs:
 
-* **positions**: Qwen2.5-VL's rope is 3-D (M-RoPE: time, height, width). A prompt's positions come
-  from the model's own ``get_rope_index`` (image tokens get 2-D grid positions, text runs on); after
-  the prompt, text advances one position per token on all three axes from the row's last position
-  plus one, which differs from the row's token count when it holds images. Each row keeps its own.
-* **masks**: passed ready-made (``{"full_attention": mask}``), which transformers then uses as is.
-  The prefill mask is causal over the left-padded prompts; the decode mask lets each row see only
-  its own columns of the shared cache (``RowCache.decode_mask``). flash-attention takes the 2-D
-  padding form of the same masks.
-* **cache**: a prefill runs into a ``PrefillCapture`` (the prompts' keys and values, then copied into
-  the ``RowCache``); a decode step runs on the ``RowCache`` itself, which writes each row's new key
-  and value at the shared column and hands the attention every live column.
+* **embeddings**: token embeddings, with image placeholder positions filled from the image's vision
+  features. Features come from the encoder cache, or from one batched vision-tower call for every
+  image this step needs that is not there; a row keeps its images' features until their tokens are
+  all computed, so a chunk boundary inside an image costs nothing;
+* **positions**: Qwen2.5-VL's 3-D rope (M-RoPE). A prompt's positions come once from the model's own
+  ``get_rope_index`` (image tokens get 2-D grid positions); generated token ``i`` sits at
+  ``i + rope_delta`` on all three axes;
+* **slots and attention**: each token's place in its row's blocks, and the ``AttentionPlan``: decode
+  rows in groups of similar length (placed first and contiguously in the flat batch), then prefill
+  chunks.
 """
 
 from __future__ import annotations
@@ -23,202 +22,210 @@ from collections.abc import Sequence
 import torch
 
 from snark.engine.loader import LoadedModel
-from snark.engine.request import PromptInputs
-from snark.engine.transformers.batching import collate
-from snark.engine.transformers.cache import RowCache, row_capacity
+from snark.engine.transformers.blocks import NULL_BLOCK
+from snark.engine.transformers.encoder_cache import EncoderCache
+from snark.engine.transformers.kv_cache import KVCache
+from snark.engine.transformers.model import (
+    AttentionPlan,
+    DecodeGroup,
+    FlatLanguageModel,
+    PrefillChunk,
+    group_by_length,
+    onednn_available,
+    pack_linears,
+)
 from snark.engine.transformers.rows import Row
-
-
-class ChunkCapture:
-    """The cache of a prompt prefilled chunk by chunk: each chunk's keys and values are appended,
-    and each chunk attends to everything before it."""
-
-    def __init__(self) -> None:
-        self.keys: list[torch.Tensor] = []  # per layer: [1, kv_heads, done, head_dim]
-        self.values: list[torch.Tensor] = []
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if layer_idx == len(self.keys):
-            self.keys.append(key_states)
-            self.values.append(value_states)
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=2)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-
-class ChunkedPrefill:
-    """One long prompt prefilled ``chunk_tokens`` at a time, one chunk per engine step, so the rows
-    already running keep decoding in between instead of stalling for the whole prompt.
-
-    The prompt's embeddings (image features scattered into their ``<|image_pad|>`` slots, as the model
-    does) and rope positions are computed once; each chunk then runs the language model on its slice.
-    """
-
-    def __init__(self, runner: "Runner", row: Row, *, chunk_tokens: int) -> None:
-        self.runner, self.row, self.chunk_tokens = runner, row, chunk_tokens
-        model, device = runner.model, runner.device
-        prompt = row.request.prompt
-        inputs = {k: v.to(device) for k, v in collate([prompt], pad_token_id=runner.pad_token_id, image_token_id=runner.image_token_id).items()}
-        self.positions, deltas = model.model.get_rope_index(
-            inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw")
-        )  # [3, 1, prompt], [1, 1]
-        embeds = model.model.get_input_embeddings()(inputs["input_ids"])  # [1, prompt, hidden]
-        if "pixel_values" in inputs:
-            features = model.model.get_image_features(inputs["pixel_values"].to(runner.dtype), inputs["image_grid_thw"], return_dict=True)
-            images = torch.cat(features.pooler_output, dim=0).to(embeds.dtype)
-            slots = (inputs["input_ids"] == runner.image_token_id)[..., None].expand_as(embeds)
-            embeds = embeds.masked_scatter(slots, images)
-        self.embeds = embeds
-        self.next_position = int(deltas[0, 0]) + prompt.num_tokens
-        self.capture = ChunkCapture()
-        self.logits: torch.Tensor | None = None  # the first token's, once the last chunk has run
-        self.done_tokens = 0
-        self.chunks_run = 0
-
-    @property
-    def finished(self) -> bool:
-        return self.done_tokens >= self.embeds.shape[1]
-
-    @torch.inference_mode()
-    def run_chunk(self) -> torch.Tensor | None:
-        """Prefill the next chunk; after the last one, return the logits of the row's first token
-        (``[1, vocab]`` float32), else None."""
-        start, end = self.done_tokens, min(self.done_tokens + self.chunk_tokens, self.embeds.shape[1])
-        device = self.runner.device
-        if self.runner.flash:
-            mask = torch.ones(1, end, dtype=torch.long, device=device)  # causal, aligned bottom-right
-        else:
-            queries = torch.arange(start, end, device=device)[:, None]
-            mask = (torch.arange(end, device=device)[None, :] <= queries)[None, None]  # [1, 1, chunk, end]
-        out = self.runner.model(
-            inputs_embeds=self.embeds[:, start:end],
-            attention_mask=_mask_mapping(mask),
-            position_ids=self.positions[:, :, start:end],
-            past_key_values=self.capture,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.done_tokens, self.chunks_run = end, self.chunks_run + 1
-        if not self.finished:
-            return None
-        self.row.next_position = self.next_position
-        return out.logits[:, -1].float()
-
-
-class PrefillCapture:
-    """A stand-in cache for one prefill: keeps each layer's keys and values, changes nothing."""
-
-    def __init__(self) -> None:
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.keys.append(key_states)  # [rows, kv_heads, width, head_dim]
-        self.values.append(value_states)
-        return key_states, value_states
-
-
-def _mask_mapping(mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    # Qwen2.5-VL's text layers are all "full_attention" unless a sliding window is configured.
-    return {"full_attention": mask, "sliding_attention": mask}
+from snark.engine.transformers.scheduler import Scheduled, StepPlan
 
 
 class Runner:
-    def __init__(self, loaded: LoadedModel, *, pad_token_id: int) -> None:
-        self.model = loaded.model
-        self.device = loaded.device
-        self.dtype = loaded.dtype
-        self.flash = loaded.attn_implementation == "flash_attention_2"
-        self.pad_token_id = pad_token_id
-        self.image_token_id = self.model.config.image_token_id
-        self.compiled_step = None  # SNARK_COMPILE=1: set by the engine (see compiled.py)
+    def __init__(self, loaded: LoadedModel, cache: KVCache, encoder_cache: EncoderCache, *, flash: bool = False) -> None:
+        self.hf = loaded.model
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.cache, self.encoder_cache = cache, encoder_cache
+        self.block_size = cache.block_size
+        self.packed = onednn_available(self.device, self.dtype)
+        if self.packed:
+            pack_linears(self.hf.model.visual)
+        self.model = FlatLanguageModel(self.hf, packed=self.packed)
+        self.flash = flash
+        self.image_token_id = self.hf.config.image_token_id
+        self.merge = self.hf.model.visual.spatial_merge_size
+        self.images_encoded = 0  # images through the vision tower (tests and logs)
 
+    # --- per row, once --------------------------------------------------------------------------
+    def prepare(self, row: Row) -> None:
+        """The prompt's M-RoPE positions (once per row, kept across preemptions)."""
+        if row.positions is not None:
+            return
+        prompt = row.request.prompt
+        if prompt.image_grid_thw is None:
+            row.positions = torch.arange(row.prompt_tokens, device=self.device).expand(3, -1)
+            row.rope_delta = 0
+            return
+        ids = torch.tensor([prompt.input_ids], device=self.device)
+        positions, deltas = self.hf.model.get_rope_index(
+            ids, (ids == self.image_token_id).long(), prompt.image_grid_thw.to(self.device)
+        )  # [3, 1, prompt], [1, 1]
+        row.positions, row.rope_delta = positions[:, 0], int(deltas[0, 0])
+
+    # --- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, rows: Sequence[Row], cache: RowCache) -> torch.Tensor:
-        """Run the rows' prompts as one left-padded batch, put their keys and values in ``cache`` and
-        set each row's next rope position. Returns the logits for each row's first token,
-        ``[rows, vocab]`` float32."""
-        prompts: list[PromptInputs] = [row.request.prompt for row in rows]
-        inputs = {k: v.to(self.device) for k, v in collate(prompts, pad_token_id=self.pad_token_id, image_token_id=self.image_token_id).items()}
-        padding = inputs["attention_mask"]  # [rows, width], 1 on real tokens
-        positions, deltas = self.model.model.get_rope_index(
-            inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"), attention_mask=padding
-        )  # [3, rows, width], [rows, 1]
+    def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Row]]:
+        """Run ``plan``; return the rows that sample and their ``[rows, vocab]`` float32 logits."""
+        decodes = [s for s in plan.rows if s.tokens == 1]
+        prefills = [s for s in plan.rows if s.tokens > 1]
+        for s in plan.rows:
+            self.prepare(s.row)
+        self._encode_images(prefills + [s for s in decodes if s.row.images and s.row.computed < s.row.prompt_tokens])
+        groups = [[decodes[i] for i in group] for group in group_by_length([s.row.computed + 1 for s in decodes])]
+        ordered = [s for group in groups for s in group] + prefills
+        ids, positions, slots, embeds_from = [], [], [], []
+        offset = 0
+        for s in ordered:
+            row, start, end = s.row, s.row.computed, s.row.computed + s.tokens
+            ids.extend(row.tokens[start:end])
+            positions.append(self._positions(row, start, end))
+            slots.append(self._slots(row, start, end))
+            if row.images and start < row.prompt_tokens:
+                embeds_from.append((offset, row, start, end))
+            offset += s.tokens
+        input_ids = torch.tensor(ids, device=self.device)
+        embeds = self.model.embed_tokens(input_ids)  # [tokens, hidden]
+        for at, row, start, end in embeds_from:
+            self._fill_images(embeds, at, row, start, end)
+        attention = AttentionPlan(slots=torch.cat(slots))
         if self.flash:
-            mask = padding
+            attention.flash = self._flash_arguments(ordered)
         else:
-            width = padding.shape[1]
-            causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-            own = torch.eye(width, dtype=torch.bool, device=self.device)
-            # A padding query sees only itself: never a fully masked row, whose NaNs would reach real
-            # rows through 0 * NaN in the attention's weighted sum.
-            mask = (causal & (padding.bool()[:, None, :] | own))[:, None]  # [rows, 1, width, width]
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        capture = PrefillCapture()
-        out = self.model(
-            input_ids=inputs["input_ids"],
-            attention_mask=_mask_mapping(mask),
-            position_ids=positions,
-            past_key_values=capture,
-            pixel_values=inputs.get("pixel_values"),
-            image_grid_thw=inputs.get("image_grid_thw"),
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-            use_cache=True,
-            logits_to_keep=1,
+            self._plan_attention(attention, groups, prefills)
+        hidden = self.model.forward(embeds, torch.cat(positions, dim=1), attention, self.cache)
+        last, sampling, offset = [], [], 0
+        for s in ordered:
+            offset += s.tokens
+            if s.samples:
+                last.append(offset - 1)
+                sampling.append(s.row)
+        self._drop_used_features(ordered)
+        if not last:
+            return None, []
+        return self.model.logits(hidden[torch.tensor(last, device=self.device)]), sampling
+
+    def _positions(self, row: Row, start: int, end: int) -> torch.Tensor:
+        """``[3, end - start]`` rope positions of the row's tokens ``[start, end)``."""
+        prompt = row.prompt_tokens
+        if end <= prompt:
+            return row.positions[:, start:end]
+        generated = torch.arange(max(start, prompt), end, device=self.device) + row.rope_delta
+        if start >= prompt:
+            return generated.expand(3, -1)
+        return torch.cat([row.positions[:, start:], generated.expand(3, -1)], dim=1)
+
+    def _slots(self, row: Row, start: int, end: int) -> torch.Tensor:
+        size = self.block_size
+        if end - start == 1:
+            return torch.tensor([row.blocks[start // size] * size + start % size], device=self.device)
+        index = torch.arange(start, end, device=self.device)
+        table = torch.tensor(row.blocks, device=self.device)
+        return table[index // size] * size + index % size
+
+    def _plan_attention(self, plan: AttentionPlan, groups: list[list[Scheduled]], prefills: list[Scheduled]) -> None:
+        size, at = self.block_size, 0
+        for group in groups:
+            lengths = [s.row.computed + 1 for s in group]
+            width = self.cache_blocks(max(lengths))
+            tables = torch.tensor([_padded(s.row.blocks, width) for s in group], device=self.device)
+            columns = torch.arange(width * size, device=self.device)
+            mask = (columns[None, :] < torch.tensor(lengths, device=self.device)[:, None])[:, None, None, :]
+            plan.decode.append(DecodeGroup(start=at, end=at + len(group), tables=tables, mask=mask))
+            at += len(group)
+        for s in prefills:
+            context, chunk = s.row.computed, s.tokens
+            mask = tables = None
+            if context:
+                width = self.cache_blocks(context + chunk)
+                tables = torch.tensor([s.row.blocks[:width]], device=self.device)
+                queries = torch.arange(context, context + chunk, device=self.device)[:, None]
+                mask = (torch.arange(context + chunk, device=self.device)[None, :] <= queries)[None, None]
+            plan.prefill.append(PrefillChunk(start=at, end=at + chunk, context=context, tables=tables, mask=mask))
+            at += chunk
+
+    def cache_blocks(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _flash_arguments(self, ordered: Sequence[Scheduled]) -> dict:
+        """flash-attn's varlen call over block tables: every row's queries and its whole context."""
+        lengths_q = [s.tokens for s in ordered]
+        lengths_k = [s.row.computed + s.tokens for s in ordered]
+        width = max(self.cache_blocks(n) for n in lengths_k)
+        tables = torch.tensor([_padded(s.row.blocks, width) for s in ordered], dtype=torch.int32, device=self.device)
+
+        def cumulative(lengths: list[int]) -> torch.Tensor:
+            return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=self.device)
+
+        return {"tables": tables, "cu_q": cumulative(lengths_q), "cu_k": cumulative(lengths_k),
+                "max_q": max(lengths_q), "max_k": max(lengths_k)}  # fmt: skip
+
+    # --- images ---------------------------------------------------------------------------------
+    def _encode_images(self, scheduled: Sequence[Scheduled]) -> None:
+        """Make sure every image overlapping this step's tokens has its features on its row: from the
+        encoder cache, or encoded now, all missing images in one vision-tower call."""
+        missing: list[tuple[Row, int]] = []
+        for s in scheduled:
+            row, start, end = s.row, s.row.computed, s.row.computed + s.tokens
+            for index, span in enumerate(row.images):
+                if index in row.features or span.start >= end or span.start + span.length <= start:
+                    continue
+                features = self.encoder_cache.get(span.key)
+                if features is not None:
+                    row.features[index] = features
+                else:
+                    missing.append((row, index))
+        if not missing:
+            return
+        unique: dict[bytes, tuple[Row, int]] = {}
+        for row, index in missing:
+            unique.setdefault(row.images[index].key, (row, index))
+        pixels, grids = [], []
+        for row, index in unique.values():
+            patches, grid = self._image_inputs(row, index)
+            pixels.append(patches)
+            grids.append(grid)
+        out = self.hf.model.get_image_features(
+            torch.cat(pixels).to(self.device, self.dtype), torch.stack(grids).to(self.device), return_dict=True
         )
-        cache.insert(capture.keys, capture.values, [row.joining for row in rows])
-        next_positions = (deltas[:, 0] + padding.sum(-1)).tolist()  # last prompt position + 1
-        for row, position in zip(rows, next_positions):
-            row.next_position = int(position)
-        return out.logits[:, -1].float()
+        self.images_encoded += len(unique)
+        by_key = dict(zip(unique, out.pooler_output))
+        for key, features in by_key.items():
+            self.encoder_cache.put(key, features)
+        for row, index in missing:
+            row.features[index] = by_key[row.images[index].key]
 
-    def start_chunked(self, row: Row, *, chunk_tokens: int) -> ChunkedPrefill:
-        return ChunkedPrefill(self, row, chunk_tokens=chunk_tokens)
+    @staticmethod
+    def _image_inputs(row: Row, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image ``index``'s patches ``[patches, dim]`` and grid ``[3]`` from the row's prompt."""
+        prompt = row.request.prompt
+        grids = prompt.image_grid_thw
+        sizes = grids.prod(-1).tolist()
+        first = sum(sizes[:index])
+        return prompt.pixel_values[first : first + sizes[index]], grids[index]
 
-    @torch.inference_mode()
-    def decode(self, rows: Sequence[Row], cache: RowCache) -> torch.Tensor:
-        """One step for every running row (in cache slot order): feed each row's last token.
-        Returns ``[rows, vocab]`` float32 logits."""
-        cache.make_room_for_step()
-        if self.compiled_step is not None:
-            return self._compiled_decode(rows, cache)
-        input_ids = torch.tensor([[row.last_token] for row in rows], device=self.device)  # [rows, 1]
-        positions = torch.tensor([row.next_position for row in rows], device=self.device)
-        mask = cache.padding_mask() if self.flash else cache.decode_mask()
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=_mask_mapping(mask),
-            position_ids=positions.view(1, -1, 1).expand(3, -1, -1),  # [3, rows, 1]
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache.advance()
-        for row in rows:
-            row.next_position += 1
-        return out.logits[:, -1].float()
+    def _fill_images(self, embeds: torch.Tensor, at: int, row: Row, start: int, end: int) -> None:
+        """Put image features at the placeholder positions among the row's tokens ``[start, end)``,
+        which sit at ``embeds[at:]``."""
+        for index, span in enumerate(row.images):
+            lo, hi = max(start, span.start), min(end, span.start + span.length)
+            if lo < hi:
+                features = row.features[index]
+                embeds[at + lo - start : at + hi - start] = features[lo - span.start : hi - span.start].to(embeds.dtype)
 
-    def _compiled_decode(self, rows: Sequence[Row], cache: RowCache) -> torch.Tensor:
-        """The same step at fixed shapes: rows padded to their bucket, every allocated column."""
-        n = len(rows)
-        bucket = row_capacity(n, cache.max_rows)
-        tokens = [row.last_token for row in rows] + [self.pad_token_id] * (bucket - n)
-        positions = torch.tensor([row.next_position for row in rows] + [0] * (bucket - n), device=self.device)
-        mask = cache.static_decode_mask(bucket)
-        cache.write_column.fill_(cache.end)
-        cache.step_rows = bucket
-        try:
-            out = self.compiled_step(
-                input_ids=torch.tensor(tokens, device=self.device)[:, None],
-                attention_mask=_mask_mapping(mask[:, 0, 0, :].long() if self.flash else mask),
-                position_ids=positions.view(1, -1, 1).expand(3, -1, -1),
-                past_key_values=cache,
-                use_cache=True,
-            )
-        finally:
-            cache.step_rows = None
-        cache.advance()
-        for row in rows:
-            row.next_position += 1
-        return out.logits[:n, -1].float().clone()  # a CUDA graph's output is overwritten by its next replay
+    @staticmethod
+    def _drop_used_features(ordered: Sequence[Scheduled]) -> None:
+        for s in ordered:
+            end = s.row.computed + s.tokens
+            for index in [i for i in s.row.features if s.row.images[i].start + s.row.images[i].length <= end]:
+                del s.row.features[index]
+
+
+def _padded(blocks: list[int], width: int) -> list[int]:
+    return blocks[:width] + [NULL_BLOCK] * (width - len(blocks[:width]))
