@@ -16,6 +16,16 @@ Workloads (--workload):
            prompts, each asked for exactly its constrained pair's token count; output tok/s of each, their
            ratio (goals: >= 80% at concurrency 1, >= 70% at 16), each schema's compile time, and every
            answer parsed and validated against its schema (jsonschema).
+  conversation  one image (--image, default 1024x768 noise), --turns chat turns (default 6): turn 1 asks
+           about it, each later turn re-sends the whole history (image, questions, the model's answers
+           as assistant messages) and a new question; TTFT of turn 1 (a new image) and of turns 2+.
+  image-repeat  one image, --questions different questions (default 8), each a fresh single-turn chat;
+           TTFT of the first and of questions 2+.
+  long-short  one prompt of --long-prompt-tokens (3000) asking for --long-tokens (256), then
+           --short-delay-s (0.5) later --short-requests (15) of --short-tokens (64) at once; aggregate
+           output tok/s, the short requests' e2e p50/p95 and the long one's TTFT.
+           These three give every run (and --repeats round) an image and first lines of its own, so a
+           server's caches from earlier runs cannot serve them (--reuse-inputs: the same every time).
 
 Every request sets ignore_eos (constrained answers end where their grammar ends): output lengths are
 exact, so servers compare.
@@ -25,6 +35,9 @@ exact, so servers compare.
     uv run python benchmark_vlm.py --tiny --workload poisson --rate 3 --label snark --save snark-1.json
     uv run python benchmark_vlm.py --tiny --workload hol --hol-long-tokens 256
     uv run python benchmark_vlm.py --tiny --workload structured --concurrency 1,16 --repeats 3
+    uv run python benchmark_vlm.py --model DIR --workload conversation --turns 6 --max-tokens 64
+    uv run python benchmark_vlm.py --url http://localhost:8000 --workload image-repeat --label vllm --save ir-1.json
+    uv run python benchmark_vlm.py --url http://localhost:8000 --workload long-short --label vllm --save ls-1.json
     uv run python benchmark_vlm.py --url http://localhost:8000 --workload poisson --rate 3 --label vllm --save vllm-1.json
     uv run python benchmark_vlm.py --compare snark-1.json vllm-1.json vllm-2.json snark-2.json
     VLM_SIZE=32B uv run python benchmark_vlm.py --max-tokens 600          # the model the server would load
@@ -40,7 +53,9 @@ role-only first chunk does not count); output tokens are the server's usage figu
 Comparing servers: run them one at a time on the same machine, in rounds A, B, B, A, each run with
 --label and --save; then --compare FILE.json ... prints one markdown table (a column per label) and,
 for each label, keeps its better round: the lower TTFT p95 for poisson, the lower short-request
-ratio for hol, the higher output tok/s at the top concurrency for burst.
+ratio for hol, the higher output tok/s at the top concurrency for burst, the lower TTFT of the repeat
+requests (turns or questions 2+, p50) for conversation and image-repeat, the higher aggregate tok/s
+for long-short.
 
 Settings come from the environment as for the server (VLM_MODEL/VLM_SIZE, SNARK_*, and SNARK_ENGINE /
 VLLM_*: with --engine vllm or a VLLM_* setting, the in-process engine is the server's vLLM engine, so
@@ -57,6 +72,7 @@ import contextlib
 import os
 import sys
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -73,6 +89,7 @@ from snark.bench.runs import Measured, compare_table, load_run, run_record, save
 from snark.bench.workload import build_workload
 from snark.config import load_settings
 from snark.engine.prompt import PromptBuilder
+from snark.engine.tiny_model import is_tiny_checkpoint
 from snark.errors import ConfigError
 
 
@@ -180,7 +197,9 @@ def burst_in_process(args, settings, loaded, workload) -> int:
     finally:
         for engine in engines.values():
             engine.stop()
-    add_ratios(report, top=top, with_goals=loaded.is_tiny and loaded.device.type == "cpu")
+    # The goals are set for the toy on CPU, not for the other random-weight size.
+    toy = args.tiny or is_tiny_checkpoint(Path(args.model or settings.model_id).expanduser())
+    add_ratios(report, top=top, with_goals=toy and loaded.device.type == "cpu")
     if args.roofline:
         add_roofline(report, weight_bytes=decode_weight_bytes(loaded.model), bandwidth_gbs=args.bandwidth_gbs, top=top)
     return finish_burst(report, args, endpoint="in-process engine", model=loaded.name)

@@ -303,6 +303,7 @@ def test_the_stream_reader_times_the_first_content_not_the_role_chunk_and_reads_
         reader.feed(line, float(at))
     assert reader.first_content_at == 4.0 and reader.content_times == [4.0, 5.0]
     assert reader.completion_tokens == 5 and reader.done  # usage, not the 2 content chunks
+    assert reader.text == "Hello" and reader.usage_prompt_tokens == 9  # the chat workloads send the text back
 
 
 def test_the_stream_reader_counts_chunks_without_usage_and_raises_mid_stream_errors():

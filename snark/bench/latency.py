@@ -1,5 +1,6 @@
-"""The latency workloads (``poisson``, ``hol``) on one server, an in-process engine or any
-OpenAI-compatible server over HTTP: only the sender differs, the workload code is the same."""
+"""The latency workloads (``poisson``, ``hol``) and the chat workloads (``conversation``,
+``image-repeat``, ``long-short``) on one server, an in-process engine or any OpenAI-compatible server
+over HTTP: only the sender differs, the workload code is the same."""
 
 from __future__ import annotations
 
@@ -7,17 +8,41 @@ import argparse
 import asyncio
 
 from snark.bench import hol
+from snark.bench.chat import ChatSend, engine_chat_sender, http_chat_sender
+from snark.bench.conversation import measure_image_chats
 from snark.bench.engine import Engine
+from snark.bench.longshort import measure_long_short
 from snark.bench.openloop import measure_poisson
 from snark.bench.runners import HttpTarget, Send, engine_sender, http_sender
 from snark.bench.runs import Measured
 from snark.bench.workload import Workload
 
+CHAT_WORKLOADS = ("conversation", "image-repeat", "long-short")  # whole chats, answers sent back
+
 
 def prompts_needed(args: argparse.Namespace) -> int:
+    """The prompts the workload's ``Workload`` needs; for the chat workloads (which build their own
+    chats), the most requests they have in flight at once."""
     if args.workload == "poisson":
         return args.requests + 1  # and one for the warm-up
+    if args.workload == "long-short":
+        return 1 + args.short_requests
+    if args.workload in CHAT_WORKLOADS:
+        return 1
     return hol.prompts_needed(args.hol_long)
+
+
+async def measure_chat(args: argparse.Namespace, send: ChatSend) -> Measured:
+    if args.workload == "long-short":
+        return await measure_long_short(
+            send, reuse=args.reuse_inputs, long_prompt_tokens=args.long_prompt_tokens, long_tokens=args.long_tokens,
+            short_requests=args.short_requests, short_tokens=args.short_tokens, delay_s=args.short_delay_s,
+        )  # fmt: skip
+    return await measure_image_chats(
+        send, workload=args.workload, image_option=args.image, seed=args.seed, reuse=args.reuse_inputs,
+        count=args.turns if args.workload == "conversation" else args.questions, max_tokens=args.max_tokens,
+        rounds=args.repeats,
+    )  # fmt: skip
 
 
 async def measure(args: argparse.Namespace, send: Send) -> Measured:
@@ -38,6 +63,9 @@ def measure_on_engine(
     args: argparse.Namespace, engine: Engine, workload: Workload, pixels: tuple[int, int]
 ) -> Measured:
     async def run() -> Measured:
+        if args.workload in CHAT_WORKLOADS:
+            async with engine_chat_sender(engine, pixels) as chat_send:
+                return await measure_chat(args, chat_send)
         async with engine_sender(engine, workload, pixels) as send:
             return await measure(args, send)
 
@@ -46,6 +74,9 @@ def measure_on_engine(
 
 def measure_over_http(args: argparse.Namespace, target: HttpTarget, workload: Workload) -> Measured:
     async def run() -> Measured:
+        if args.workload in CHAT_WORKLOADS:
+            async with http_chat_sender(target) as chat_send:
+                return await measure_chat(args, chat_send)
         async with http_sender(target, workload) as send:
             return await measure(args, send)
 

@@ -7,9 +7,11 @@ import argparse
 
 from snark.config import DEFAULT_TINY_DIR
 
-WORKLOADS = ("burst", "poisson", "hol", "structured")
+WORKLOADS = ("burst", "poisson", "hol", "structured", "conversation", "image-repeat", "long-short")
+IMAGE_CHATS = ("conversation", "image-repeat")  # about one image: a new one first, then the same again
 POISSON_REQUESTS = 48
-MAX_TOKENS, STRUCTURED_MAX_TOKENS = 256, 1024
+MAX_TOKENS, STRUCTURED_MAX_TOKENS, IMAGE_REPEAT_MAX_TOKENS = 256, 1024, 64
+CHAT_IMAGE = "1024x768"  # the image chats' default --image: a screenshot-sized picture
 CONCURRENCY, STRUCTURED_CONCURRENCY = "1,4,16", "1,16"
 
 
@@ -49,7 +51,9 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
         "(default: the concurrency, at least 4)",
     )
     p.add_argument(
-        "--image", help="one image per request: a file (sample.jpeg), a size (448x448, seeded noise) or none"
+        "--image",
+        help="one image per request: a file (sample.jpeg), a size (448x448, seeded noise) or none; "
+        f"conversation and image-repeat: the image they are about (default {CHAT_IMAGE})",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the image noise, torch, arrivals and lengths (default 0)")
     p.add_argument(
@@ -66,8 +70,8 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
     burst.add_argument(
         "--max-tokens",
         type=int,
-        help=f"output tokens per request (default {MAX_TOKENS}); structured: the most a constrained answer may "
-        f"take (default {STRUCTURED_MAX_TOKENS})",
+        help=f"output tokens per request (default {MAX_TOKENS}; image-repeat {IMAGE_REPEAT_MAX_TOKENS}); structured: "
+        f"the most a constrained answer may take (default {STRUCTURED_MAX_TOKENS})",
     )
     burst.add_argument(
         "--concurrency",
@@ -85,7 +89,11 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
         "--roofline", action="store_true", help="compare decode speed with weight bytes / memory bandwidth"
     )
     burst.add_argument(
-        "--repeats", type=int, default=1, help="rounds of every timed load; each row is its median round (default 1)"
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of every timed load; each row is its median round (default 1); conversation and "
+        "image-repeat: conversations (question sequences) one after another, each on an image of its own",
     )
 
     structured = p.add_argument_group(
@@ -108,6 +116,39 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
     hol.add_argument("--hol-short-tokens", type=int, default=8, help="output tokens of the short request (default 8)")
     hol.add_argument(
         "--hol-delay-s", type=float, default=0.3, help="seconds between the long requests and the short (default 0.3)"
+    )
+
+    chats = p.add_argument_group(
+        "conversation, image-repeat, long-short",
+        "greedy, ignore_eos, streamed; each run (and each round) sends an image and first lines of its own, so "
+        "that a server's caches from earlier runs cannot serve them",
+    )
+    chats.add_argument(
+        "--turns", type=int, default=6, help="conversation: turns, each re-sending the history (default 6)"
+    )
+    chats.add_argument("--questions", type=int, default=8, help="image-repeat: questions about the image (default 8)")
+    chats.add_argument(
+        "--long-prompt-tokens", type=int, default=3000, help="long-short: the long prompt's length (default about 3000)"
+    )
+    chats.add_argument(
+        "--long-tokens", type=int, default=256, help="long-short: the long answer's tokens (default 256)"
+    )
+    chats.add_argument(
+        "--short-requests", type=int, default=15, help="long-short: short requests sent at once (default 15)"
+    )
+    chats.add_argument(
+        "--short-tokens", type=int, default=64, help="long-short: each short answer's tokens (default 64)"
+    )
+    chats.add_argument(
+        "--short-delay-s",
+        type=float,
+        default=0.5,
+        help="long-short: seconds from the long request to the short ones (default 0.5)",
+    )
+    chats.add_argument(
+        "--reuse-inputs",
+        action="store_true",
+        help="send the plain --image and untagged prompts, the same in every run and round (a warm cache)",
     )
 
     engine = p.add_argument_group("in-process engine")
@@ -136,7 +177,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.concurrency is None:
         args.concurrency = STRUCTURED_CONCURRENCY if structured else CONCURRENCY
     if args.max_tokens is None:
-        args.max_tokens = STRUCTURED_MAX_TOKENS if structured else MAX_TOKENS
+        defaults = {"structured": STRUCTURED_MAX_TOKENS, "image-repeat": IMAGE_REPEAT_MAX_TOKENS}
+        args.max_tokens = defaults.get(args.workload, MAX_TOKENS)
+    check_chat_args(p, args)
     try:
         args.levels = sorted(set(positive_ints(args.concurrency)))
         args.output_lens = positive_ints(args.output_lens)
@@ -161,3 +204,24 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--repeats needs a positive count")
     if args.workload != "burst" and args.compile == "both":
         p.error(f"--compile both runs two engines; --workload {args.workload} measures one: give on or off")
+
+
+def check_chat_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.workload in IMAGE_CHATS:
+        if args.image is None:
+            args.image = CHAT_IMAGE
+        if args.image.lower() == "none":
+            p.error(f"--workload {args.workload} is about one image: give --image a file or a size ({CHAT_IMAGE})")
+        if min(args.turns, args.questions) < 1:
+            p.error("--turns and --questions need positive counts")
+    if args.workload == "long-short":
+        if args.image not in (None, "none"):
+            p.error("--workload long-short sends text prompts: leave out --image")
+        counts = (args.long_prompt_tokens, args.long_tokens, args.short_requests, args.short_tokens)
+        if min(counts) < 1 or args.short_delay_s < 0:
+            p.error(
+                "--long-prompt-tokens, --long-tokens, --short-requests and --short-tokens need positive counts, "
+                "--short-delay-s >= 0"
+            )
+        if args.repeats != 1:
+            p.error("--workload long-short runs once: for rounds, run it again with --save and --compare the files")

@@ -21,6 +21,9 @@ HEADLINE = {
     "poisson": ("TTFT p95 ms", "lower"),
     "hol": ("short e2e under load / idle", "lower"),
     "structured": ("json_schema / free at top concurrency", "higher"),
+    "conversation": ("turns 2+ TTFT p50 ms", "lower"),
+    "image-repeat": ("questions 2+ TTFT p50 ms", "lower"),
+    "long-short": ("aggregate out tok/s", "higher"),
 }
 
 # The settings shown above the figures, so that runs made with different loads are seen to differ.
@@ -29,7 +32,11 @@ SHOWN_SETTINGS = {
     "poisson": ("rate", "requests", "output_lens", "seed", "image"),
     "hol": ("hol_long", "hol_long_tokens", "hol_short_tokens", "hol_delay_s", "image"),
     "structured": ("concurrency", "requests", "max_tokens", "repeats"),
-}
+    "conversation": ("turns", "max_tokens", "image", "repeats", "reuse_inputs"),
+    "image-repeat": ("questions", "max_tokens", "image", "repeats", "reuse_inputs"),
+    "long-short": ("long_prompt_tokens", "long_tokens", "short_requests", "short_tokens", "short_delay_s",
+                   "reuse_inputs"),
+}  # fmt: skip
 
 
 @dataclass

@@ -17,7 +17,9 @@ class ChatStreamReader:
     """Fed the reply's lines as they arrive, with the time each arrived."""
 
     content_times: list[float] = field(default_factory=list)  # chunks whose choices carry non-empty content
+    text: str = ""  # the answer so far (the first choice's content), for workloads that send it back
     usage_completion_tokens: int | None = None
+    usage_prompt_tokens: int | None = None
     done: bool = False
 
     @property
@@ -41,7 +43,10 @@ class ChatStreamReader:
         if "error" in chunk:
             raise StreamError(f"server error mid-stream: {chunk['error']}")
         # The first chunk usually carries only {"role": "assistant"} (content absent or ""): not a token.
-        if any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices") or ()):
+        contents = [(choice.get("delta") or {}).get("content") for choice in chunk.get("choices") or ()]
+        if any(contents):
             self.content_times.append(at)
+            self.text += contents[0] or ""
         if usage := chunk.get("usage"):
             self.usage_completion_tokens = usage["completion_tokens"]
+            self.usage_prompt_tokens = usage.get("prompt_tokens")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 from dataclasses import dataclass
@@ -53,6 +54,21 @@ def load_image_option(option: str | None, *, seed: int) -> tuple[Image.Image | N
         raise SystemExit(f"--image {option!r}: no such file; give a JPEG/PNG path or a size such as 448x448.")
     with Image.open(path) as image:
         return image.convert("RGB"), f"{path.name} ({image.width}x{image.height})"
+
+
+def run_image(option: str, *, seed: int, tag: str) -> Image.Image:
+    """``--image`` for a workload that must not be served from a cache an earlier run filled: ``WxH``
+    noise seeded by ``seed`` and ``tag``, or the file with its top-left 16x16 pixels noise seeded
+    likewise (a new content hash, the same picture). ``tag`` "" gives the plain ``--image``."""
+    if not tag:
+        return load_image_option(option, seed=seed)[0]
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{tag}".encode()).digest()[:8], "little")
+    if _SIZE.match(option.strip().lower()):
+        return load_image_option(option, seed=mixed)[0]
+    image = load_image_option(option, seed=seed)[0]
+    corner = load_image_option(f"{min(16, image.width)}x{min(16, image.height)}", seed=mixed)[0]
+    image.paste(corner, (0, 0))
+    return image
 
 
 def build_workload(requests: int, *, image_option: str | None, seed: int) -> Workload:

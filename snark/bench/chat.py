@@ -1,0 +1,139 @@
+"""Whole chats, as the chat workloads (``conversation``, ``image-repeat``, ``long-short``) send them: a
+list of messages (user text, an image, earlier answers as assistant messages), to an in-process engine
+or to any OpenAI-compatible server, with the answer's text coming back for the next turn's history.
+
+Every request is greedy, ``ignore_eos`` with a fixed ``max_tokens``, and streamed: over HTTP, SSE with
+``stream_options.include_usage``, as the other workloads send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import httpx
+from PIL import Image
+
+from snark.bench.engine import Engine
+from snark.bench.report import RequestTiming
+from snark.bench.runners import REQUEST_TIMEOUT_S, HttpTarget, raise_for_status
+from snark.bench.sse import ChatStreamReader
+from snark.engine.request import ChatTurn, SamplingParams
+
+
+@dataclass(frozen=True, eq=False)
+class ChatImage:
+    """An image a chat shows, encoded once: requests are timed from before their body is built, and
+    an encode per request would count as the server's time to first token."""
+
+    image: Image.Image
+
+    @cached_property
+    def data_uri(self) -> str:
+        buffer = io.BytesIO()
+        self.image.save(buffer, format="JPEG", quality=90)
+        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "user" | "assistant"
+    text: str
+    image: ChatImage | None = None  # a user message's image, shown before its text
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str  # the answer, to go back into the history as an assistant message
+    timing: RequestTiming
+    prompt_tokens: int | None = None  # the server's usage figure; the engine's prompt length in-process
+
+
+ChatSend = Callable[[Sequence[Message], int], Awaitable[Reply]]  # (messages, max_tokens) -> the reply
+
+
+async def send_or_record_failure(send: ChatSend, messages: Sequence[Message], max_tokens: int) -> Reply:
+    """``send``, with a failure kept as a reply whose timing says what went wrong."""
+    started = time.perf_counter()
+    try:
+        return await send(messages, max_tokens)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, whatever the server or engine raised
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        return Reply("", RequestTiming(started, None, time.perf_counter(), 0, max_tokens=max_tokens, error=error))
+
+
+def chat_turns(messages: Sequence[Message]) -> list[ChatTurn]:
+    return [ChatTurn(m.role, ([m.image.image] if m.image is not None else []) + [m.text]) for m in messages]
+
+
+def openai_messages(messages: Sequence[Message]) -> list[dict]:
+    """The chat as ``/v1/chat/completions`` takes it: a user message with an image as content parts."""
+    shaped = []
+    for message in messages:
+        if message.image is None:
+            shaped.append({"role": message.role, "content": message.text})
+            continue
+        image = {"type": "image_url", "image_url": {"url": message.image.data_uri}}
+        shaped.append({"role": message.role, "content": [image, {"type": "text", "text": message.text}]})
+    return shaped
+
+
+@contextlib.asynccontextmanager
+async def engine_chat_sender(engine: Engine, pixels: tuple[int, int]) -> AsyncIterator[ChatSend]:
+    async def stream(messages: Sequence[Message], max_tokens: int) -> Reply:
+        sent = time.perf_counter()  # from before the prompt is built: images are preprocessed per request
+        prompt = await engine.build_prompt(chat_turns(messages), min_pixels=pixels[0], max_pixels=pixels[1])
+        request = engine.submit(prompt, SamplingParams(max_new_tokens=max_tokens, ignore_eos=True))
+        chunk_times = []
+        async for event in engine.follow(request):  # cancels the row if this is left early (a timeout)
+            if event.text:
+                chunk_times.append(time.perf_counter())
+        first = chunk_times[0] if chunk_times else None
+        timing = RequestTiming(
+            sent, first, time.perf_counter(), request.completion_tokens, chunk_times, max_tokens=max_tokens
+        )
+        return Reply(request.text, timing, prompt.num_tokens)
+
+    async def send(messages: Sequence[Message], max_tokens: int) -> Reply:
+        # The HTTP client's limit too: an engine whose worker died fails the run instead of hanging it.
+        return await asyncio.wait_for(stream(messages, max_tokens), REQUEST_TIMEOUT_S)
+
+    yield send
+
+
+@contextlib.asynccontextmanager
+async def http_chat_sender(target: HttpTarget) -> AsyncIterator[ChatSend]:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S), limits=limits) as client:
+
+        async def send(messages: Sequence[Message], max_tokens: int) -> Reply:
+            body = {
+                "model": target.model,
+                "messages": openai_messages(messages),  # images encoded before the clock starts
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "ignore_eos": True,  # vLLM's extension: fixed output lengths
+            }
+            sent = time.perf_counter()
+            reader = ChatStreamReader()
+            async with client.stream("POST", f"{target.url}/v1/chat/completions", json=body) as reply:
+                if reply.is_error:
+                    await reply.aread()
+                raise_for_status(reply)
+                async for line in reply.aiter_lines():
+                    reader.feed(line, time.perf_counter())
+            timing = RequestTiming(
+                sent, reader.first_content_at, time.perf_counter(), reader.completion_tokens, reader.content_times,
+                max_tokens=max_tokens,
+            )  # fmt: skip
+            return Reply(reader.text, timing, reader.usage_prompt_tokens)
+
+        yield send
