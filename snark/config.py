@@ -42,7 +42,6 @@ class Settings(BaseSettings):
     vlm_size: str = Field("7B", validation_alias=AliasChoices("VLM_SIZE", "vlm_size"))
     vlm_model: str | None = Field(None, validation_alias=AliasChoices("VLM_MODEL", "vlm_model"))
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False  # CUDA: static KV cache + torch.compile of the decode step
     tiny_dir: Path = DEFAULT_TINY_DIR  # where `snark serve --tiny` builds its checkpoint
 
     # --- server ------------------------------------------------------------------------------

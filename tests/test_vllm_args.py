@@ -24,7 +24,7 @@ from snark.errors import ConfigError
 VLLM_ENV = (
     "VLLM_TP_SIZE", "VLLM_PP_SIZE", "VLLM_GPU_MEM_UTILIZATION", "VLLM_MAX_MODEL_LEN", "VLLM_MAX_NUM_SEQS",
     "VLLM_ENFORCE_EAGER", "VLLM_DISTRIBUTED_BACKEND", "VLLM_ENGINE_ARGS", "SNARK_ENGINE", "SNARK_MAX_BATCH_SIZE",
-    "SNARK_KV_CACHE_GIB", "SNARK_COMPILE", "VLM_SIZE", "VLM_MODEL", "VLLM_CPU_KVCACHE_SPACE",
+    "SNARK_KV_CACHE_GIB", "VLM_SIZE", "VLM_MODEL", "VLLM_CPU_KVCACHE_SPACE",
 )  # fmt: skip
 
 
@@ -163,15 +163,6 @@ def test_kv_cache_gib_is_vllms_kv_cache_bytes(env):
 def test_kv_cache_gib_and_memory_fraction_are_refused_together(env):
     with pytest.raises(ConfigError, match="SNARK_KV_CACHE_GIB .* VLLM_GPU_MEM_UTILIZATION"):
         env(SNARK_KV_CACHE_GIB="2", VLLM_GPU_MEM_UTILIZATION="0.5")
-
-
-def test_compile_is_what_vllm_does_by_default(env):
-    assert "enforce_eager" not in engine_args(env(SNARK_ENGINE="vllm", SNARK_COMPILE="1"))
-
-
-def test_compile_and_enforce_eager_are_refused_together(env):
-    with pytest.raises(ConfigError, match="SNARK_COMPILE=1 .* VLLM_ENFORCE_EAGER=1"):
-        env(SNARK_COMPILE="1", VLLM_ENFORCE_EAGER="1")
 
 
 def test_media_limits_become_vllms_image_bounds(env, monkeypatch):

@@ -121,6 +121,8 @@ class Scheduler:
             plan.rows.append(Scheduled(row, tokens))
             index += 1
         while budget > 0 and len(self.running) < self.max_rows and (row := self._head(make_row)) is not None:
+            if row in plan.preempted:
+                break  # sent back at this very step: it waits at least one step
             if not row.looked_up:
                 self._take_cached_prefix(row)
             tokens = min(row.remaining, budget)

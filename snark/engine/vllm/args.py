@@ -19,8 +19,7 @@ Overlaps, one rule each:
                             longer than SNARK_MAX_PROMPT_TOKENS or max_model_len - 1 are a 400.
     KV budget               SNARK_KV_CACHE_GIB = kv_cache_memory_bytes (per GPU); refused together
                             with VLLM_GPU_MEM_UTILIZATION, which vLLM would then ignore.
-    compilation             vLLM compiles and captures CUDA graphs unless VLLM_ENFORCE_EAGER=1;
-                            SNARK_COMPILE=1 asks for that too, and is refused with VLLM_ENFORCE_EAGER=1.
+    compilation             vLLM compiles and captures CUDA graphs unless VLLM_ENFORCE_EAGER=1.
     images                  Snark resizes images under SNARK_MIN/MAX_IMAGE_PIXELS (and a request's own cap)
                             itself; vLLM's resizer gets SNARK_MAX_IMAGE_PIXELS as its cap, and
                             SNARK_MAX_IMAGES_PER_REQUEST = limit_mm_per_prompt (no video).
@@ -73,11 +72,6 @@ def check_overlaps(settings: Settings) -> None:
         raise ValueError(
             "SNARK_KV_CACHE_GIB (the KV cache size) and VLLM_GPU_MEM_UTILIZATION (a memory fraction) both size vLLM's "
             "KV cache, and vLLM would ignore the fraction: give one of them."
-        )
-    if s.compile and s.vllm_enforce_eager:
-        raise ValueError(
-            "SNARK_COMPILE=1 asks for compiled decoding and VLLM_ENFORCE_EAGER=1 turns it off: give one of them "
-            "(vLLM compiles by default)."
         )
     clashes = sorted(set(s.vllm_extra_engine_args) & set(DERIVED))
     if clashes:
