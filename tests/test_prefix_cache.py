@@ -132,3 +132,24 @@ def test_eviction_under_block_pressure_loses_no_request(tiny_model_dir, uncached
         assert engine.peak_blocks_used <= engine.pool.num_blocks - 1
     finally:
         engine.stop()
+
+
+def test_cache_salt_over_http_and_the_cache_counters_in_metrics(base_url):
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "A salted question, asked twice. " * 4}], "max_tokens": 2}
+
+    def counters() -> dict[str, float]:
+        text = httpx.get(f"{base_url}/metrics").text
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("snark:prefix_cache")}
+
+    before = counters()
+    for salt in ("tenant-a", "tenant-b"):
+        assert httpx.post(f"{base_url}/v1/chat/completions", json={**body, "cache_salt": salt}, timeout=60).status_code == 200
+    middle = counters()
+    assert middle["snark:prefix_cache_queries_total"] > before["snark:prefix_cache_queries_total"]
+    assert middle["snark:prefix_cache_hits_total"] == before["snark:prefix_cache_hits_total"]  # salts share nothing
+    httpx.post(f"{base_url}/v1/chat/completions", json={**body, "cache_salt": "tenant-a"}, timeout=60)
+    assert counters()["snark:prefix_cache_hits_total"] > middle["snark:prefix_cache_hits_total"]
+    bad = httpx.post(f"{base_url}/v1/chat/completions", json={**body, "cache_salt": ""}, timeout=60)
+    assert bad.status_code == 400 and "cache_salt" in bad.text

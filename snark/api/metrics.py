@@ -12,6 +12,8 @@ import time
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from snark.api.state import AppState, get_state
 from snark.engine.base import Engine
@@ -27,6 +29,22 @@ _TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 
 _LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
 _RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 _TTS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class _CacheCounters(Collector):
+    """vLLM's cache counters, read from the engine when scraped: prompt tokens looked up in the prefix
+    cache and found there; images looked up in the vision encoder cache and found there."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        counts = self.engine.cache_counts or {}
+        described = {"prefix": ("prefix_cache", "prompt tokens"), "mm": ("mm_cache", "images")}
+        for key, (queries, hits) in counts.items():
+            name, unit = described[key]
+            yield CounterMetricFamily(f"snark:{name}_queries", f"{unit.capitalize()} looked up in the {name.replace('_', ' ')}.", value=queries)
+            yield CounterMetricFamily(f"snark:{name}_hits", f"{unit.capitalize()} found in the {name.replace('_', ' ')}.", value=hits)
 
 
 class Metrics:
@@ -65,6 +83,7 @@ class Metrics:
             "snark:kv_cache_usage_perc", "Share of the KV cache budget the running rows hold (0 to 1).", registry=registry
         )
         kv_usage.set_function(lambda: engine.kv_cache_usage)
+        registry.register(_CacheCounters(engine))
         self.tts_seconds = Histogram(
             "snark:tts_seconds", "Wall time to synthesize one spoken response, first to last audio chunk.",
             buckets=_TTS_BUCKETS, registry=registry,

@@ -6,6 +6,8 @@ bodies in ``replies``; each route parses, calls the engine (or the speaker) once
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -43,6 +45,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, state:
     prompt = await engine.build_prompt(
         turns, min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels, tools=tools.prompt_tools
     )
+    if body.cache_salt is not None:
+        prompt = dataclasses.replace(prompt, cache_salt=body.cache_salt)
     # The output grammar, compiled off the event loop (cached by schema); a client that leaves stops waiting.
     params = await until_disconnected(request, engine.prepare(params), timeout_s=settings.request_timeout_s)
     reply = ChatReply(model=engine.model_name, prompt_tokens=prompt.num_tokens)

@@ -104,6 +104,10 @@ class ChatCompletionRequest(Lenient):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     ignore_eos: bool = Field(False, description="Run to max_tokens past end-of-turn (vLLM extension, for benchmarks).")
+    cache_salt: str | None = Field(
+        None, min_length=1, max_length=256,
+        description="Requests with different salts share no cached prompt prefix (vLLM extension: keeps tenants apart).",
+    )  # fmt: skip
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema with a schema.")

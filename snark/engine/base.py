@@ -131,6 +131,12 @@ class Engine(abc.ABC):
         return 0.0
 
     @property
+    def cache_counts(self) -> dict[str, tuple[int, int]] | None:
+        """Lookups and hits of the engine's caches (``prefix``: prompt tokens; ``mm``: images), for
+        /metrics; None where the engine does not report them."""
+        return None
+
+    @property
     def healthy(self) -> bool:
         """False once the engine cannot serve (load failed, stopped, or its worker died)."""
         return self.state is EngineState.READY

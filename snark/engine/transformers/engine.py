@@ -152,6 +152,10 @@ class TransformersEngine(Engine):
         return (self.pool.queries, self.pool.hits) if self.pool else (0, 0)
 
     @property
+    def cache_counts(self) -> dict[str, tuple[int, int]]:
+        return {"prefix": self.prefix_cache_counts, "mm": (self.encoder_cache.queries, self.encoder_cache.hits)}
+
+    @property
     def preemptions(self) -> int:
         return self.scheduler.preemptions if self.scheduler else 0
 

@@ -69,6 +69,8 @@ class Runtime:
         tokens = self._tokens_prompt(prompt_token_ids=prompt.engine_ids)
         if prompt.images:
             tokens["multi_modal_data"] = {"image": prompt.images}
+        if prompt.cache_salt is not None:
+            tokens["cache_salt"] = prompt.cache_salt  # vLLM's own prefix caching keeps salts apart too
         return tokens
 
     def is_engine_dead(self, exc: BaseException) -> bool:
