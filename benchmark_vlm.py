@@ -3,8 +3,8 @@
 Workloads (--workload):
   burst    (default) closed loop: --concurrency clients, each sending its next request as soon as its
            last one ended; output tok/s, TTFT, TPOT and e2e per concurrency level. In-process it can
-           also run batch size 1 (--compare-serial), the compiled engine, and the raw ``generate``
-           ceiling on the same loaded model.
+           also run batch size 1 (--compare-serial) and the raw ``generate`` ceiling on the same
+           loaded model.
   poisson  open loop: --requests arrivals at --rate per second (Poisson, seeded by --seed), each asking
            for a length drawn from --output-lens; TTFT, ITL (the gaps between streamed chunks) and
            e2e at p50/p95/p99, and the e2e p95 of the short requests (<= 32 tokens).
@@ -41,7 +41,7 @@ exact, so servers compare.
     uv run python benchmark_vlm.py --url http://localhost:8000 --workload poisson --rate 3 --label vllm --save vllm-1.json
     uv run python benchmark_vlm.py --compare snark-1.json vllm-1.json vllm-2.json snark-2.json
     VLM_SIZE=32B uv run python benchmark_vlm.py --max-tokens 600          # the model the server would load
-    uv run python benchmark_vlm.py --random-weights 7B --compile both --roofline --compare-serial   # GPU
+    uv run python benchmark_vlm.py --random-weights 7B --roofline --compare-serial   # GPU
 
 Where the load goes: by default an in-process engine (the server's own engine and loader on one
 loaded model). With --url BASE, any OpenAI-compatible server (Snark, vLLM's own server, ...):
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return options.parse_args(argv, description=__doc__)
 
 
-def engine_for(loaded, settings, args, *, max_batch_size: int, compile_decode: bool, max_in_flight: int) -> Engine:
+def engine_for(loaded, settings, args, *, max_batch_size: int, max_in_flight: int) -> Engine:
     """An engine on the loaded model, with the server's settings unless the command line overrides
     them; its queue holds every request the workload can have in flight at once."""
     return start_engine(
@@ -106,7 +106,11 @@ def engine_for(loaded, settings, args, *, max_batch_size: int, compile_decode: b
         batch_wait_ms=args.batch_wait_ms if args.batch_wait_ms is not None else settings.batch_wait_ms,
         max_waiting_requests=max(settings.max_waiting_requests, max_in_flight),
         max_prompt_tokens=settings.max_prompt_tokens,
-        compile_decode=compile_decode,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        kv_block_size=settings.kv_block_size,
+        prefix_caching=settings.prefix_caching,
+        encoder_cache_bytes=settings.encoder_cache_bytes,
     )
 
 
@@ -156,22 +160,17 @@ def burst_in_process(args, settings, loaded, workload) -> int:
     from snark.server import create_app
 
     top = max(args.levels)
-    compile_mode = args.compile or ("on" if settings.compile else "off")
     max_batch = args.max_batch_size or settings.max_batch_size
-    report = Report(machine_info(loaded.device), in_process_settings(args, loaded, workload, max_batch, compile_mode))
+    report = Report(machine_info(loaded.device), in_process_settings(args, loaded, workload, max_batch))
     pixels = (settings.min_image_pixels, settings.max_image_pixels)
 
-    def start(batch: int, compiled: bool) -> Engine:
-        return engine_for(loaded, settings, args, max_batch_size=batch, compile_decode=compiled, max_in_flight=top)
+    def start(batch: int) -> Engine:
+        return engine_for(loaded, settings, args, max_batch_size=batch, max_in_flight=top)
 
-    engines = {}
-    if compile_mode in ("off", "both"):
-        engines["batched"] = start(max_batch, False)
-    if compile_mode in ("on", "both"):
-        engines["compiled"] = start(max_batch, True)
+    engines = {"batched": start(max_batch)}
     if args.compare_serial:  # the same load at batch size 1, on the same model
-        engines["serial"] = start(1, compile_mode == "on")
-    main_engine = next(iter(engines.values()))
+        engines["serial"] = start(1)
+    main_engine = engines["batched"]
     app_settings = settings.model_copy(
         update={"max_new_tokens_limit": max(settings.max_new_tokens_limit, args.max_tokens)}
     )
@@ -207,16 +206,16 @@ def burst_in_process(args, settings, loaded, workload) -> int:
 
 def vllm_in_process(args, settings, workload) -> int:
     """The server's vLLM engine in this process (--engine vllm, or SNARK_ENGINE / VLLM_*), through the same
-    seam as Snark's own engine. Only the engine is measured: the serial, compiled and raw ceilings need
+    seam as Snark's own engine. Only the engine is measured: the serial engine and the raw ceilings need
     Snark's own engine on weights loaded here, which vLLM's processes hold instead."""
     from snark.engine.tiny_model import ensure_tiny_model
     from snark.engine.vllm.runtime import require_vllm
 
     require_vllm()  # before building anything
-    if args.random_weights or args.compare_serial or args.cb or args.roofline or args.compile or args.http_check:
+    if args.random_weights or args.compare_serial or args.cb or args.roofline or args.http_check:
         raise ConfigError(
             "With the vLLM engine the benchmark measures the engine alone: leave out --random-weights, "
-            "--compare-serial, --cb, --roofline, --compile and --http-check (or measure a running server with --url)."
+            "--compare-serial, --cb, --roofline and --http-check (or measure a running server with --url)."
         )
     model = str(ensure_tiny_model(settings.tiny_dir)) if args.tiny else args.model or settings.model_id
     top = max(args.levels) if args.workload == "burst" else prompts_needed(args)
@@ -265,13 +264,9 @@ def structured_in_process(args, settings) -> int:
             "--workload structured runs on Snark's own engine in-process; measure vLLM's server with --url."
         )
     loaded = load(args, settings)
-    compile_mode = args.compile or ("on" if settings.compile else "off")
     max_batch = args.max_batch_size or settings.max_batch_size
-    engine = engine_for(
-        loaded, settings, args, max_batch_size=max_batch, compile_decode=compile_mode == "on",
-        max_in_flight=max(args.levels),
-    )  # fmt: skip
-    report = Report(machine_info(loaded.device), in_process_settings(args, loaded, None, max_batch, compile_mode))
+    engine = engine_for(loaded, settings, args, max_batch_size=max_batch, max_in_flight=max(args.levels))
+    report = Report(machine_info(loaded.device), in_process_settings(args, loaded, None, max_batch))
     try:
         return run_structured(
             args, lambda workload: engine_sender(engine, workload), report=report, endpoint="in-process engine",
@@ -297,26 +292,22 @@ def latency_over_http(args, workload) -> int:
 
 
 def latency_in_process(args, settings, loaded, workload) -> int:
-    compile_mode = args.compile or ("on" if settings.compile else "off")
     max_batch = args.max_batch_size or settings.max_batch_size
-    engine = engine_for(
-        loaded, settings, args, max_batch_size=max_batch, compile_decode=compile_mode == "on",
-        max_in_flight=prompts_needed(args),
-    )  # fmt: skip
+    engine = engine_for(loaded, settings, args, max_batch_size=max_batch, max_in_flight=prompts_needed(args))
     try:
         measured = measure_on_engine(args, engine, workload, (settings.min_image_pixels, settings.max_image_pixels))
     finally:
         engine.stop()
-    shown = in_process_settings(args, loaded, workload, max_batch, compile_mode)
+    shown = in_process_settings(args, loaded, workload, max_batch)
     return finish_latency(
         args, measured, shown, machine_info(loaded.device), endpoint="in-process engine", model=loaded.name
     )
 
 
-def in_process_settings(args, loaded, workload, max_batch: int, compile_mode: str) -> dict:
+def in_process_settings(args, loaded, workload, max_batch: int) -> dict:
     return {**vars(args), "model": loaded.name, "device": str(loaded.device), "dtype": str(loaded.dtype),
             "attention": loaded.attn_implementation, "image": workload.image_label if workload else "none",
-            "max_batch_size": max_batch, "compile": compile_mode}  # fmt: skip
+            "max_batch_size": max_batch}  # fmt: skip
 
 
 def finish_burst(report: Report, args, *, endpoint: str, model: str) -> int:

@@ -322,7 +322,8 @@ def test_the_latency_workloads_check_their_settings(capsys):
     args = benchmark_vlm.parse_args(["--workload", "poisson", "--rate", "2", "--output-lens", "8,16"])
     assert args.requests == 48 and args.output_lens == [8, 16]
     with pytest.raises(SystemExit):
-        benchmark_vlm.parse_args(["--workload", "hol", "--compile", "both"])
+        benchmark_vlm.parse_args(["--workload", "hol", "--hol-long", "0"])
+    assert "positive counts" in capsys.readouterr().err
 
 
 # --- real runs of the latency workloads --------------------------------------------------------

@@ -13,13 +13,35 @@ from transformers import GenerationConfig
 
 from snark.engine.loader import LoadedModel
 from snark.engine.request import PromptInputs
-from snark.engine.transformers.batching import collate
 
 
 def pad_token_id(loaded: LoadedModel) -> int:
     """The id that left-pads a batch: the generation config's, else the tokenizer's (as the engine)."""
     generation = loaded.model.generation_config
     return generation.pad_token_id if generation.pad_token_id is not None else loaded.processor.tokenizer.pad_token_id
+
+
+def collate(prompts: list[PromptInputs], *, pad_token_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad token ids into one batch and concatenate the images in row order: every input
+    Qwen2.5-VL's ``generate`` needs (``input_ids``, ``attention_mask``, ``mm_token_type_ids``, 1 on image
+    tokens, and with images ``pixel_values`` and ``image_grid_thw``)."""
+    width = max(p.num_tokens for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)  # [batch, seq]
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        start = width - prompt.num_tokens
+        input_ids[row, start:] = torch.tensor(prompt.input_ids, dtype=torch.long)
+        attention_mask[row, start:] = 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == image_token_id).long() * attention_mask,
+    }
+    with_images = [p for p in prompts if p.pixel_values is not None]
+    if with_images:
+        batch["pixel_values"] = torch.cat([p.pixel_values for p in with_images])
+        batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images])
+    return batch
 
 
 def _sync(device: torch.device) -> None:

@@ -15,7 +15,7 @@ __all__ = ["Engine", "start_engine", "start_vllm_engine"]
 
 def start_engine(loader: Callable[[], LoadedModel], *, wait_s: float | None = None, **options) -> Engine:
     """A started engine over ``loader``'s model, ready to take requests (``options``: the engine's
-    keyword settings, such as ``max_batch_size`` or ``compile_decode``)."""
+    keyword settings, such as ``max_batch_size`` or ``max_prefill_tokens``)."""
     engine = TransformersEngine(loader, **options)
     engine.start()
     engine.wait_ready(wait_s)

@@ -156,9 +156,6 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
         "--engine", choices=("transformers", "vllm"),
         help="default: SNARK_ENGINE, or vllm when a VLLM_* setting is given (as for the server)",
     )  # fmt: skip
-    engine.add_argument(
-        "--compile", choices=("off", "on", "both"), help="SNARK_COMPILE path (CUDA only); default: SNARK_COMPILE"
-    )
     engine.add_argument("--max-batch-size", type=int, help="default: SNARK_MAX_BATCH_SIZE (16)")
     engine.add_argument("--batch-wait-ms", type=float, help="default: SNARK_BATCH_WAIT_MS (10)")
     engine.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's own choice)")
@@ -202,8 +199,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--workload structured sends text prompts (a receipt to extract): leave out --image")
     if args.repeats < 1:
         p.error("--repeats needs a positive count")
-    if args.workload != "burst" and args.compile == "both":
-        p.error(f"--compile both runs two engines; --workload {args.workload} measures one: give on or off")
 
 
 def check_chat_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ from snark.bench.report import Ratio, Report, Row
 # Goals, set for the tiny model on CPU and 16 concurrent requests; other runs print the same ratios
 # without them.
 GOALS = {"batched_vs_serial": 5.0, "batched_vs_raw": 0.85, "http_vs_raw": 0.95}
-ENGINE_MODES = ("batched", "compiled", "serial")
+ENGINE_MODES = ("batched", "serial")
 
 
 def roofline_tok_s(weight_bytes: int, bandwidth_gbs: float) -> float:
@@ -20,13 +20,12 @@ def find_row(rows: list[Row], mode: str, concurrency: int) -> Row | None:
 
 
 def add_ratios(report: Report, *, top: int, with_goals: bool) -> None:
-    """Speed-ups over serial on every engine row, then the ratios (``top``: the highest concurrency).
-    The compiled engine, when it ran, is the one held to the goals."""
+    """Speed-ups over serial on every engine row, then the ratios (``top``: the highest concurrency)."""
     rows = report.rows
     goals = dict(GOALS) if with_goals else {}
     if top < 16:  # the batching goals are for 16 concurrent requests
         goals = {name: value for name, value in goals.items() if name == "http_vs_raw"}
-    best = "compiled" if find_row(rows, "compiled", top) else "batched"
+    best = "batched"
     serial = find_row(rows, "serial", top)
     if serial:
         for row in rows:
@@ -40,8 +39,6 @@ def add_ratios(report: Report, *, top: int, with_goals: bool) -> None:
         ("HTTP JSON c=1 vs raw generate at batch 1", find_row(rows, "HTTP JSON", 1), raw_1, "%", "http_vs_raw"),
         ("HTTP streamed c=1 vs raw generate at batch 1", find_row(rows, "HTTP", 1), raw_1, "%", None),
         (f"raw generate batch {top} vs batch 1 (the ceiling's gain)", raw_top, raw_1, "x", None),
-        ("compiled vs eager at c=1", find_row(rows, "compiled", 1), find_row(rows, "batched", 1), "x", None),
-        (f"compiled vs eager at c={top}", find_row(rows, "compiled", top), find_row(rows, "batched", top), "x", None),
         (f"transformers CB vs {best} c={top}", find_row(rows, "transformers CB", top), find_row(rows, best, top), "%", None),
     ]  # fmt: skip
     seen: set[tuple[int, int]] = set()

@@ -59,7 +59,7 @@ class RequestTiming:
 
 @dataclass
 class Row:
-    mode: str  # "batched", "serial", "compiled", "raw generate", "HTTP", "transformers CB"
+    mode: str  # "batched", "serial", "raw generate", "HTTP", "transformers CB"
     concurrency: int
     requests: int
     wall_s: float
