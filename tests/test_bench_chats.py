@@ -105,10 +105,8 @@ def test_the_long_prompt_has_about_the_tokens_asked_for(tiny_model_dir):
 
 def test_long_short_sends_the_long_request_then_all_the_short_ones_after_the_delay():
     send = RecordingSender()
-    long, shorts, wall_s = asyncio.run(
-        run_long_short(send, tag="t1", long_prompt_tokens=300, long_tokens=9, short_requests=4, short_tokens=5,
-                       delay_s=0.01)  # fmt: skip
-    )
+    plan = {"long_prompt_tokens": 300, "long_tokens": 9, "short_requests": 4, "short_tokens": 5, "delay_s": 0.01}
+    long, shorts, wall_s = asyncio.run(run_long_short(send, tag="t1", **plan))
     lengths = [max_tokens for _, max_tokens in send.chats]
     assert lengths == [5, 9, 5, 5, 5, 5]  # an untimed warm-up, the long one, then the short ones
     texts = [messages[0].text for messages, _ in send.chats]

@@ -110,7 +110,14 @@ def first_and_repeats_summary(rounds: list[list[Reply]], *, first: str, repeats:
 
 
 async def measure_image_chats(
-    send: ChatSend, *, workload: str, image_option: str, seed: int, reuse: bool, count: int, max_tokens: int,
+    send: ChatSend,
+    *,
+    workload: str,
+    image_option: str,
+    seed: int,
+    reuse: bool,
+    count: int,
+    max_tokens: int,
     rounds: int,
 ) -> Measured:
     """``workload`` ("conversation": ``count`` turns; "image-repeat": ``count`` questions) ``rounds``

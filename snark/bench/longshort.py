@@ -47,7 +47,13 @@ def short_prompt(index: int, tag: str) -> str:
 
 
 async def run_long_short(
-    send: ChatSend, *, tag: str, long_prompt_tokens: int, long_tokens: int, short_requests: int, short_tokens: int,
+    send: ChatSend,
+    *,
+    tag: str,
+    long_prompt_tokens: int,
+    long_tokens: int,
+    short_requests: int,
+    short_tokens: int,
     delay_s: float,
 ) -> tuple[Reply, list[Reply], float]:
     """One untimed warm-up request, then the long request and, ``delay_s`` later, the short ones all
@@ -95,7 +101,13 @@ def long_short_summary(long: Reply, shorts: list[Reply], wall_s: float) -> dict:
 
 
 async def measure_long_short(
-    send: ChatSend, *, reuse: bool, long_prompt_tokens: int, long_tokens: int, short_requests: int, short_tokens: int,
+    send: ChatSend,
+    *,
+    reuse: bool,
+    long_prompt_tokens: int,
+    long_tokens: int,
+    short_requests: int,
+    short_tokens: int,
     delay_s: float,
 ) -> Measured:
     tag = "" if reuse else f"{time.time_ns():x}"
