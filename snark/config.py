@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0)  # an idle engine waits this long for companions to its first prefill
     # Prompt tokens prefilled in one step, across prompts, beside every running row's decode token; longer
     # prompts go in chunks, so running rows never wait more than one chunk.
-    max_prefill_tokens: int = Field(2048, gt=0)
+    max_prefill_tokens: int | None = Field(None, gt=0)  # default: 1024 on CPU, 2048 on CUDA
     kv_cache_gib: float | None = Field(None, gt=0)  # default: 4 on CPU, 80% of the GPU memory free after loading
     kv_block_size: int | None = Field(None, ge=1, le=4096)  # tokens a KV block; default 16 (256 with flash-attn)
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before (images keyed by content)

@@ -230,3 +230,8 @@ def test_benchmark_on_vllm_without_it_names_the_install_command(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and "uv sync --extra vllm" in result.stderr
     assert not (tmp_path / "unbuilt").exists()  # refused before building anything
+
+
+def test_prefix_caching_off_reaches_vllm_only_when_given(env):
+    assert "enable_prefix_caching" not in engine_args(env(SNARK_ENGINE="vllm"))
+    assert engine_args(env(SNARK_ENGINE="vllm", SNARK_PREFIX_CACHING="0"))["enable_prefix_caching"] is False

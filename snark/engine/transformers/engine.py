@@ -49,6 +49,10 @@ PREPARING_WAIT_FACTOR = 20  # x batch_wait_ms: how long an idle engine waits for
 CPU_KV_CACHE_BYTES = 4 * 1024**3  # the KV budget on CPU unless SNARK_KV_CACHE_GIB says otherwise
 CUDA_KV_CACHE_FRACTION = 0.8  # of the GPU memory still free once the weights are loaded
 BLOCK_SIZE, FLASH_BLOCK_SIZE = 16, 256  # tokens a KV block (flash-attn's paged kernels take multiples of 256)
+# Prompt tokens prefilled a step unless SNARK_MAX_PREFILL_TOKENS says otherwise. On CPU a 1024-token chunk
+# already keeps the cores busy, and running rows wait one chunk (on the small benchmark checkpoint, 1024
+# beat 2048 for short requests arriving behind a long prompt, and 512 cost a new image's first token).
+CPU_PREFILL_TOKENS, CUDA_PREFILL_TOKENS = 1024, 2048
 ENCODER_CACHE_BYTES = 512 * 1024**2
 
 
@@ -63,7 +67,7 @@ class TransformersEngine(Engine):
         batch_wait_ms: float = 0.0,
         max_waiting_requests: int = 64,
         max_prompt_tokens: int = 32768,
-        max_prefill_tokens: int = 2048,
+        max_prefill_tokens: int | None = None,
         kv_cache_bytes: int | None = None,
         kv_block_size: int | None = None,
         prefix_caching: bool = True,
@@ -243,6 +247,8 @@ class TransformersEngine(Engine):
         flash = loaded.attn_implementation == "flash_attention_2" and loaded.device.type == "cuda"
         block_size = self.kv_block_size or (FLASH_BLOCK_SIZE if flash else BLOCK_SIZE)
         flash = flash and block_size % FLASH_BLOCK_SIZE == 0 and importlib.util.find_spec("flash_attn") is not None
+        if self.max_prefill_tokens is None:
+            self.max_prefill_tokens = CUDA_PREFILL_TOKENS if loaded.device.type == "cuda" else CPU_PREFILL_TOKENS
         self.cache = self._build_cache(loaded, block_size)
         self.pool = BlockPool(self.cache.num_blocks, enable_caching=self.prefix_caching)
         self.scheduler = Scheduler(

@@ -61,12 +61,30 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, *, packed: bool
     return linear
 
 
+class PatchLinear(nn.Module):
+    """The vision tower's patch embedding, a ``Conv3d`` whose stride equals its kernel: one matrix
+    multiply over flattened patches (``[patches, channels, t, p, p]`` in, ``[patches, embed, 1, 1, 1]``
+    out, as the convolution gives)."""
+
+    def __init__(self, conv: nn.Conv3d) -> None:
+        super().__init__()
+        self.linear = PackedLinear(conv.weight.reshape(conv.out_channels, -1), conv.bias)
+        self.weight = conv.weight.detach()  # transformers reads its dtype (3 MB at the 7B's size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.reshape(x.shape[0], -1))[:, :, None, None, None]
+
+
 def pack_linears(module: nn.Module) -> int:
-    """Swap every ``nn.Linear`` inside ``module`` (the vision tower) for a ``PackedLinear``."""
+    """Swap every ``nn.Linear`` inside ``module`` (the vision tower) for a ``PackedLinear``, and a
+    patch-sized ``Conv3d`` for a ``PatchLinear``."""
     swapped = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             setattr(module, name, PackedLinear(child.weight, child.bias))
+            swapped += 1
+        elif isinstance(child, nn.Conv3d) and child.kernel_size == child.stride and child.padding == (0, 0, 0):
+            setattr(module, name, PatchLinear(child))
             swapped += 1
         else:
             swapped += pack_linears(child)

@@ -48,6 +48,7 @@ DERIVED = {
     "max_model_len": "VLLM_MAX_MODEL_LEN",
     "max_num_seqs": "VLLM_MAX_NUM_SEQS (or SNARK_MAX_BATCH_SIZE)",
     "enforce_eager": "VLLM_ENFORCE_EAGER",
+    "enable_prefix_caching": "SNARK_PREFIX_CACHING",
     "limit_mm_per_prompt": "SNARK_MAX_IMAGES_PER_REQUEST",
     "mm_processor_kwargs": "SNARK_MAX_IMAGE_PIXELS (Snark resizes images itself)",
 }
@@ -57,6 +58,8 @@ TRANSFORMERS_ONLY = {
     "device": "SNARK_DEVICE",
     "batch_wait_ms": "SNARK_BATCH_WAIT_MS",
     "max_prefill_tokens": "SNARK_MAX_PREFILL_TOKENS",
+    "kv_block_size": "SNARK_KV_BLOCK_SIZE",
+    "encoder_cache_mib": "SNARK_ENCODER_CACHE_MIB",
 }
 
 
@@ -122,6 +125,8 @@ def engine_args(settings: Settings, *, model_context_len: int | None = None) -> 
         "gpu_memory_utilization": s.vllm_gpu_mem_utilization,
         "kv_cache_memory_bytes": s.kv_cache_bytes,
         "enforce_eager": s.vllm_enforce_eager,
+        # vLLM's own prefix caching (on by default, image-aware) follows SNARK_PREFIX_CACHING when given.
+        "enable_prefix_caching": s.prefix_caching if "prefix_caching" in s.model_fields_set else None,
     }
     args.update({key: value for key, value in optional.items() if value is not None})
     args.update(s.vllm_extra_engine_args)
