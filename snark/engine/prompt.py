@@ -14,15 +14,14 @@ to its image's token count, exactly as the Qwen2.5-VL processor does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Sequence
 
-from PIL import Image
 from tokenizers import Tokenizer
 
 from snark.engine.chat_template import render_with_tools
+from snark.engine.image_inputs import ImageInputs
 from snark.engine.request import ChatTurn, PromptInputs, ToolCall, ToolSpec
 from snark.errors import InvalidRequest
 
@@ -38,6 +37,7 @@ class PromptBuilder:
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.merge_size = int(self.image_processor.merge_size)
+        self.image_inputs = ImageInputs(self.image_processor)
         self.max_prompt_tokens = max_prompt_tokens
         backend = self.tokenizer.backend_tokenizer
         self._added_ids = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()}
@@ -79,14 +79,9 @@ class PromptBuilder:
         image_token_counts: list[int] = []
         image_keys: tuple[bytes, ...] = ()
         if images:
-            vision = self.image_processor(
-                images=images,
-                size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-                return_tensors="pt",
-            )
-            pixel_values, image_grid_thw = vision["pixel_values"], vision["image_grid_thw"]
+            vision = self.image_inputs(images, min_pixels=min_pixels, max_pixels=max_pixels)
+            pixel_values, image_grid_thw, image_keys = vision.pixel_values, vision.image_grid_thw, vision.keys
             image_token_counts = (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
-            image_keys = tuple(image_key(image, grid) for image, grid in zip(images, image_grid_thw.tolist()))
 
         if tools or any(turn.role == "tool" or turn.tool_calls for turn in turns):
             rendered = render_with_tools(messages, [placeholder(_tool_json(tool)) for tool in tools])
@@ -124,13 +119,6 @@ class PromptBuilder:
     def _encode_plain(self, stretch: list[str]) -> list[int]:
         text = "".join(stretch)
         return self._plain.encode(text, add_special_tokens=False).ids if text else []
-
-
-def image_key(image: Image.Image, grid_thw: Sequence[int]) -> bytes:
-    """A digest of an image's pixels and the grid it was resized to: equal keys, equal processed input."""
-    digest = hashlib.sha256(f"{image.mode} {image.size} {list(grid_thw)}".encode())
-    digest.update(image.tobytes())
-    return digest.digest()
 
 
 def _without_added_tokens(backend: Tokenizer) -> Tokenizer:

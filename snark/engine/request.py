@@ -113,7 +113,7 @@ class PromptInputs:
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None  # [patches, channels * temporal * patch * patch]
     image_grid_thw: torch.Tensor | None = None  # [images, 3]
-    # Per image: a digest of its content and processed size (``prompt.image_key``). The engine keys
+    # Per image: a digest of its content and processed size (``image_inputs.py``). The engine keys
     # its vision-output and prefix caches by it, so different images never share cached work.
     image_keys: tuple[bytes, ...] = ()
     cache_salt: str | None = None  # requests with different salts share no cached prefix (vLLM's field)

@@ -32,7 +32,7 @@ NULL_BLOCK = 0
 @dataclass(frozen=True)
 class ImageSpan:
     """One image's placeholder tokens in a prompt: ``[start, start + length)``, and its cache key
-    (its content and processed size, see ``prompt.image_key``)."""
+    (its content and processed size, see ``image_inputs.py``)."""
 
     start: int
     length: int

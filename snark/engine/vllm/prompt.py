@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from snark.engine.image_inputs import ImageInputs
 from snark.engine.prompt import IMAGE_PAD, PromptBuilder
 from snark.engine.request import ChatTurn, PromptInputs, ToolSpec
 
@@ -60,7 +61,7 @@ class VllmPromptBuilder:
     def __init__(self, processor, *, max_prompt_tokens: int) -> None:
         self.sizer = ImageSizer(processor.image_processor)
         self.builder = PromptBuilder(processor, max_prompt_tokens=max_prompt_tokens)
-        self.builder.image_processor = self.sizer  # token counts only: vLLM computes the pixel values
+        self.builder.image_inputs = ImageInputs(self.sizer)  # token counts only: vLLM computes the pixel values
         self.image_pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
     def build(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()) -> VllmPrompt:
