@@ -34,5 +34,5 @@ async def health(state: AppState = Depends(get_state)) -> JSONResponse:
         "tts": {"engine": state.speaker.engine_name, "loaded": state.speaker.loaded},
     }
     if facts.is_tiny:
-        body["note"] = "tiny random-weight test model: answers are noise (serve real weights with VLM_SIZE/VLM_MODEL)"
+        body["note"] = "random-weight test model: answers are noise (serve real weights with VLM_SIZE/VLM_MODEL)"
     return JSONResponse(body)

@@ -12,12 +12,17 @@ from pathlib import Path
 import torch
 
 from snark.engine.hub import Hub, resolve_checkpoint
-from snark.engine.tiny_model import tiny_checkpoint_version
+from snark.engine.tiny_model import random_weights_build
 from snark.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "snark-tiny-random-qwen2.5-vl"
+
+
+def random_model_name(size: str) -> str:
+    """What the API calls a random-weight checkpoint of ``size`` (the toy: ``TINY_MODEL_NAME``)."""
+    return TINY_MODEL_NAME.replace("tiny", size, 1)
 LARGE_ON_CPU_BYTES = 4 * 10**9  # float32 weights past this: warn (the 3B already needs about 15 GB)
 
 
@@ -78,7 +83,8 @@ def load_model(model_id: str, *, device: str = "auto", hub: Hub | None = None) -
             "folder written by save_pretrained, or run `snark serve --tiny` to try Snark offline."
         )
     source = local if local.exists() else resolve_checkpoint(model_id, hub)
-    tiny = tiny_checkpoint_version(source) is not None
+    build = random_weights_build(source)
+    tiny = build is not None
     if target.type == "cpu" and not tiny:
         warn_if_large_on_cpu(model_id, source)
     log.info("loading %s on %s (%s, attention=%s)", source, target, dtype, attn)
@@ -103,11 +109,11 @@ def load_model(model_id: str, *, device: str = "auto", hub: Hub | None = None) -
     model.eval()
     processor.tokenizer.padding_side = "left"
     load_s = time.perf_counter() - started
-    log.info("loaded %s in %.1f s%s", source, load_s, " (tiny random-weight test model)" if tiny else "")
+    log.info("loaded %s in %.1f s%s", source, load_s, " (random-weight test model)" if tiny else "")
     return LoadedModel(
         model=model,
         processor=processor,
-        name=TINY_MODEL_NAME if tiny else model_id,
+        name=random_model_name(build[0]) if build is not None else model_id,
         device=next(model.parameters()).device,
         dtype=dtype,
         attn_implementation=attn,
