@@ -40,11 +40,12 @@ class _CacheCounters(Collector):
 
     def collect(self):
         counts = self.engine.cache_counts or {}
-        described = {"prefix": ("prefix_cache", "prompt tokens"), "mm": ("mm_cache", "images")}
+        described = {"prefix": ("prefix_cache", "Prompt tokens", "prefix cache"),
+                     "mm": ("mm_cache", "Images", "vision encoder cache")}  # fmt: skip
         for key, (queries, hits) in counts.items():
-            name, unit = described[key]
-            yield CounterMetricFamily(f"snark:{name}_queries", f"{unit.capitalize()} looked up in the {name.replace('_', ' ')}.", value=queries)
-            yield CounterMetricFamily(f"snark:{name}_hits", f"{unit.capitalize()} found in the {name.replace('_', ' ')}.", value=hits)
+            name, what, where = described[key]
+            yield CounterMetricFamily(f"snark:{name}_queries", f"{what} looked up in the {where}.", value=queries)
+            yield CounterMetricFamily(f"snark:{name}_hits", f"{what} found in the {where}.", value=hits)
 
 
 class Metrics:
