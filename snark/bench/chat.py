@@ -22,8 +22,7 @@ from PIL import Image
 
 from snark.bench.engine import Engine
 from snark.bench.report import RequestTiming
-from snark.bench.runners import REQUEST_TIMEOUT_S, HttpTarget, raise_for_status
-from snark.bench.sse import ChatStreamReader
+from snark.bench.runners import REQUEST_TIMEOUT_S, HttpTarget, stream_chat
 from snark.engine.request import ChatTurn, SamplingParams
 
 
@@ -123,13 +122,7 @@ async def http_chat_sender(target: HttpTarget) -> AsyncIterator[ChatSend]:
                 "ignore_eos": True,  # vLLM's extension: fixed output lengths
             }
             sent = time.perf_counter()
-            reader = ChatStreamReader()
-            async with client.stream("POST", f"{target.url}/v1/chat/completions", json=body) as reply:
-                if reply.is_error:
-                    await reply.aread()
-                raise_for_status(reply)
-                async for line in reply.aiter_lines():
-                    reader.feed(line, time.perf_counter())
+            reader = await stream_chat(client, target.url, body)
             timing = RequestTiming(
                 sent, reader.first_content_at, time.perf_counter(), reader.completion_tokens, reader.content_times,
                 max_tokens=max_tokens,

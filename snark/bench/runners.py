@@ -166,13 +166,7 @@ class HttpTarget:
             raise_for_status(reply)
             return [], reply.json()["usage"]["completion_tokens"]
         body["stream_options"] = {"include_usage": True}
-        reader = ChatStreamReader()
-        async with client.stream("POST", f"{self.url}/v1/chat/completions", json=body) as reply:
-            if reply.is_error:
-                await reply.aread()
-            raise_for_status(reply)
-            async for line in reply.aiter_lines():
-                reader.feed(line, time.perf_counter())
+        reader = await stream_chat(client, self.url, body)
         return reader.content_times, reader.completion_tokens
 
     async def _form(self, client, workload: Workload, index: int, max_tokens: int) -> tuple[list[float], int]:
@@ -197,6 +191,18 @@ class HttpTarget:
                     chunk_times.append(time.perf_counter())
                 text += chunk
         return chunk_times, self.count_tokens(text)  # no usage here, and the row may stop at end-of-turn
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict) -> ChatStreamReader:
+    """POST a streamed chat completion to ``url`` and read its SSE lines as they arrive."""
+    reader = ChatStreamReader()
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
+        if reply.is_error:
+            await reply.aread()
+        raise_for_status(reply)
+        async for line in reply.aiter_lines():
+            reader.feed(line, time.perf_counter())
+    return reader
 
 
 def raise_for_status(reply: httpx.Response) -> None:
