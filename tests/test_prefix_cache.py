@@ -153,3 +153,21 @@ def test_cache_salt_over_http_and_the_cache_counters_in_metrics(base_url):
     assert counters()["snark:prefix_cache_hits_total"] > middle["snark:prefix_cache_hits_total"]
     bad = httpx.post(f"{base_url}/v1/chat/completions", json={**body, "cache_salt": ""}, timeout=60)
     assert bad.status_code == 400 and "cache_salt" in bad.text
+
+
+def test_long_chunks_after_cached_tokens_answer_as_one_piece(tiny_model_dir, uncached, monkeypatch):
+    """Chunks of 300 tokens after 300 and 600 cached ones take the merged two-part attention on CPU."""
+    from snark.engine.transformers.model import FlatLanguageModel
+
+    merged = []
+    original = FlatLanguageModel._attend_after_context
+    monkeypatch.setattr(FlatLanguageModel, "_attend_after_context", lambda self, *a: merged.append(1) or original(self, *a))
+    prompt = _build(uncached, ("user", ["Tell me about the history of bicycles, part by part. " * 60]))
+    assert prompt.num_tokens > 700
+    expected = _generate(uncached, prompt).text  # one piece: under the default budget
+    engine = start_engine(tiny_model_dir, max_batch_size=2, max_prefill_tokens=300)
+    try:
+        assert _generate(engine, prompt).text == expected
+        assert engine.prefill_chunks_run >= 3 and merged
+    finally:
+        engine.stop()

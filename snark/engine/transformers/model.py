@@ -30,6 +30,7 @@ from snark.engine.transformers.kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 DECODE_GROUP_WASTE = 2  # a decode group's longest row is at most this many times its shortest
+MERGE_MIN_CHUNK = 256  # a prefill chunk at least this long, after cached tokens, attends in two merged parts
 
 
 def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -221,6 +222,8 @@ class FlatLanguageModel:
             if p.mask is None:  # nothing cached before the chunk: its own keys, causal
                 keys, values = k[p.start : p.end].transpose(0, 1)[None], v[p.start : p.end].transpose(0, 1)[None]
                 result = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=True)
+            elif q.device.type == "cpu" and p.end - p.start >= MERGE_MIN_CHUNK:
+                result = self._attend_after_context(layer, queries, k[p.start : p.end], v[p.start : p.end], p, cache)
             else:
                 keys, values = cache.gather(layer, p.tables)
                 length = p.context + p.end - p.start
@@ -229,6 +232,27 @@ class FlatLanguageModel:
                 )
             out[p.start : p.end] = result[0].transpose(0, 1)
         return out.view(tokens, -1)
+
+
+    def _attend_after_context(self, layer: int, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillChunk,
+                              cache: KVCache) -> torch.Tensor:  # fmt: skip
+        """A chunk's attention over the tokens cached before it and over itself, as two unmasked /
+        plain-causal flash calls merged by their log-sum-exp: on CPU, PyTorch's masked attention
+        is the slow path (about 1.6x at a 1024-token chunk after 2048 cached tokens).
+        ``queries`` [1, heads, chunk, head_dim]; ``k``, ``v`` [chunk, kv_heads, head_dim]."""
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        group, chunk = self.num_heads // self.kv_heads, queries.shape[2]
+        keys, values = cache.gather(layer, p.tables)
+        # Every cached token is visible to every query: the group's queries fold into one KV head's.
+        folded = queries.reshape(1, self.kv_heads, group * chunk, self.head_dim)
+        old, old_lse = flash(folded, keys[:, :, : p.context], values[:, :, : p.context])
+        old, old_lse = old.reshape(queries.shape), old_lse.reshape(1, self.num_heads, chunk)
+        own_keys = k.transpose(0, 1).repeat_interleave(group, dim=0)[None]  # [1, heads, chunk, head_dim]
+        own_values = v.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+        new, new_lse = flash(queries, own_keys, own_values, is_causal=True)
+        top = torch.maximum(old_lse, new_lse)
+        w_old, w_new = (old_lse - top).exp()[..., None], (new_lse - top).exp()[..., None]
+        return (old * w_old + new * w_new) / (w_old + w_new)
 
 
 @dataclass
