@@ -32,7 +32,7 @@ from PIL import Image
 from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
 from snark.engine.loader import LoadedModel
 from snark.engine.prompt import PromptBuilder
-from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, RequestState, SamplingParams, ToolSpec
+from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, SamplingParams, ToolSpec
 from snark.engine.transformers.blocks import BlockPool
 from snark.engine.transformers.encoder_cache import EncoderCache
 from snark.engine.transformers.grammar import Grammars, StepMasks
