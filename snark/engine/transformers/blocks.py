@@ -39,6 +39,11 @@ class ImageSpan:
     key: bytes
 
 
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks that hold ``tokens`` tokens (the last one possibly partly filled)."""
+    return -(-tokens // block_size)
+
+
 def block_keys(tokens: Sequence[int], block_size: int, *, images: Sequence[ImageSpan] = (), salt: str | None = None,
                first: int = 0, parent: bytes = b"") -> list[bytes]:  # fmt: skip
     """The keys of the full blocks ``first, first + 1, ...`` of a row whose tokens (from its start)
@@ -138,12 +143,6 @@ class BlockPool:
                     self.free.move_to_end(block, last=False)  # nothing to keep: reuse it first
                 else:
                     self.free[block] = None
-
-    def reset(self) -> None:
-        """Forget every cached key (after a failed step left the tensors in doubt)."""
-        for key, block in list(self.cached.items()):
-            self.key_of[block] = None
-        self.cached.clear()
 
     def _forget(self, block: int) -> None:
         key = self.key_of[block]

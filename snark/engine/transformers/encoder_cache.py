@@ -21,9 +21,6 @@ class EncoderCache:
         self.queries = 0  # images looked up (for /metrics)
         self.hits = 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def get(self, key: bytes) -> torch.Tensor | None:
         self.queries += 1
         features = self._entries.get(key)

@@ -94,7 +94,6 @@ class TransformersEngine(Engine):
         self._cond = threading.Condition()
         self._stopping = False
         self._kv_cache_usage = 0.0  # set by the generation thread after each step, read by /metrics
-        self.steps_run = 0
         self.prefill_chunks_run = 0  # steps that prefilled part of a prompt longer than one step's budget
         self.peak_blocks_used = 0  # the most KV blocks ever held at once (tests and logs)
 
@@ -158,10 +157,6 @@ class TransformersEngine(Engine):
     @property
     def cache_counts(self) -> dict[str, tuple[int, int]]:
         return {"prefix": self.prefix_cache_counts, "mm": (self.encoder_cache.queries, self.encoder_cache.hits)}
-
-    @property
-    def preemptions(self) -> int:
-        return self.scheduler.preemptions if self.scheduler else 0
 
     # --- the asyncio side ---------------------------------------------------------------------------
     def _require_ready(self) -> PromptBuilder:
@@ -375,7 +370,6 @@ class TransformersEngine(Engine):
             return
         for scheduled in plan.rows:
             self.scheduler.computed(scheduled)
-        self.steps_run += 1
         now = time.perf_counter()
         outbox = Outbox()
         for row, token in zip(rows, tokens):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -123,8 +124,15 @@ class PrefillChunk:
     start: int
     end: int
     context: int
-    tables: torch.Tensor  # [1, blocks] covering context + chunk
-    mask: torch.Tensor | None  # [1, 1, chunk, context + chunk] bool; None: plain causal (no context)
+    tables: torch.Tensor | None  # [1, blocks] covering context + chunk; None: no context (plain causal)
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """``[1, 1, chunk, context + chunk]`` bool, built once a step, for the layers that need it."""
+        length = self.context + self.end - self.start
+        device = self.tables.device
+        queries = torch.arange(self.context, length, device=device)[:, None]
+        return (torch.arange(length, device=device)[None, :] <= queries)[None, None]
 
 
 @dataclass
@@ -219,7 +227,7 @@ class FlatLanguageModel:
             out[g.start : g.end] = result.reshape(-1, self.num_heads, self.head_dim)
         for p in plan.prefill:
             queries = q[p.start : p.end].transpose(0, 1)[None]  # [1, heads, chunk, head_dim]
-            if p.mask is None:  # nothing cached before the chunk: its own keys, causal
+            if not p.context:  # nothing cached before the chunk: its own keys, causal
                 keys, values = k[p.start : p.end].transpose(0, 1)[None], v[p.start : p.end].transpose(0, 1)[None]
                 result = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=True)
             elif q.device.type == "cpu" and p.end - p.start >= MERGE_MIN_CHUNK:

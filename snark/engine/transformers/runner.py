@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from snark.engine.loader import LoadedModel
-from snark.engine.transformers.blocks import NULL_BLOCK
+from snark.engine.transformers.blocks import NULL_BLOCK, blocks_for
 from snark.engine.transformers.encoder_cache import EncoderCache
 from snark.engine.transformers.kv_cache import KVCache
 from snark.engine.transformers.model import (
@@ -72,12 +72,12 @@ class Runner:
     # --- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Row]]:
-        """Run ``plan``; return the rows that sample and their ``[rows, vocab]`` float32 logits."""
+        """Run ``plan``; return the ``[rows, vocab]`` float32 logits of the rows that sample, and those rows."""
         decodes = [s for s in plan.rows if s.tokens == 1]
         prefills = [s for s in plan.rows if s.tokens > 1]
         for s in plan.rows:
             self.prepare(s.row)
-        self._encode_images(prefills + [s for s in decodes if s.row.images and s.row.computed < s.row.prompt_tokens])
+        self._encode_images(plan.rows)
         groups = [[decodes[i] for i in group] for group in group_by_length([s.row.computed + 1 for s in decodes])]
         ordered = [s for group in groups for s in group] + prefills
         ids, positions, slots, embeds_from = [], [], [], []
@@ -133,7 +133,7 @@ class Runner:
         size, at = self.block_size, 0
         for group in groups:
             lengths = [s.row.computed + 1 for s in group]
-            width = self.cache_blocks(max(lengths))
+            width = blocks_for(max(lengths), size)
             tables = torch.tensor([_padded(s.row.blocks, width) for s in group], device=self.device)
             columns = torch.arange(width * size, device=self.device)
             mask = (columns[None, :] < torch.tensor(lengths, device=self.device)[:, None])[:, None, None, :]
@@ -141,23 +141,17 @@ class Runner:
             at += len(group)
         for s in prefills:
             context, chunk = s.row.computed, s.tokens
-            mask = tables = None
+            tables = None
             if context:
-                width = self.cache_blocks(context + chunk)
-                tables = torch.tensor([s.row.blocks[:width]], device=self.device)
-                queries = torch.arange(context, context + chunk, device=self.device)[:, None]
-                mask = (torch.arange(context + chunk, device=self.device)[None, :] <= queries)[None, None]
-            plan.prefill.append(PrefillChunk(start=at, end=at + chunk, context=context, tables=tables, mask=mask))
+                tables = torch.tensor([s.row.blocks[: blocks_for(context + chunk, size)]], device=self.device)
+            plan.prefill.append(PrefillChunk(start=at, end=at + chunk, context=context, tables=tables))
             at += chunk
-
-    def cache_blocks(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
 
     def _flash_arguments(self, ordered: Sequence[Scheduled]) -> dict:
         """flash-attn's varlen call over block tables: every row's queries and its whole context."""
         lengths_q = [s.tokens for s in ordered]
         lengths_k = [s.row.computed + s.tokens for s in ordered]
-        width = max(self.cache_blocks(n) for n in lengths_k)
+        width = blocks_for(max(lengths_k), self.block_size)
         tables = torch.tensor([_padded(s.row.blocks, width) for s in ordered], dtype=torch.int32, device=self.device)
 
         def cumulative(lengths: list[int]) -> torch.Tensor:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from snark.engine.request import GenerationRequest
-from snark.engine.transformers.blocks import BlockPool, block_keys
+from snark.engine.transformers.blocks import BlockPool, block_keys, blocks_for
 from snark.engine.transformers.rows import Row
 from snark.errors import InvalidRequest, Overloaded
 
@@ -58,14 +58,13 @@ class Scheduler:
         self.preempted: list[Row] = []  # oldest first; they go before any waiting request
         self.running: list[Row] = []  # oldest first
         self._next: Row | None = None  # the row built for waiting[0], kept until it joins
-        self.preemptions = 0
 
     @property
     def capacity_tokens(self) -> int:
         return (self.pool.num_blocks - 1) * self.block_size
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        return blocks_for(tokens, self.block_size)
 
     def check_fits_alone(self, request: GenerationRequest) -> None:
         """Refuse a request that no amount of waiting would let in."""
@@ -160,7 +159,6 @@ class Scheduler:
         self.preempted.append(row)
         self.preempted.sort(key=lambda r: r.request.arrived_at)
         plan.preempted.append(row)
-        self.preemptions += 1
 
     def _head(self, make_row: Callable[[GenerationRequest], Row]) -> Row | None:
         if self.preempted:
