@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     kv_block_size: int | None = Field(None, ge=1, le=4096)  # tokens a KV block; default 16 (256 with flash-attn)
     prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before (images keyed by content)
     encoder_cache_mib: float = Field(512, ge=0)  # the vision tower's outputs kept for images seen again
+    cuda_graphs: bool = True  # replay decode steps as captured CUDA graphs (CUDA with flash-attn only)
     max_waiting_requests: int = Field(64, ge=1)
 
     # --- structured outputs (JSON schema, tool calls) -----------------------------------------

@@ -53,6 +53,7 @@ def build_engine(settings: Settings) -> Engine:
         kv_block_size=settings.kv_block_size,
         prefix_caching=settings.prefix_caching,
         encoder_cache_bytes=settings.encoder_cache_bytes,
+        cuda_graphs=settings.cuda_graphs,
     )
 
 

@@ -1,7 +1,10 @@
-"""The CUDA attention path (flash-attn's paged varlen kernel) on CPU: no GPU here, so a reference
-implementation of ``flash_attn_varlen_func``'s documented semantics stands in for the kernel (causal
-masks aligned bottom-right, keys read through the block table), and the arguments Snark builds for it
-must give the same greedy output as the SDPA path: batched, chunked and from the prefix cache."""
+"""The CUDA attention path (flash-attn's paged kernels) on CPU: no GPU here, so reference
+implementations of ``flash_attn_varlen_func``'s and ``flash_attn_with_kvcache``'s documented semantics
+stand in for the kernels (causal masks aligned bottom-right, keys read through the block table), and
+the arguments Snark builds for them must give the same greedy output as the SDPA path: batched,
+chunked and from the prefix cache. CUDA graphs cannot be captured without a GPU either: their test
+"captures" by running the step eagerly on the same fixed buffers, which checks everything around the
+capture (buffers, padding rows, batch sizes, the decode kernel's arguments)."""
 
 from __future__ import annotations
 
@@ -14,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from snark.engine.request import ChatTurn, SamplingParams
+from snark.engine.transformers.graphs import graph_sizes
 from tests.conftest import start_engine
 
 
-CALLS: list[int] = []  # rows of each call
+CALLS: list[int] = []  # rows of each varlen call
+DECODE_CALLS: list[int] = []  # rows of each paged decode call
 
 
 def reference_varlen(q, k_cache, v_cache, *, causal, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -39,9 +44,25 @@ def reference_varlen(q, k_cache, v_cache, *, causal, block_table, cu_seqlens_q, 
     return out
 
 
+def reference_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table, causal):
+    """One new token per row: ``q`` [rows, 1, heads, head_dim] attends to its row's first
+    ``cache_seqlens[i]`` cached tokens (its own among them)."""
+    assert causal and q.shape[1] == 1 and cache_seqlens.dtype == torch.int32 and block_table.dtype == torch.int32
+    DECODE_CALLS.append(block_table.shape[0])
+    out = torch.empty_like(q)
+    for i in range(q.shape[0]):
+        length = int(cache_seqlens[i])
+        keys = k_cache[block_table[i].long()].flatten(0, 1)[:length].transpose(0, 1)[None]  # [1, kv, len, d]
+        values = v_cache[block_table[i].long()].flatten(0, 1)[:length].transpose(0, 1)[None]
+        queries = q[i].transpose(0, 1)[None]  # [1, heads, 1, d]
+        out[i] = F.scaled_dot_product_attention(queries, keys, values, enable_gqa=True)[0].transpose(0, 1)
+    return out
+
+
 @pytest.fixture
 def flash_engine(tiny_model_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=reference_varlen))
+    kernels = types.SimpleNamespace(flash_attn_varlen_func=reference_varlen, flash_attn_with_kvcache=reference_with_kvcache)
+    monkeypatch.setitem(sys.modules, "flash_attn", kernels)
     engine = start_engine(tiny_model_dir, max_batch_size=4, max_prefill_tokens=24)
     engine.runner.flash = True
     yield engine
@@ -63,3 +84,30 @@ def test_the_flash_arguments_give_the_sdpa_path_s_output(flash_engine, tiny_engi
     assert asyncio.run(together(flash_engine)) == expected  # again, from the prefix cache
     assert flash_engine.prefix_cache_counts[1] > 0
     assert max(CALLS) == 3  # the kernel ran, over every row of a step at once
+
+
+def test_captured_decode_steps_give_the_sdpa_path_s_output(flash_engine, tiny_engine):
+    prompts = [
+        flash_engine.prompts.build([ChatTurn("user", [text])], min_pixels=3136, max_pixels=200_000)
+        for text in ("Name three rivers. " * 3, "Hello there.", "Count to ten, slowly. " * 2)
+    ]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+    async def together(engine):
+        return [r.text for r in await asyncio.gather(*[engine.generate(p, params) for p in prompts])]
+
+    expected = asyncio.run(together(tiny_engine))
+    flash_engine.capture_decode_graphs(lambda forward: forward)  # no GPU: "replay" runs the step eagerly
+    graphs = flash_engine.runner.graphs
+    assert graphs.sizes == [1, 2, 4]
+    DECODE_CALLS.clear()
+    assert asyncio.run(together(flash_engine)) == expected
+    assert graphs.replayed > 0
+    assert set(DECODE_CALLS) <= {1, 2, 4} and 4 in DECODE_CALLS  # three rows replay the 4-row step, one padded
+
+
+def test_captured_batch_sizes_cover_every_row_count():
+    assert graph_sizes(1) == [1]
+    assert graph_sizes(16) == [1, 2, 4, 8, 16]
+    assert graph_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert graph_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]

@@ -36,6 +36,7 @@ from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outb
 from snark.engine.transformers.blocks import BlockPool
 from snark.engine.transformers.encoder_cache import EncoderCache
 from snark.engine.transformers.grammar import Grammars, StepMasks
+from snark.engine.transformers.graphs import Capture, DecodeGraphs, cuda_capture
 from snark.engine.transformers.kv_cache import KVCache
 from snark.engine.transformers.rows import Row
 from snark.engine.transformers.runner import Runner
@@ -72,6 +73,7 @@ class TransformersEngine(Engine):
         kv_block_size: int | None = None,
         prefix_caching: bool = True,
         encoder_cache_bytes: int = ENCODER_CACHE_BYTES,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size)
         self._loader = loader
@@ -83,6 +85,7 @@ class TransformersEngine(Engine):
         self.kv_block_size = kv_block_size
         self.prefix_caching = prefix_caching
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
+        self.cuda_graphs = cuda_graphs
         self.loaded: LoadedModel | None = None
         self.prompts: PromptBuilder | None = None
         self.pool: BlockPool | None = None
@@ -257,6 +260,8 @@ class TransformersEngine(Engine):
         )
         self.masks = StepMasks(vocab_size)
         self._warm_up()
+        if flash and self.cuda_graphs:
+            self.capture_decode_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
         log.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB), up to %d rows; prefix caching %s; "
             "linear layers on %s; attention: %s",
@@ -265,6 +270,15 @@ class TransformersEngine(Engine):
             "on" if self.prefix_caching else "off", "oneDNN (packed weights)" if self.runner.packed else "PyTorch",
             "flash-attn paged" if flash else "PyTorch SDPA over gathered blocks",
         )  # fmt: skip
+
+    def capture_decode_graphs(self, capture: Capture) -> None:
+        """Capture decode steps for every batch size up to the row limit (see ``graphs.py``), for rows
+        as long as the longest prompt (a row that grows past that decodes eagerly)."""
+        self.runner.graphs = DecodeGraphs(
+            self.runner.model, self.cache, max_rows=self.max_batch_size,
+            max_blocks=min(self.cache.num_blocks - 1, self.scheduler.blocks_for(self.max_prompt_tokens)), capture=capture,
+        )  # fmt: skip
+        self.runner.graphs.capture_all()
 
     def _build_cache(self, loaded: LoadedModel, block_size: int) -> KVCache:
         text = loaded.model.config.text_config

@@ -7,7 +7,8 @@ on the whole batch at once; only attention looks at rows, through ``AttentionPla
 * decode rows (one new token each) attend in groups of rows of similar length, each group one
   batched call over its rows' blocks (padding within a group is bounded: ``group_by_length``);
 * a prefill chunk attends causally to its row's cached tokens and to itself;
-* with flash-attn on CUDA, one ``flash_attn_varlen_func`` call over the block tables does both.
+* with flash-attn on CUDA, one ``flash_attn_varlen_func`` call over the block tables does both;
+  decode-only steps use its paged decode kernel (``flash_attn_with_kvcache``), which CUDA graphs capture.
 
 The weights are the Hugging Face model's own (q/k/v and gate/up fused into one matrix each); the
 vision tower stays transformers' module. On CPU every linear layer runs through oneDNN with its
@@ -136,11 +137,22 @@ class PrefillChunk:
 
 
 @dataclass
+class PagedDecode:
+    """A decode-only step for flash-attn's paged decode kernel (what CUDA graphs capture): every row
+    feeds one token; ``lengths`` [rows] int32 counts its tokens, the new one included, and ``tables``
+    [rows, blocks] int32 are its block tables padded with the null block."""
+
+    tables: torch.Tensor
+    lengths: torch.Tensor
+
+
+@dataclass
 class AttentionPlan:
     slots: torch.Tensor  # [tokens] long: where each token's key and value go
     decode: list[DecodeGroup] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
     flash: dict | None = None  # flash-attn's varlen arguments, when it is the backend
+    paged_decode: PagedDecode | None = None  # a decode-only step on flash-attn's kvcache kernel
 
 
 class FlatLanguageModel:
@@ -208,6 +220,14 @@ class FlatLanguageModel:
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
                 cache: KVCache) -> torch.Tensor:  # fmt: skip
         tokens = q.shape[0]
+        if plan.paged_decode is not None:
+            from flash_attn import flash_attn_with_kvcache
+
+            out = flash_attn_with_kvcache(
+                q[:, None], cache.keys[layer], cache.values[layer], cache_seqlens=plan.paged_decode.lengths,
+                block_table=plan.paged_decode.tables, causal=True,
+            )  # fmt: skip  # [rows, 1, heads, head_dim]
+            return out.reshape(tokens, -1)
         if plan.flash is not None:
             from flash_attn import flash_attn_varlen_func
 

@@ -12,7 +12,8 @@ row's next tokens and builds what the flat model needs:
   ``i + rope_delta`` on all three axes;
 * **slots and attention**: each token's place in its row's blocks, and the ``AttentionPlan``: decode
   rows in groups of similar length (placed first and contiguously in the flat batch), then prefill
-  chunks.
+  chunks. A step of decode rows alone replays a captured CUDA graph where the engine made them
+  (``graphs.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from snark.engine.loader import LoadedModel
 from snark.engine.transformers.blocks import NULL_BLOCK, blocks_for
 from snark.engine.transformers.encoder_cache import EncoderCache
+from snark.engine.transformers.graphs import DecodeGraphs
 from snark.engine.transformers.kv_cache import KVCache
 from snark.engine.transformers.model import (
     AttentionPlan,
@@ -49,6 +51,7 @@ class Runner:
             pack_linears(self.hf.model.visual)
         self.model = FlatLanguageModel(self.hf, packed=self.packed)
         self.flash = flash
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA with flash-attn), set by the engine
         self.image_token_id = self.hf.config.image_token_id
         self.merge = self.hf.model.visual.spatial_merge_size
         self.images_encoded = 0  # images through the vision tower (tests and logs)
@@ -91,6 +94,10 @@ class Runner:
                 embeds_from.append((offset, row, start, end))
             offset += s.tokens
         input_ids = torch.tensor(ids, device=self.device)
+        if self._replays(ordered, embeds_from):
+            lengths, tables = [s.row.computed + 1 for s in ordered], [s.row.blocks for s in ordered]
+            logits = self.graphs.run(input_ids, torch.cat(positions, dim=1), torch.cat(slots), lengths, tables)
+            return logits, [s.row for s in ordered]
         embeds = self.model.embed_tokens(input_ids)  # [tokens, hidden]
         for at, row, start, end in embeds_from:
             self._fill_images(embeds, at, row, start, end)
@@ -110,6 +117,15 @@ class Runner:
         if not last:
             return None, []
         return self.model.logits(hidden[torch.tensor(last, device=self.device)]), sampling
+
+    def _replays(self, ordered: Sequence[Scheduled], embeds_from: list) -> bool:
+        """Whether this step is a captured decode step: every row feeds one generated token, and its
+        blocks fit the captured block tables."""
+        graphs = self.graphs
+        return (
+            graphs is not None and not embeds_from and len(ordered) <= graphs.max_rows
+            and all(s.tokens == 1 and s.samples and len(s.row.blocks) <= graphs.max_blocks for s in ordered)
+        )  # fmt: skip
 
     def _positions(self, row: Row, start: int, end: int) -> torch.Tensor:
         """``[3, end - start]`` rope positions of the row's tokens ``[start, end)``."""
