@@ -3,6 +3,10 @@
 Every limit lives here: bytes, source pixels, fetch time, redirects and the SSRF guard. Errors are
 ``ImageError`` (400) or ``PayloadTooLarge`` (413) with a message that says how to fix the request.
 Decoding runs in a worker thread (``asyncio.to_thread``) so the event loop never blocks on it.
+
+Chat UIs and screenshot agents send the same image again at every turn: ``DecodedImages`` keeps
+recently decoded images by a digest of their file's bytes, so a byte-identical image is not decoded
+again (a 1024x768 JPEG costs about 10 ms, a screenshot PNG more). The limits are checked the same.
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import io
 import ipaddress
 import re
 import socket
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,19 +68,60 @@ class ImageLimits:
         )
 
 
-async def load_image(source: str, limits: ImageLimits) -> Image.Image:
-    """Fetch an http(s) URL or decode a ``data:image/...;base64,`` URI into an RGB image."""
+DECODED_CACHE_BYTES = 128 * 1024**2  # decoded RGB pixels kept for images sent again
+
+
+class DecodedImages:
+    """Decoded RGB images by the SHA-256 of their file's bytes, least recently used out first,
+    bounded by their pixels' bytes. Thread-safe: images are decoded in worker threads. The images
+    are shared between requests, so nothing may change them in place."""
+
+    def __init__(self, max_bytes: int = DECODED_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._used = 0
+        self._images: OrderedDict[bytes, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, digest: bytes) -> Image.Image | None:
+        with self._lock:
+            image = self._images.get(digest)
+            if image is not None:
+                self._images.move_to_end(digest)
+                self.hits += 1
+            return image
+
+    def put(self, digest: bytes, image: Image.Image) -> None:
+        size = _pixel_bytes(image)
+        with self._lock:
+            if size > self.max_bytes or digest in self._images:
+                return
+            while self._used + size > self.max_bytes:
+                _, old = self._images.popitem(last=False)
+                self._used -= _pixel_bytes(old)
+            self._images[digest] = image
+            self._used += size
+
+
+def _pixel_bytes(image: Image.Image) -> int:
+    return image.width * image.height * len(image.getbands())
+
+
+async def load_image(source: str, limits: ImageLimits, *, decoded: DecodedImages | None = None) -> Image.Image:
+    """Fetch an http(s) URL or decode a ``data:image/...;base64,`` URI into an RGB image (from
+    ``decoded`` when the same bytes were decoded before)."""
     if source[:5].lower() == "data:":
-        return await asyncio.to_thread(_decode_data_uri, source, limits)
+        return await asyncio.to_thread(_decode_data_uri, source, limits, decoded)
     data = await _fetch(_parse_url(source), limits)
-    return await asyncio.to_thread(_decode, data, limits, f"The image at {_short(source)}")
+    return await asyncio.to_thread(_decode_once, data, limits, f"The image at {_short(source)}", decoded)
 
 
-async def decode_upload(data: bytes, limits: ImageLimits, *, filename: str | None = None) -> Image.Image:
+async def decode_upload(data: bytes, limits: ImageLimits, *, filename: str | None = None,
+                        decoded: DecodedImages | None = None) -> Image.Image:  # fmt: skip
     """Decode an uploaded file's bytes; ``filename`` only makes error messages clearer."""
     label = f"The uploaded file {_short(filename)!r}" if filename else "The uploaded file"
     _check_byte_count(len(data), limits, label)  # cheap, so refuse before starting a thread
-    return await asyncio.to_thread(_decode, data, limits, label)
+    return await asyncio.to_thread(_decode_once, data, limits, label, decoded)
 
 
 def decode_image_bytes(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -251,7 +299,7 @@ async def _read_body(response: httpx.Response, url: httpx.URL, limits: ImageLimi
 # --- decoding ----------------------------------------------------------------------------------
 
 
-def _decode_data_uri(uri: str, limits: ImageLimits) -> Image.Image:
+def _decode_data_uri(uri: str, limits: ImageLimits, decoded: DecodedImages | None = None) -> Image.Image:
     match = _DATA_URI.match(uri)
     if match is None:
         raise ImageError("data: URIs must carry base64 image data, like data:image/png;base64,iVBORw0... "
@@ -264,7 +312,20 @@ def _decode_data_uri(uri: str, limits: ImageLimits) -> Image.Image:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageError(f"{label} is not valid base64 ({exc}); encode the file with standard base64.") from exc
-    return _decode(data, limits, label)
+    return _decode_once(data, limits, label, decoded)
+
+
+def _decode_once(data: bytes, limits: ImageLimits, label: str, decoded: DecodedImages | None) -> Image.Image:
+    """``_decode``, or the image these very bytes decoded to before (they passed the same limits)."""
+    if decoded is None:
+        return _decode(data, limits, label)
+    _check_byte_count(len(data), limits, label)
+    digest = hashlib.sha256(data).digest()
+    image = decoded.get(digest)
+    if image is None:
+        image = _decode(data, limits, label)
+        decoded.put(digest, image)
+    return image
 
 
 def _decode(data: bytes, limits: ImageLimits, label: str) -> Image.Image:

@@ -54,6 +54,7 @@ def build_engine(settings: Settings) -> Engine:
         prefix_caching=settings.prefix_caching,
         encoder_cache_bytes=settings.encoder_cache_bytes,
         cuda_graphs=settings.cuda_graphs,
+        max_image_pixels=settings.max_image_pixels,
     )
 
 

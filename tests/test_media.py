@@ -493,3 +493,38 @@ def test_upload_byte_cap():
     assert info.value.code == "image_too_large"
     with expect(PayloadTooLarge, 413, "SNARK_MAX_IMAGE_BYTES"):
         decode_image_bytes(PNG, ImageLimits(max_image_bytes=50))
+
+
+# --- images sent again ---------------------------------------------------------------------------
+
+
+def jpeg_data_uri(data: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def test_an_image_sent_again_is_not_decoded_again():
+    decoded = media.DecodedImages()
+    data = encode(Image.new("RGB", (64, 48), (10, 200, 30)), "JPEG")
+    first = asyncio.run(load_image(jpeg_data_uri(data), LOCAL, decoded=decoded))
+    again = asyncio.run(load_image(jpeg_data_uri(data), LOCAL, decoded=decoded))
+    upload = asyncio.run(decode_upload(data, LOCAL, filename="same.jpeg", decoded=decoded))
+    assert again is first and upload is first and decoded.hits == 2
+    other = asyncio.run(load_image(jpeg_data_uri(encode(Image.new("RGB", (64, 48), (10, 200, 31)), "PNG")), LOCAL, decoded=decoded))
+    assert other is not first and other.getpixel((0, 0)) == (10, 200, 31)
+
+
+def test_an_image_sent_again_is_held_to_the_same_byte_limit():
+    decoded = media.DecodedImages()
+    data = encode(Image.new("RGB", (64, 48)), "PNG")
+    asyncio.run(decode_upload(data, LOCAL, decoded=decoded))
+    with expect(PayloadTooLarge, 413, "SNARK_MAX_IMAGE_BYTES"):
+        asyncio.run(decode_upload(data, ImageLimits(max_image_bytes=len(data) - 1), decoded=decoded))
+
+
+def test_decoded_images_are_bounded_by_their_pixels_least_recently_used_out():
+    decoded = media.DecodedImages(max_bytes=2 * 64 * 48 * 3)  # room for two 64x48 RGB images
+    images = [encode(Image.new("RGB", (64, 48), (i, 0, 0)), "PNG") for i in range(3)]
+    a, b, c = (asyncio.run(decode_upload(data, LOCAL, decoded=decoded)) for data in images)
+    assert asyncio.run(decode_upload(images[2], LOCAL, decoded=decoded)) is c
+    assert asyncio.run(decode_upload(images[1], LOCAL, decoded=decoded)) is b
+    assert asyncio.run(decode_upload(images[0], LOCAL, decoded=decoded)) is not a  # evicted first, decoded anew

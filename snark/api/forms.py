@@ -128,8 +128,8 @@ async def _load_form_image(image_url: str | None, image_file: UploadFile | None,
     try:
         if image_file is not None:
             data = await _read_upload(image_file, state.image_limits.max_image_bytes)
-            return await decode_upload(data, state.image_limits, filename=image_file.filename)
-        return await load_image(image_url, state.image_limits)
+            return await decode_upload(data, state.image_limits, filename=image_file.filename, decoded=state.decoded_images)
+        return await load_image(image_url, state.image_limits, decoded=state.decoded_images)
     except SnarkError as exc:
         exc.param = exc.param or field
         raise

@@ -9,7 +9,7 @@ from fastapi import Request
 
 from snark.config import Settings
 from snark.engine.base import Engine
-from snark.media import ImageLimits
+from snark.media import DecodedImages, ImageLimits
 from snark.speech import LazySpeaker, Voices, build_voices
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ class AppState:
     speaker: LazySpeaker
     image_limits: ImageLimits
     metrics: Metrics
+    decoded_images: DecodedImages = field(default_factory=DecodedImages)  # images sent again skip decoding
     voices: Voices = field(init=False)  # named voices around ``speaker``, and the synthesis pool
 
     def __post_init__(self) -> None:

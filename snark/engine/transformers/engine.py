@@ -74,6 +74,7 @@ class TransformersEngine(Engine):
         prefix_caching: bool = True,
         encoder_cache_bytes: int = ENCODER_CACHE_BYTES,
         cuda_graphs: bool = True,
+        max_image_pixels: int = 1280 * 28 * 28,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size)
         self._loader = loader
@@ -86,6 +87,7 @@ class TransformersEngine(Engine):
         self.prefix_caching = prefix_caching
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.cuda_graphs = cuda_graphs
+        self.max_image_pixels = max_image_pixels  # the largest image the warm-up sends through
         self.loaded: LoadedModel | None = None
         self.prompts: PromptBuilder | None = None
         self.pool: BlockPool | None = None
@@ -294,13 +296,16 @@ class TransformersEngine(Engine):
         return KVCache(**shape, num_blocks=max(num_blocks, 2), dtype=loaded.dtype, device=loaded.device)
 
     def _warm_up(self) -> None:
-        """One short text request and one with an image through the whole loop before ``/health`` says
-        ready: the first forward passes (and the image processor's first call) are several times slower
-        than the rest, and a user's first request should not pay for them."""
+        """One short text request and one with an image as large as requests may send through the whole
+        loop before ``/health`` says ready: the first forward passes (and the image processor's first
+        call) are several times slower than the rest, and the first large image's buffers are new memory
+        the process must fault in (on the small benchmark checkpoint on CPU, the first 1024x768 image
+        took about 0.1-0.2 s longer than the next); a user's first request should not pay for them."""
         started = time.perf_counter()
-        image = Image.new("RGB", (56, 56), (128, 128, 128))
+        side = int(self.max_image_pixels**0.5)
+        image = Image.new("RGB", (side, side), (128, 128, 128))
         turns = [[ChatTurn("user", ["Warm up."])], [ChatTurn("user", [image, "Warm up."])]]
-        prompts = [self.prompts.build(t, min_pixels=4 * 28 * 28, max_pixels=4 * 28 * 28) for t in turns]
+        prompts = [self.prompts.build(t, min_pixels=4 * 28 * 28, max_pixels=self.max_image_pixels) for t in turns]
         params = SamplingParams(max_new_tokens=2, ignore_eos=True)
         with torch.inference_mode():
             self._run_to_completion([GenerationRequest(prompt=p, params=params) for p in prompts])
