@@ -55,6 +55,7 @@ BLOCK_SIZE, FLASH_BLOCK_SIZE = 16, 256  # tokens a KV block (flash-attn's paged 
 # beat 2048 for short requests arriving behind a long prompt, and 512 cost a new image's first token).
 CPU_PREFILL_TOKENS, CUDA_PREFILL_TOKENS = 1024, 2048
 ENCODER_CACHE_BYTES = 512 * 1024**2
+WARM_UP_MIN_PIXELS = 4 * 28 * 28  # the smallest image the model takes: 4 patches of 28x28 (one image token)
 
 
 class TransformersEngine(Engine):
@@ -302,13 +303,18 @@ class TransformersEngine(Engine):
         the process must fault in (on the small benchmark checkpoint on CPU, the first 1024x768 image
         took about 0.1-0.2 s longer than the next); a user's first request should not pay for them."""
         started = time.perf_counter()
-        side = int(self.max_image_pixels**0.5)
+        # An image token covers 28x28 pixels; a small KV budget gets a smaller image (at most half of it).
+        pixels = max(WARM_UP_MIN_PIXELS, min(self.max_image_pixels, self.scheduler.capacity_tokens // 2 * 28 * 28))
+        side = int(pixels**0.5)
         image = Image.new("RGB", (side, side), (128, 128, 128))
         turns = [[ChatTurn("user", ["Warm up."])], [ChatTurn("user", [image, "Warm up."])]]
-        prompts = [self.prompts.build(t, min_pixels=4 * 28 * 28, max_pixels=self.max_image_pixels) for t in turns]
+        prompts = [self.prompts.build(t, min_pixels=WARM_UP_MIN_PIXELS, max_pixels=pixels) for t in turns]
         params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        requests = [GenerationRequest(prompt=p, params=params) for p in prompts]
+        for request in requests:
+            self.scheduler.check_fits_alone(request)  # a budget too small for them is a start-up error, not a hang
         with torch.inference_mode():
-            self._run_to_completion([GenerationRequest(prompt=p, params=params) for p in prompts])
+            self._run_to_completion(requests)
         self.pool.queries = self.pool.hits = 0  # /metrics counts users' requests only
         self.encoder_cache.queries = self.encoder_cache.hits = 0
         log.info("warmed up in %.2f s", time.perf_counter() - started)

@@ -83,30 +83,30 @@ class Runner:
         self._encode_images(plan.rows)
         groups = [[decodes[i] for i in group] for group in group_by_length([s.row.computed + 1 for s in decodes])]
         ordered = [s for group in groups for s in group] + prefills
-        ids, positions, slots, embeds_from = [], [], [], []
+        ids, slots, embeds_from = [], [], []
         offset = 0
         for s in ordered:
             row, start, end = s.row, s.row.computed, s.row.computed + s.tokens
             ids.extend(row.tokens[start:end])
-            positions.append(self._positions(row, start, end))
-            slots.append(self._slots(row, start, end))
+            slots.extend(self._slots(row, start, end))
             if row.images and start < row.prompt_tokens:
                 embeds_from.append((offset, row, start, end))
             offset += s.tokens
         input_ids = torch.tensor(ids, device=self.device)
+        positions = self._positions(ordered)
         if self._replays(ordered, embeds_from):
             lengths, tables = [s.row.computed + 1 for s in ordered], [s.row.blocks for s in ordered]
-            logits = self.graphs.run(input_ids, torch.cat(positions, dim=1), torch.cat(slots), lengths, tables)
+            logits = self.graphs.run(input_ids, positions, torch.tensor(slots, device=self.device), lengths, tables)
             return logits, [s.row for s in ordered]
         embeds = self.model.embed_tokens(input_ids)  # [tokens, hidden]
         for at, row, start, end in embeds_from:
             self._fill_images(embeds, at, row, start, end)
-        attention = AttentionPlan(slots=torch.cat(slots))
+        attention = AttentionPlan(slots=torch.tensor(slots, device=self.device))
         if self.flash:
             attention.flash = self._flash_arguments(ordered)
         else:
             self._plan_attention(attention, groups, prefills)
-        hidden = self.model.forward(embeds, torch.cat(positions, dim=1), attention, self.cache)
+        hidden = self.model.forward(embeds, positions, attention, self.cache)
         last, sampling, offset = [], [], 0
         for s in ordered:
             offset += s.tokens
@@ -127,23 +127,27 @@ class Runner:
             and all(s.tokens == 1 and s.samples and len(s.row.blocks) <= graphs.max_blocks for s in ordered)
         )  # fmt: skip
 
-    def _positions(self, row: Row, start: int, end: int) -> torch.Tensor:
-        """``[3, end - start]`` rope positions of the row's tokens ``[start, end)``."""
-        prompt = row.prompt_tokens
-        if end <= prompt:
-            return row.positions[:, start:end]
-        generated = torch.arange(max(start, prompt), end, device=self.device) + row.rope_delta
-        if start >= prompt:
-            return generated.expand(3, -1)
-        return torch.cat([row.positions[:, start:], generated.expand(3, -1)], dim=1)
+    def _positions(self, ordered: Sequence[Scheduled]) -> torch.Tensor:
+        """``[3, tokens]`` rope positions of the step's tokens: a prompt's from its row, a generated
+        token ``i``'s ``i + rope_delta`` on all three axes (built on the host: one copy for all of them)."""
+        parts: list[torch.Tensor | list[int]] = []
+        for s in ordered:
+            row, start, end = s.row, s.row.computed, s.row.computed + s.tokens
+            if start < row.prompt_tokens:
+                parts.append(row.positions[:, start : min(end, row.prompt_tokens)])
+            if end > row.prompt_tokens:
+                generated = [i + row.rope_delta for i in range(max(start, row.prompt_tokens), end)]
+                if parts and isinstance(parts[-1], list):
+                    parts[-1].extend(generated)
+                else:
+                    parts.append(generated)
+        tensors = [p if isinstance(p, torch.Tensor) else torch.tensor(p, device=self.device).expand(3, -1) for p in parts]
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
-    def _slots(self, row: Row, start: int, end: int) -> torch.Tensor:
-        size = self.block_size
-        if end - start == 1:
-            return torch.tensor([row.blocks[start // size] * size + start % size], device=self.device)
-        index = torch.arange(start, end, device=self.device)
-        table = torch.tensor(row.blocks, device=self.device)
-        return table[index // size] * size + index % size
+    def _slots(self, row: Row, start: int, end: int) -> list[int]:
+        """Flat cache slots (``block * block_size + offset``) of the row's tokens ``[start, end)``."""
+        size, blocks = self.block_size, row.blocks
+        return [blocks[i // size] * size + i % size for i in range(start, end)]
 
     def _plan_attention(self, plan: AttentionPlan, groups: list[list[Scheduled]], prefills: list[Scheduled]) -> None:
         size, at = self.block_size, 0
