@@ -20,7 +20,6 @@ import ipaddress
 import re
 import socket
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,7 @@ import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from snark.errors import ImageError, PayloadTooLarge
+from snark.lru import BytesLRU
 
 if TYPE_CHECKING:
     from snark.config import Settings
@@ -77,30 +77,20 @@ class DecodedImages:
     are shared between requests, so nothing may change them in place."""
 
     def __init__(self, max_bytes: int = DECODED_CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._used = 0
-        self._images: OrderedDict[bytes, Image.Image] = OrderedDict()
+        self._images: BytesLRU[Image.Image] = BytesLRU(max_bytes, size_of=_pixel_bytes)
         self._lock = threading.Lock()
-        self.hits = 0
+
+    @property
+    def hits(self) -> int:
+        return self._images.hits
 
     def get(self, digest: bytes) -> Image.Image | None:
         with self._lock:
-            image = self._images.get(digest)
-            if image is not None:
-                self._images.move_to_end(digest)
-                self.hits += 1
-            return image
+            return self._images.get(digest)
 
     def put(self, digest: bytes, image: Image.Image) -> None:
-        size = _pixel_bytes(image)
         with self._lock:
-            if size > self.max_bytes or digest in self._images:
-                return
-            while self._used + size > self.max_bytes:
-                _, old = self._images.popitem(last=False)
-                self._used -= _pixel_bytes(old)
-            self._images[digest] = image
-            self._used += size
+            self._images.put(digest, image)
 
 
 def _pixel_bytes(image: Image.Image) -> int:

@@ -69,39 +69,34 @@ def flash_engine(tiny_model_dir, monkeypatch):
     engine.stop()
 
 
-def test_the_flash_arguments_give_the_sdpa_path_s_output(flash_engine, tiny_engine):
-    prompts = [
-        flash_engine.prompts.build([ChatTurn("user", [text])], min_pixels=3136, max_pixels=200_000)
-        for text in ("Tell me a story about bicycles. " * 4, "Hi.", "Why is the sky blue? " * 3)
-    ]
-    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+def answers_together(engine, texts: tuple[str, ...], max_new_tokens: int) -> list[str]:
+    """Greedy answers to ``texts``, submitted at once so they share steps."""
+    prompts = [engine.prompts.build([ChatTurn("user", [text])], min_pixels=3136, max_pixels=200_000) for text in texts]
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
 
-    async def together(engine):
+    async def together():
         return [r.text for r in await asyncio.gather(*[engine.generate(p, params) for p in prompts])]
 
-    expected = asyncio.run(together(tiny_engine))
-    assert asyncio.run(together(flash_engine)) == expected  # chunked prompts beside decoding rows
-    assert asyncio.run(together(flash_engine)) == expected  # again, from the prefix cache
+    return asyncio.run(together())
+
+
+def test_the_flash_arguments_give_the_sdpa_path_s_output(flash_engine, tiny_engine):
+    texts = ("Tell me a story about bicycles. " * 4, "Hi.", "Why is the sky blue? " * 3)
+    expected = answers_together(tiny_engine, texts, 8)
+    assert answers_together(flash_engine, texts, 8) == expected  # chunked prompts beside decoding rows
+    assert answers_together(flash_engine, texts, 8) == expected  # again, from the prefix cache
     assert flash_engine.prefix_cache_counts[1] > 0
     assert max(CALLS) == 3  # the kernel ran, over every row of a step at once
 
 
 def test_captured_decode_steps_give_the_sdpa_path_s_output(flash_engine, tiny_engine):
-    prompts = [
-        flash_engine.prompts.build([ChatTurn("user", [text])], min_pixels=3136, max_pixels=200_000)
-        for text in ("Name three rivers. " * 3, "Hello there.", "Count to ten, slowly. " * 2)
-    ]
-    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
-
-    async def together(engine):
-        return [r.text for r in await asyncio.gather(*[engine.generate(p, params) for p in prompts])]
-
-    expected = asyncio.run(together(tiny_engine))
+    texts = ("Name three rivers. " * 3, "Hello there.", "Count to ten, slowly. " * 2)
+    expected = answers_together(tiny_engine, texts, 10)
     flash_engine.capture_decode_graphs(lambda forward: forward)  # no GPU: "replay" runs the step eagerly
     graphs = flash_engine.runner.graphs
     assert graphs.sizes == [1, 2, 4]
     DECODE_CALLS.clear()
-    assert asyncio.run(together(flash_engine)) == expected
+    assert answers_together(flash_engine, texts, 10) == expected
     assert graphs.replayed > 0
     assert set(DECODE_CALLS) <= {1, 2, 4} and 4 in DECODE_CALLS  # three rows replay the 4-row step, one padded
 

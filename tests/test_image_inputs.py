@@ -48,7 +48,7 @@ def test_the_cache_stays_within_its_bytes(tiny_model_dir):
     inputs = ImageInputs(AutoProcessor.from_pretrained(tiny_model_dir).image_processor, cache_bytes=500_000)  # two of these images
     for seed in range(6):
         inputs([_image(seed)], min_pixels=3136, max_pixels=100_000)
-    assert 0 < inputs._used <= 500_000
+    assert 0 < inputs.used_bytes <= 500_000
     inputs([_image(5)], min_pixels=3136, max_pixels=100_000)
     assert inputs.processed == 6  # the newest was kept
     inputs([_image(0)], min_pixels=3136, max_pixels=100_000)

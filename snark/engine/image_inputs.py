@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
+
+from snark.lru import BytesLRU
 
 CACHE_BYTES = 256 * 1024**2
 
@@ -33,16 +34,19 @@ class ImageInputs:
 
     def __init__(self, image_processor, *, cache_bytes: int = CACHE_BYTES) -> None:
         self.image_processor = image_processor
-        self.cache_bytes = cache_bytes
-        self._used = 0
-        self._entries: OrderedDict[bytes, tuple[torch.Tensor | None, torch.Tensor]] = OrderedDict()
+        self._entries: BytesLRU[tuple[torch.Tensor | None, torch.Tensor]] = BytesLRU(cache_bytes, size_of=_entry_bytes)
         self._lock = threading.Lock()
         self.processed = 0  # images that went through the processor (tests)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of processor output held for images seen again."""
+        return self._entries.used_bytes
 
     def __call__(self, images: list[Image.Image], *, min_pixels: int, max_pixels: int) -> VisionInputs:
         digests = [_digest(image, min_pixels, max_pixels) for image in images]
         with self._lock:
-            found = [self._get(d) for d in digests]
+            found = [self._entries.get(d) for d in digests]
         missing = [i for i, entry in enumerate(found) if entry is None]
         if missing:
             out = self.image_processor(
@@ -55,28 +59,17 @@ class ImageInputs:
             with self._lock:
                 for i, grid, values in zip(missing, grids, patches):
                     found[i] = (values, grid)
-                    self._put(digests[i], found[i])
+                    self._entries.put(digests[i], found[i])
             self.processed += len(missing)
         pixel_values = None if found[0][0] is None else torch.cat([values for values, _ in found])
         grids = torch.stack([grid for _, grid in found])
         keys = tuple(hashlib.sha256(d + str(g.tolist()).encode()).digest() for d, (_, g) in zip(digests, found))
         return VisionInputs(pixel_values=pixel_values, image_grid_thw=grids, keys=keys)
 
-    def _get(self, digest: bytes):
-        entry = self._entries.get(digest)
-        if entry is not None:
-            self._entries.move_to_end(digest)
-        return entry
 
-    def _put(self, digest: bytes, entry: tuple[torch.Tensor | None, torch.Tensor]) -> None:
-        size = 0 if entry[0] is None else entry[0].numel() * entry[0].element_size()
-        if size > self.cache_bytes or digest in self._entries:
-            return
-        while self._used + size > self.cache_bytes:
-            _, (old, _) = self._entries.popitem(last=False)
-            self._used -= 0 if old is None else old.numel() * old.element_size()
-        self._entries[digest] = entry
-        self._used += size
+def _entry_bytes(entry: tuple[torch.Tensor | None, torch.Tensor]) -> int:
+    pixels = entry[0]
+    return 0 if pixels is None else pixels.numel() * pixels.element_size()
 
 
 def _digest(image: Image.Image, min_pixels: int, max_pixels: int) -> bytes:

@@ -8,33 +8,15 @@ not kept (its row holds its features while its tokens are prefilled).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
+from snark.lru import BytesLRU
 
-class EncoderCache:
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class EncoderCache(BytesLRU[torch.Tensor]):
     def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self.used_bytes = 0
-        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self.queries = 0  # images looked up (for /metrics)
-        self.hits = 0
-
-    def get(self, key: bytes) -> torch.Tensor | None:
-        self.queries += 1
-        features = self._entries.get(key)
-        if features is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-        return features
-
-    def put(self, key: bytes, features: torch.Tensor) -> None:
-        size = features.numel() * features.element_size()
-        if size > self.budget_bytes or key in self._entries:
-            return
-        while self.used_bytes + size > self.budget_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.used_bytes -= evicted.numel() * evicted.element_size()
-        self._entries[key] = features
-        self.used_bytes += size
+        super().__init__(budget_bytes, size_of=tensor_bytes)
