@@ -44,6 +44,11 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def padded_table(blocks: list[int], width: int) -> list[int]:
+    """A row's block table cut or padded with the null block to ``width`` entries (batched tables)."""
+    return blocks[:width] + [NULL_BLOCK] * (width - len(blocks[:width]))
+
+
 def block_keys(tokens: Sequence[int], block_size: int, *, images: Sequence[ImageSpan] = (), salt: str | None = None,
                first: int = 0, parent: bytes = b"") -> list[bytes]:  # fmt: skip
     """The keys of the full blocks ``first, first + 1, ...`` of a row whose tokens (from its start)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from snark.engine.transformers.blocks import NULL_BLOCK
+from snark.engine.transformers.blocks import NULL_BLOCK, padded_table
 from snark.engine.transformers.kv_cache import KVCache
 from snark.engine.transformers.model import AttentionPlan, FlatLanguageModel, PagedDecode
 
@@ -105,7 +105,7 @@ class DecodeGraphs:
         self.positions[:, :rows].copy_(positions)
         self.slots[:rows].copy_(slots)
         self.lengths[:rows].copy_(torch.tensor(lengths, dtype=torch.int32))
-        padded = [table + [NULL_BLOCK] * (self.max_blocks - len(table)) for table in tables]
+        padded = [padded_table(table, self.max_blocks) for table in tables]
         self.tables[:rows].copy_(torch.tensor(padded, dtype=torch.int32))
         self._pad_from(rows)
         self.replayed += 1

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from snark.engine.loader import LoadedModel
-from snark.engine.transformers.blocks import NULL_BLOCK, blocks_for
+from snark.engine.transformers.blocks import blocks_for, padded_table
 from snark.engine.transformers.encoder_cache import EncoderCache
 from snark.engine.transformers.graphs import DecodeGraphs
 from snark.engine.transformers.kv_cache import KVCache
@@ -154,7 +154,7 @@ class Runner:
         for group in groups:
             lengths = [s.row.computed + 1 for s in group]
             width = blocks_for(max(lengths), size)
-            tables = torch.tensor([_padded(s.row.blocks, width) for s in group], device=self.device)
+            tables = torch.tensor([padded_table(s.row.blocks, width) for s in group], device=self.device)
             columns = torch.arange(width * size, device=self.device)
             mask = (columns[None, :] < torch.tensor(lengths, device=self.device)[:, None])[:, None, None, :]
             plan.decode.append(DecodeGroup(start=at, end=at + len(group), tables=tables, mask=mask))
@@ -172,7 +172,7 @@ class Runner:
         lengths_q = [s.tokens for s in ordered]
         lengths_k = [s.row.computed + s.tokens for s in ordered]
         width = blocks_for(max(lengths_k), self.block_size)
-        tables = torch.tensor([_padded(s.row.blocks, width) for s in ordered], dtype=torch.int32, device=self.device)
+        tables = torch.tensor([padded_table(s.row.blocks, width) for s in ordered], dtype=torch.int32, device=self.device)
 
         def cumulative(lengths: list[int]) -> torch.Tensor:
             return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=self.device)
@@ -239,7 +239,3 @@ class Runner:
             end = s.row.computed + s.tokens
             for index in [i for i in s.row.features if s.row.images[i].start + s.row.images[i].length <= end]:
                 del s.row.features[index]
-
-
-def _padded(blocks: list[int], width: int) -> list[int]:
-    return blocks[:width] + [NULL_BLOCK] * (width - len(blocks[:width]))
