@@ -84,7 +84,22 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(8, ge=1)
     image_url_timeout_s: float = Field(10.0, gt=0)
     image_url_max_redirects: int = Field(3, ge=0)
-    allow_private_urls: bool = False
+    allow_private_urls: bool = False  # image and video URLs alike
+
+    # --- videos ------------------------------------------------------------------------------
+    # Sampled as Qwen samples them (frames at video_fps, an even count, a pixel budget for the clip);
+    # a request may lower these, never raise them.
+    max_video_bytes: int = Field(64 * 1024 * 1024, gt=0)  # URL downloads; uploads and data: URIs also meet max_body_bytes
+    video_url_timeout_s: float = Field(60.0, gt=0)
+    max_videos_per_request: int = Field(2, ge=1)
+    max_video_seconds: float = Field(3600.0, gt=0)  # longer clips are refused (a part can be asked for with video_start/end)
+    max_video_source_pixels: int = Field(8192 * 4320, gt=0)  # one frame as stored; 8K
+    video_decode_timeout_s: float = Field(60.0, gt=0)  # one video's decoding, checked between frames
+    video_fps: float = Field(2.0, gt=0, le=60)  # frames sampled a second, by default
+    max_video_frames: int = Field(768, ge=2, le=768)  # frames sampled from one video, at most
+    min_video_frame_pixels: int = Field(128 * 28 * 28, ge=28 * 28)
+    max_video_frame_pixels: int = Field(768 * 28 * 28, ge=28 * 28, le=16384 * 28 * 28)
+    max_video_tokens: int = Field(16384, ge=1)  # one video's prompt tokens (its frames' pixel budget / 784)
 
     # --- speech ------------------------------------------------------------------------------
     tts_engine: Literal["piper", "coqui"] = "piper"
@@ -170,6 +185,8 @@ class Settings(BaseSettings):
             )
         if self.min_image_pixels > self.max_image_pixels:
             raise ValueError("SNARK_MIN_IMAGE_PIXELS must not exceed SNARK_MAX_IMAGE_PIXELS.")
+        if self.min_video_frame_pixels > self.max_video_frame_pixels:
+            raise ValueError("SNARK_MIN_VIDEO_FRAME_PIXELS must not exceed SNARK_MAX_VIDEO_FRAME_PIXELS.")
         return self
 
     @property

@@ -37,6 +37,12 @@ class ImageError(InvalidRequest):
     code = "invalid_image"
 
 
+class VideoError(InvalidRequest):
+    """The video could not be fetched or decoded, or breaks a limit (400)."""
+
+    code = "invalid_video"
+
+
 class PayloadTooLarge(SnarkError):
     """A body, upload or fetched image is larger than the configured cap (413)."""
 

@@ -28,6 +28,7 @@ from snark.engine.transformers import TransformersEngine
 from snark.engine.loader import load_model
 from snark.logs import configure_logging
 from snark.media import ImageLimits
+from snark.video.load import VideoLimits, VideoLoader
 from snark.speech import LazySpeaker, build_speaker
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def create_app(
         speaker=speaker or build_speaker(settings),
         image_limits=ImageLimits.from_settings(settings),
         metrics=Metrics(engine),
+        videos=VideoLoader(VideoLimits.from_settings(settings)),
     )
 
     @asynccontextmanager

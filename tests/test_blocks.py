@@ -94,7 +94,8 @@ def _request(prompt: int, new: int) -> GenerationRequest:
 
 def _maker(tokenizer):
     def make(request: GenerationRequest) -> Row:
-        return Row(request, tokenizer=tokenizer, eos_token_ids=frozenset(), vocab_size=1000, device="cpu", image_token_id=9)
+        return Row(request, tokenizer=tokenizer, eos_token_ids=frozenset(), vocab_size=1000, device="cpu", image_token_id=9,
+                   video_token_id=10)
 
     return make
 

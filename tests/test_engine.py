@@ -246,7 +246,8 @@ def test_end_of_turn_ends_a_row_unless_it_ignores_eos(tiny_engine, ignore_eos):
         prompt=PromptInputs([1, 2]), params=SamplingParams(max_new_tokens=3, ignore_eos=ignore_eos)
     )
     row = Row(request, tokenizer=tiny_engine.loaded.processor.tokenizer, eos_token_ids=tiny_engine.eos_token_ids,
-              vocab_size=200, device=torch.device("cpu"), image_token_id=tiny_engine.loaded.model.config.image_token_id)  # fmt: skip
+              vocab_size=200, device=torch.device("cpu"), image_token_id=tiny_engine.loaded.model.config.image_token_id,
+              video_token_id=tiny_engine.loaded.model.config.video_token_id)  # fmt: skip
     row.accept(eos, Outbox(), time.perf_counter())
     assert row.done is not ignore_eos
     if ignore_eos:

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from PIL import Image, ImageFile
 
-from snark import media
+from snark import fetch, media
 from snark.config import Settings
 from snark.errors import ImageError, PayloadTooLarge
 from snark.media import ImageLimits, decode_image_bytes, decode_upload, load_image
@@ -212,7 +212,7 @@ def test_redirect_target_address_is_rechecked(server, monkeypatch):
     # Reaching the local server at all needs private URLs allowed, so narrow the guard to one
     # loopback address: the first hop (127.0.0.1) passes, the redirect to 127.0.0.2 must be refused
     # before connecting -- which only happens if every hop is checked.
-    monkeypatch.setattr(media, "_is_forbidden_address", lambda ip: str(ip) == "127.0.0.2")
+    monkeypatch.setattr(fetch, "is_forbidden_address", lambda ip: str(ip) == "127.0.0.2")
     port = server.server_address[1]
     before = len(server.requests)
     with expect(ImageError, 400, "127.0.0.2", "not allowed", "SNARK_ALLOW_PRIVATE_URLS=1") as info:
@@ -299,7 +299,7 @@ def test_private_hosts_refused_before_connecting(server, host):
 )
 def test_address_policy(address, forbidden):
     # IPv4-mapped and NAT64 forms sit in ranges ipaddress calls reserved, so even public ones are refused.
-    assert media._is_forbidden_address(ipaddress.ip_address(address)) is forbidden
+    assert fetch.is_forbidden_address(ipaddress.ip_address(address)) is forbidden
 
 
 @pytest.mark.parametrize(
@@ -309,19 +309,19 @@ def test_address_policy(address, forbidden):
 )
 def test_literal_ip_forms_read_without_dns(host, address):
     expected = ipaddress.ip_address(address) if address else None
-    assert media._literal_ip(host) == expected
+    assert fetch.literal_ip(host) == expected
 
 
 def test_hop_check_passes_public_literal_without_dns_or_traffic():
     url = httpx.URL("https://93.184.216.34/x.png")
-    assert asyncio.run(media._resolve_hop(url, ImageLimits())) == [ipaddress.ip_address("93.184.216.34")]
+    assert asyncio.run(fetch.resolve_hop(url, ImageLimits().download)) == [ipaddress.ip_address("93.184.216.34")]
 
 
 def test_hop_check_honours_allow_private():
     url = httpx.URL("http://[::1]:9/x.png")
     with pytest.raises(ImageError):
-        asyncio.run(media._resolve_hop(url, ImageLimits()))
-    assert asyncio.run(media._resolve_hop(url, LOCAL)) == [ipaddress.ip_address("::1")]
+        asyncio.run(fetch.resolve_hop(url, ImageLimits().download))
+    assert asyncio.run(fetch.resolve_hop(url, LOCAL.download)) == [ipaddress.ip_address("::1")]
 
 
 @pytest.mark.parametrize(

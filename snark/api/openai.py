@@ -41,7 +41,10 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, state:
     params = body.to_sampling_params(settings, engine.default_sampling, tools)
     audio = body.audio_output(tools)
     voice = None if audio is None else await open_voice(state, audio.voice_name, audio.speed)  # 400/501 before any work
-    turns = await body.to_turns(partial(load_image, limits=state.image_limits, decoded=state.decoded_images), max_images=settings.max_images_per_request)
+    turns = await body.to_turns(
+        partial(load_image, limits=state.image_limits, decoded=state.decoded_images),
+        max_images=settings.max_images_per_request, videos=state.videos,
+    )  # fmt: skip
     prompt = await engine.build_prompt(
         turns, min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels, tools=tools.prompt_tools
     )

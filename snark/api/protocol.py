@@ -15,12 +15,13 @@ from PIL import Image
 from pydantic import Field
 
 from snark.api.lenient import Lenient
-from snark.api.messages import ChatMessage, messages_to_turns
+from snark.api.messages import ChatMessage, VideoOptions, messages_to_turns
 from snark.api.structured import ResponseFormat, ToolChoice, ToolDefinition, ToolUse, response_format_output
 from snark.config import Settings
 from snark.engine.request import ChatTurn, SamplingParams
 from snark.errors import InvalidRequest
 from snark.speech.base import validate_speed
+from snark.video.load import VideoLoader
 
 
 # Options Snark cannot honour: asking for them is a 400 naming the field, never silently ignored.
@@ -108,6 +109,9 @@ class ChatCompletionRequest(Lenient):
         None, min_length=1, max_length=256,
         description="Requests with different salts share no cached prompt prefix (vLLM extension: keeps tenants apart).",
     )  # fmt: skip
+    mm_processor_kwargs: VideoOptions | None = Field(
+        None, description="How every video of the request is sampled (vLLM extension); a part's own fields win."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema with a schema.")
@@ -217,10 +221,13 @@ class ChatCompletionRequest(Lenient):
         validate_speed(self.audio.speed)
         return self.audio
 
-    async def to_turns(self, load_image: Callable[[str], Awaitable[Image.Image]], *, max_images: int) -> list[ChatTurn]:
-        """Messages -> chat turns, images fetched concurrently with ``load_image``. Every message is
-        checked before any image is fetched, so a malformed request costs no downloads."""
-        return await messages_to_turns(self.messages, load_image, max_images=max_images)
+    async def to_turns(self, load_image: Callable[[str], Awaitable[Image.Image]], *, max_images: int,
+                       videos: VideoLoader | None = None) -> list[ChatTurn]:  # fmt: skip
+        """Messages -> chat turns, images fetched concurrently with ``load_image`` and videos with
+        ``videos``. Every message is checked before anything is fetched, so a malformed request costs
+        no downloads."""
+        return await messages_to_turns(self.messages, load_image, max_images=max_images, videos=videos,
+                                       video_options=self.mm_processor_kwargs)  # fmt: skip
 
 
 # --- speech ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from snark.config import Settings
 from snark.engine.base import Engine
 from snark.media import DecodedImages, ImageLimits
 from snark.speech import LazySpeaker, Voices, build_voices
+from snark.video.load import VideoLimits, VideoLoader
 
 if TYPE_CHECKING:
     from snark.api.metrics import Metrics  # metrics.py imports this module for its route
@@ -24,6 +25,7 @@ class AppState:
     image_limits: ImageLimits
     metrics: Metrics
     decoded_images: DecodedImages = field(default_factory=DecodedImages)  # images sent again skip decoding
+    videos: VideoLoader = field(default_factory=lambda: VideoLoader(VideoLimits()))  # limits and decoded clips
     voices: Voices = field(init=False)  # named voices around ``speaker``, and the synthesis pool
 
     def __post_init__(self) -> None:

@@ -17,13 +17,15 @@ import functools
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-# messages: [{"role", "content": [{"type": "text", "text"} | {"type": "image"}], "tool_calls": [{"name",
+# messages: [{"role", "content": [{"type": "text", "text"} | {"type": "image"} | {"type": "video"}], "tool_calls": [{"name",
 # "arguments"}]}]; tools: one JSON text per tool ({"type": "function", "function": {...}}).
 TOOLS_TEMPLATE = r"""
 {%- macro render_content(message) -%}
     {%- for part in message.content -%}
         {%- if part.type == 'image' -%}
             {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+        {%- elif part.type == 'video' -%}
+            {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
         {%- else -%}
             {{- part.text -}}
         {%- endif -%}

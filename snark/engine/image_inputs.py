@@ -1,10 +1,13 @@
-"""Images -> the vision tower's inputs (pixel patches and grid), reused for an image seen again.
+"""Images and videos -> the vision tower's inputs (pixel patches and grid), reused for one seen again.
 
 Chat UIs and screenshot agents re-send the same images at every turn; resizing and normalising a
 1024x768 image costs tens of milliseconds of each turn's time to first token. The processor's output
 for an image is a function of its pixels and the request's pixel bounds, so it is kept, by a digest of
 both, in a small least-recently-used cache bounded in bytes. Each image's ``key`` (its content and
 processed grid) is what the engine's vision-output and prefix caches are keyed by.
+
+A video arrives sampled and resized already (``snark.video``); ``VideoInputs`` runs the model's
+video processor on its frames (normalised, cut into 2-frame x 14 x 14 patches) under its own key.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch
 from PIL import Image
 
 from snark.lru import BytesLRU
+from snark.video.clip import Video
+from snark.video.sampling import FRAME_FACTOR, PIXEL_FACTOR
 
 CACHE_BYTES = 256 * 1024**2
 
@@ -76,3 +81,54 @@ def _digest(image: Image.Image, min_pixels: int, max_pixels: int) -> bytes:
     digest = hashlib.sha256(f"{image.mode} {image.size} {min_pixels} {max_pixels}".encode())
     digest.update(image.tobytes())
     return digest.digest()
+
+
+@dataclass(frozen=True)
+class VideoTensors:
+    pixel_values: torch.Tensor | None  # [patches, channels * temporal * patch * patch]; None: sizes only
+    grid_thw: torch.Tensor  # [videos, 3]
+    second_per_grid_ts: tuple[float, ...]
+    keys: tuple[bytes, ...]
+
+
+class VideoInputs:
+    """Runs ``video_processor`` on the videos it has not seen; without one (``None``), gives the grids
+    only (the vLLM engine's prompts, whose pixels vLLM computes). Thread-safe."""
+
+    def __init__(self, video_processor, *, patch_size: int = 14, cache_bytes: int = CACHE_BYTES) -> None:
+        self.video_processor = video_processor
+        self.patch_size = patch_size
+        self._entries: BytesLRU[torch.Tensor] = BytesLRU(cache_bytes, size_of=lambda t: t.numel() * t.element_size())
+        self._lock = threading.Lock()
+        self.processed = 0  # videos that went through the processor (tests)
+
+    def __call__(self, videos: list[Video]) -> VideoTensors:
+        grids = torch.tensor(
+            [[v.num_frames // FRAME_FACTOR, v.height // self.patch_size, v.width // self.patch_size] for v in videos],
+            dtype=torch.long,
+        )
+        keys = tuple(v.key for v in videos)
+        seconds = tuple(v.second_per_grid_t for v in videos)
+        if self.video_processor is None:
+            return VideoTensors(pixel_values=None, grid_thw=grids, second_per_grid_ts=seconds, keys=keys)
+        with self._lock:
+            found = [self._entries.get(v.key) for v in videos]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if missing:
+            # The frames are at their final size already (sides multiples of 28), so the processor's
+            # resize keeps them: any bounds that hold every frame's area do.
+            largest = max(videos[i].height * videos[i].width for i in missing)
+            out = self.video_processor(
+                videos=[videos[i].frames for i in missing], size={"shortest_edge": PIXEL_FACTOR**2, "longest_edge": largest},
+                do_sample_frames=False, cap_pixels_per_frame=False, return_tensors="pt",
+            )  # fmt: skip
+            if out["video_grid_thw"].tolist() != grids[missing].tolist():
+                raise RuntimeError(f"the video processor gave grids {out['video_grid_thw'].tolist()} for frames "
+                                   f"sized {grids[missing].tolist()}")  # fmt: skip
+            patches = out["pixel_values_videos"].split(out["video_grid_thw"].prod(-1).tolist())
+            with self._lock:
+                for i, values in zip(missing, patches):
+                    found[i] = values
+                    self._entries.put(videos[i].key, values)
+            self.processed += len(missing)
+        return VideoTensors(pixel_values=torch.cat(found), grid_thw=grids, second_per_grid_ts=seconds, keys=keys)

@@ -8,8 +8,8 @@ text together, goes through a copy of the tokenizer that has no added tokens at 
 those of tokenizing the whole prompt (BPE merges across a seam as it would), while a client's literal
 ``<|im_start|>``, ``<|image_pad|>`` or ``<tool_call>`` stays plain text: it cannot open a turn, claim
 an image slot or fake a call. (``split_special_tokens=True`` is not enough: it still matches the
-non-special added tokens such as ``<tool_call>``.) Each ``<|image_pad|>`` of the template is expanded
-to its image's token count, exactly as the Qwen2.5-VL processor does.
+non-special added tokens such as ``<tool_call>``.) Each ``<|image_pad|>`` (``<|video_pad|>``) of the
+template is expanded to its image's (video's) token count, exactly as the Qwen2.5-VL processor does.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from collections.abc import Sequence
 from tokenizers import Tokenizer
 
 from snark.engine.chat_template import render_with_tools
-from snark.engine.image_inputs import ImageInputs
+from snark.engine.image_inputs import ImageInputs, VideoInputs
 from snark.engine.request import ChatTurn, PromptInputs, ToolCall, ToolSpec
 from snark.errors import InvalidRequest
+from snark.video.clip import Video
 
 ROLES = ("system", "user", "assistant", "tool")
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
 _PLACEHOLDER = "\x00{}\x00"  # never produced by the template; client text is checked for \x00
 _PLACEHOLDER_RE = re.compile("\x00(\\d+)\x00")
 
@@ -38,6 +40,8 @@ class PromptBuilder:
         self.image_processor = processor.image_processor
         self.merge_size = int(self.image_processor.merge_size)
         self.image_inputs = ImageInputs(self.image_processor)
+        self.video_inputs = VideoInputs(getattr(processor, "video_processor", None),
+                                        patch_size=int(self.image_processor.patch_size))  # fmt: skip
         self.max_prompt_tokens = max_prompt_tokens
         backend = self.tokenizer.backend_tokenizer
         self._added_ids = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()}
@@ -55,12 +59,16 @@ class PromptBuilder:
 
         messages = []
         images = []
+        videos: list[Video] = []
         for turn in turns:
             _check_turn(turn)
             content = []
             for part in turn.parts:
                 if isinstance(part, str):
                     content.append({"type": "text", "text": placeholder(part)})
+                elif isinstance(part, Video):
+                    content.append({"type": "video"})
+                    videos.append(part)
                 else:
                     content.append({"type": "image"})
                     images.append(part)
@@ -82,24 +90,32 @@ class PromptBuilder:
             vision = self.image_inputs(images, min_pixels=min_pixels, max_pixels=max_pixels)
             pixel_values, image_grid_thw, image_keys = vision.pixel_values, vision.image_grid_thw, vision.keys
             image_token_counts = (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
+        video = self.video_inputs(videos) if videos else None
+        video_token_counts = [] if video is None else (video.grid_thw.prod(-1) // self.merge_size**2).tolist()
 
         if tools or any(turn.role == "tool" or turn.tool_calls for turn in turns):
             rendered = render_with_tools(messages, [placeholder(_tool_json(tool)) for tool in tools])
         else:  # the published template, so prompts without tools are exactly what Qwen2.5-VL renders
             rendered = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        input_ids = self._tokenize(rendered, texts, image_token_counts)
+        input_ids = self._tokenize(rendered, texts, image_token_counts, video_token_counts)
         if len(input_ids) > self.max_prompt_tokens:
+            hint = "send shorter videos or sample fewer frames (fps, max_frames)" if videos else "send smaller images"
             raise InvalidRequest(
-                f"The prompt is {len(input_ids)} tokens (images included), over this server's limit of "
-                f"{self.max_prompt_tokens} (SNARK_MAX_PROMPT_TOKENS): shorten the text or send smaller images.",
+                f"The prompt is {len(input_ids)} tokens (images and videos included), over this server's limit of "
+                f"{self.max_prompt_tokens} (SNARK_MAX_PROMPT_TOKENS): shorten the text or {hint}.",
                 code="context_length_exceeded",
             )
-        return PromptInputs(
+        prompt = PromptInputs(
             input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw, image_keys=image_keys
         )
+        if video is not None:
+            prompt.pixel_values_videos, prompt.video_grid_thw = video.pixel_values, video.grid_thw
+            prompt.second_per_grid_ts, prompt.video_keys = video.second_per_grid_ts, video.keys
+        return prompt
 
-    def _tokenize(self, rendered: str, texts: list[str], image_token_counts: list[int]) -> list[int]:
-        counts = iter(image_token_counts)
+    def _tokenize(self, rendered: str, texts: list[str], image_token_counts: list[int],
+                  video_token_counts: list[int]) -> list[int]:  # fmt: skip
+        counts = {IMAGE_PAD: iter(image_token_counts), VIDEO_PAD: iter(video_token_counts)}
         ids: list[int] = []
         stretch: list[str] = []  # plain text since the last added token: template and client text
         pieces = _PLACEHOLDER_RE.split(rendered)  # [template, index, template, index, ..., template]
@@ -113,7 +129,7 @@ class PromptBuilder:
                     continue
                 ids += self._encode_plain(stretch)
                 stretch = []
-                ids += [self._added_ids[fragment]] * (next(counts) if fragment == IMAGE_PAD else 1)
+                ids += [self._added_ids[fragment]] * (next(counts[fragment]) if fragment in counts else 1)
         return ids + self._encode_plain(stretch)
 
     def _encode_plain(self, stretch: list[str]) -> list[int]:

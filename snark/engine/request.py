@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from snark.video.clip import Video
+
 
 class RequestState(enum.Enum):
     WAITING = "waiting"  # queued, not yet in a batch
@@ -98,11 +100,11 @@ class ToolSpec:
 
 @dataclass
 class ChatTurn:
-    """One chat message: a role and its parts, text or decoded RGB images, in order. An assistant
-    turn may carry the tool calls it made; a "tool" turn is one call's result (its text part)."""
+    """One chat message: a role and its parts, text, decoded RGB images or sampled videos, in order.
+    An assistant turn may carry the tool calls it made; a "tool" turn is one call's result (its text part)."""
 
     role: str  # "system" | "user" | "assistant" | "tool"
-    parts: list[str | Image.Image]
+    parts: list[str | Image.Image | Video]
     tool_calls: list[ToolCall] = field(default_factory=list)
 
 
@@ -116,6 +118,10 @@ class PromptInputs:
     # Per image: a digest of its content and processed size (``image_inputs.py``). The engine keys
     # its vision-output and prefix caches by it, so different images never share cached work.
     image_keys: tuple[bytes, ...] = ()
+    pixel_values_videos: torch.Tensor | None = None  # [patches, channels * temporal * patch * patch]
+    video_grid_thw: torch.Tensor | None = None  # [videos, 3]: frame pairs, height and width in patches
+    second_per_grid_ts: tuple[float, ...] = ()  # per video: seconds one frame pair spans (M-RoPE time)
+    video_keys: tuple[bytes, ...] = ()  # per video: a digest of its source and sampling, as image_keys
     cache_salt: str | None = None  # requests with different salts share no cached prefix (vLLM's field)
 
     @property
@@ -125,6 +131,10 @@ class PromptInputs:
     @property
     def num_images(self) -> int:
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+
+    @property
+    def num_videos(self) -> int:
+        return 0 if self.video_grid_thw is None else int(self.video_grid_thw.shape[0])
 
 
 @dataclass

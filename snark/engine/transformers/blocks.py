@@ -31,12 +31,15 @@ NULL_BLOCK = 0
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """One image's placeholder tokens in a prompt: ``[start, start + length)``, and its cache key
-    (its content and processed size, see ``image_inputs.py``)."""
+    """One image's (or video's) placeholder tokens in a prompt: ``[start, start + length)``, and its
+    cache key (its content and processed size, see ``image_inputs.py``). ``ordinal`` counts it among
+    the prompt's images, or among its videos when ``video``."""
 
     start: int
     length: int
     key: bytes
+    video: bool = False
+    ordinal: int = 0
 
 
 def blocks_for(tokens: int, block_size: int) -> int:

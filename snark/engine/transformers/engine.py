@@ -369,6 +369,7 @@ class TransformersEngine(Engine):
             request, tokenizer=self.loaded.processor.tokenizer, eos_token_ids=self.eos_token_ids,
             vocab_size=self.loaded.model.config.text_config.vocab_size, device=self.loaded.device,
             image_token_id=self.loaded.model.config.image_token_id,
+            video_token_id=self.loaded.model.config.video_token_id,
         )  # fmt: skip
 
     def _run(self, plan: StepPlan) -> None:

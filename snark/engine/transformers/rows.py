@@ -25,7 +25,7 @@ from snark.engine.transformers.sampler import RowSampler
 
 class Row:
     def __init__(self, request: GenerationRequest, *, tokenizer, eos_token_ids: frozenset[int], vocab_size: int,
-                 device, image_token_id: int) -> None:  # fmt: skip
+                 device, image_token_id: int, video_token_id: int) -> None:  # fmt: skip
         self.request = request
         self.eos_token_ids = eos_token_ids
         self.detokenizer = IncrementalDetokenizer(tokenizer)
@@ -37,7 +37,8 @@ class Row:
         self.tokens: list[int] = list(prompt.input_ids)
         self.prompt_tokens = len(self.tokens)
         self.max_tokens = self.prompt_tokens + request.params.max_new_tokens  # the most it may ever hold
-        self.images = image_spans(prompt.input_ids, prompt_image_keys(request.prompt), image_token_id)
+        # Images and videos, in prompt order: each a run of placeholder tokens the vision tower fills.
+        self.images = media_spans(prompt, image_token_id, video_token_id)
         self.computed = 0  # tokens whose keys and values are in the cache
         self.blocks: list[int] = []  # KV cache blocks, in token order
         self.keys: list[bytes] = []  # prefix-cache keys of its full, computed blocks
@@ -45,7 +46,7 @@ class Row:
         self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.positions: torch.Tensor | None = None  # [3, prompt] M-RoPE positions, set by the runner
         self.rope_delta = 0  # after the prompt, token i sits at position i + rope_delta on all axes
-        self.features: dict[int, torch.Tensor] = {}  # image index -> its vision features, while prefilling it
+        self.features: dict[int, torch.Tensor] = {}  # span index -> its vision features, while prefilling it
 
     @property
     def done(self) -> bool:
@@ -101,28 +102,37 @@ class Row:
             self.request.scheduled_at = now
 
 
-def prompt_image_keys(prompt) -> tuple[bytes, ...]:
-    """The prompt's image keys; for a prompt built without them, digests of each image's pixel values."""
-    if len(prompt.image_keys) == prompt.num_images:
-        return prompt.image_keys
-    keys, offset = [], 0
-    for grid in prompt.image_grid_thw.tolist():
-        patches = prompt.pixel_values[offset : offset + grid[0] * grid[1] * grid[2]]
-        offset += patches.shape[0]
-        keys.append(hashlib.sha256(str(grid).encode() + patches.contiguous().numpy().tobytes()).digest())
-    return tuple(keys)
-
-
-def image_spans(input_ids: list[int], keys: tuple[bytes, ...], image_token_id: int) -> list[ImageSpan]:
-    """Each image's run of placeholder tokens in a prompt, in order, with its key."""
-    spans, index, n = [], 0, len(input_ids)
-    while index < n and len(spans) < len(keys):
-        if input_ids[index] != image_token_id:
+def media_spans(prompt, image_token_id: int, video_token_id: int) -> list[ImageSpan]:
+    """Each image's and video's run of placeholder tokens in a prompt, in order, with its key."""
+    keys = {image_token_id: _keys(prompt.image_keys, prompt.pixel_values, prompt.image_grid_thw),
+            video_token_id: _keys(prompt.video_keys, prompt.pixel_values_videos, prompt.video_grid_thw)}  # fmt: skip
+    seen = {image_token_id: 0, video_token_id: 0}
+    ids, spans, index, n = prompt.input_ids, [], 0, len(prompt.input_ids)
+    while index < n:
+        token = ids[index]
+        if token not in seen or seen[token] >= len(keys[token]):
             index += 1
             continue
         end = index
-        while end < n and input_ids[end] == image_token_id:
+        while end < n and ids[end] == token:
             end += 1
-        spans.append(ImageSpan(start=index, length=end - index, key=keys[len(spans)]))
+        ordinal = seen[token]
+        spans.append(ImageSpan(start=index, length=end - index, key=keys[token][ordinal],
+                               video=token == video_token_id, ordinal=ordinal))  # fmt: skip
+        seen[token] += 1
         index = end
     return spans
+
+
+def _keys(keys: tuple[bytes, ...], pixel_values: torch.Tensor | None, grids: torch.Tensor | None) -> tuple[bytes, ...]:
+    """The prompt's keys for its images (or videos); for a prompt built without them, digests of
+    each one's pixel values."""
+    count = 0 if grids is None else int(grids.shape[0])
+    if len(keys) == count:
+        return keys
+    found, offset = [], 0
+    for grid in grids.tolist():
+        patches = pixel_values[offset : offset + grid[0] * grid[1] * grid[2]]
+        offset += patches.shape[0]
+        found.append(hashlib.sha256(str(grid).encode() + patches.contiguous().numpy().tobytes()).digest())
+    return tuple(found)

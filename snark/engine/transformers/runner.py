@@ -3,12 +3,14 @@
 The runner changes no row's bookkeeping (the engine does, after the step); it reads each scheduled
 row's next tokens and builds what the flat model needs:
 
-* **embeddings**: token embeddings, with image placeholder positions filled from the image's vision
-  features. Features come from the encoder cache, or from one batched vision-tower call for every
-  image this step needs that is not there; a row keeps its images' features until their tokens are
-  all computed, so a chunk boundary inside an image costs nothing;
+* **embeddings**: token embeddings, with image and video placeholder positions filled from their
+  vision features. Features come from the encoder cache, or from one batched vision-tower call for
+  every image and video this step needs that is not there (both are patches of 2 frames x 14 x 14
+  pixels to the tower); a row keeps their features until their tokens are all computed, so a chunk
+  boundary inside an image costs nothing;
 * **positions**: Qwen2.5-VL's 3-D rope (M-RoPE). A prompt's positions come once from the model's own
-  ``get_rope_index`` (image tokens get 2-D grid positions); generated token ``i`` sits at
+  ``get_rope_index`` (image tokens get 2-D grid positions; a video's frame pairs also step in time,
+  by their ``second_per_grid_ts``); generated token ``i`` sits at
   ``i + rope_delta`` on all three axes;
 * **slots and attention**: each token's place in its row's blocks, and the ``AttentionPlan``: decode
   rows in groups of similar length (placed first and contiguously in the flat batch), then prefill
@@ -53,6 +55,7 @@ class Runner:
         self.flash = flash
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA with flash-attn), set by the engine
         self.image_token_id = self.hf.config.image_token_id
+        self.video_token_id = self.hf.config.video_token_id
         self.merge = self.hf.model.visual.spatial_merge_size
         self.images_encoded = 0  # images through the vision tower (tests and logs)
 
@@ -62,14 +65,19 @@ class Runner:
         if row.positions is not None:
             return
         prompt = row.request.prompt
-        if prompt.image_grid_thw is None:
+        if prompt.image_grid_thw is None and prompt.video_grid_thw is None:
             row.positions = torch.arange(row.prompt_tokens, device=self.device).expand(3, -1)
             row.rope_delta = 0
             return
         ids = torch.tensor([prompt.input_ids], device=self.device)
+        kinds = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()  # text 0, image 1, video 2
+        videos = prompt.video_grid_thw
         positions, deltas = self.hf.model.get_rope_index(
-            ids, (ids == self.image_token_id).long(), prompt.image_grid_thw.to(self.device)
-        )  # [3, 1, prompt], [1, 1]
+            ids, kinds,
+            prompt.image_grid_thw.to(self.device) if prompt.image_grid_thw is not None else None,
+            videos.to(self.device) if videos is not None else None,
+            second_per_grid_ts=torch.tensor(prompt.second_per_grid_ts) if videos is not None else None,
+        )  # [3, 1, prompt], [1, 1]  # fmt: skip
         row.positions, row.rope_delta = positions[:, 0], int(deltas[0, 0])
 
     # --- one step -------------------------------------------------------------------------------
@@ -217,12 +225,16 @@ class Runner:
 
     @staticmethod
     def _image_inputs(row: Row, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image ``index``'s patches ``[patches, dim]`` and grid ``[3]`` from the row's prompt."""
-        prompt = row.request.prompt
-        grids = prompt.image_grid_thw
+        """Span ``index``'s patches ``[patches, dim]`` and grid ``[3]`` from the row's prompt (an
+        image's, or a video's: the tower reads both alike)."""
+        prompt, span = row.request.prompt, row.images[index]
+        if span.video:
+            pixels, grids = prompt.pixel_values_videos, prompt.video_grid_thw
+        else:
+            pixels, grids = prompt.pixel_values, prompt.image_grid_thw
         sizes = grids.prod(-1).tolist()
-        first = sum(sizes[:index])
-        return prompt.pixel_values[first : first + sizes[index]], grids[index]
+        first = sum(sizes[: span.ordinal])
+        return pixels[first : first + sizes[span.ordinal]], grids[span.ordinal]
 
     def _fill_images(self, embeds: torch.Tensor, at: int, row: Row, start: int, end: int) -> None:
         """Put image features at the placeholder positions among the row's tokens ``[start, end)``,
