@@ -7,7 +7,9 @@ read from a decoded frame which source frame it was, even after scaling and the 
 from __future__ import annotations
 
 import io
+import tempfile
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -19,15 +21,27 @@ def frame_value(index: int) -> int:
 
 def make_video(frames: int = 16, *, fps: float = 8, width: int = 64, height: int = 48, container: str = "mp4",
                codec: str = "libx264", gop: int | None = None, times: list[float] | None = None,
-               rotation: int = 0, audio: bool = False) -> bytes:  # fmt: skip
+               rotation: int = 0, audio: bool = False, index_first: bool = False) -> bytes:  # fmt: skip
     """An encoded video of ``frames`` flat frames. ``times`` (seconds, one per frame) makes a variable
-    frame rate; ``gop`` sets the keyframe interval (frames)."""
+    frame rate; ``gop`` sets the keyframe interval (frames); ``index_first`` puts an MP4's index
+    before its frames (as streaming sites do), so a cut file still opens."""
+    if index_first:  # the muxer moves the index in a second pass over a real file
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "video.mp4"
+            _encode(str(path), frames, fps, width, height, container, codec, gop, times, rotation, audio,
+                    {"movflags": "faststart"})  # fmt: skip
+            return path.read_bytes()
     buffer = io.BytesIO()
+    _encode(buffer, frames, fps, width, height, container, codec, gop, times, rotation, audio, {})
+    return buffer.getvalue()
+
+
+def _encode(target, frames, fps, width, height, container, codec, gop, times, rotation, audio, options) -> None:
     rate = Fraction(fps).limit_denominator(1000)
-    with av.open(buffer, "w", format=container) as out:
+    with av.open(target, "w", format=container, options=options) as out:
         stream = out.add_stream(codec, rate=rate)
         stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
         if gop is not None:
             stream.codec_context.gop_size = gop
             if codec == "libx264":
@@ -54,7 +68,6 @@ def make_video(frames: int = 16, *, fps: float = 8, width: int = 64, height: int
                 out.mux(packet)
             for packet in sound.encode():
                 out.mux(packet)
-    return buffer.getvalue()
 
 
 def make_audio_only() -> bytes:

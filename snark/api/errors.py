@@ -81,16 +81,43 @@ def _validation_message(request: Request, exc: RequestValidationError) -> tuple[
         return special
     problems = []
     param = None
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors:
         if err.get("type") == "json_invalid":  # loc is ("body", <character offset>): not a field
             detail = (err.get("ctx") or {}).get("error", "invalid JSON")
             offset = err.get("loc", ("body", "?"))[-1]
             return f"The request body is not valid JSON ({detail} at character {offset}): send a JSON object.", None
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
-        where = ".".join(loc) or "request body"
+        if _other_union_branch(err, errors):
+            continue
+        where = _field_path(err.get("loc", ()))
         param = param or where
         problems.append(f"{where}: {err.get('msg', 'invalid')}")
     return "Invalid request: " + "; ".join(problems), param
+
+
+def _other_union_branch(err: dict, errors: list[dict]) -> bool:
+    """A field that may be a string or a list of parts, sent as a list with a bad part, fails both
+    ways: the "not a string" half only hides the real problem, deeper in the list."""
+    loc = tuple(err.get("loc", ()))
+    if not str(err.get("type", "")).endswith("_type") or len(loc) < 2:
+        return False
+    return any(len(o.get("loc", ())) > len(loc) and tuple(o["loc"][: len(loc) - 1]) == loc[:-1] for o in errors if o is not err)
+
+
+def _field_path(loc: tuple) -> str:
+    """``("body", "messages", 0, "content", "list[ContentPart]", 1, "fps")`` -> ``messages[0].content[1].fps``:
+    the request's own path, without pydantic's names for the union branch it tried."""
+    path = ""
+    for part in loc:
+        if part in ("body", "query", "path", "header") and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in str(part) or str(part) in ("str", "int", "float", "bool", "dict"):
+            continue  # a union branch: list[ContentPart], str, function-after[...]
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "request body"
 
 
 def _http_error_message(request: Request, exc: StarletteHTTPException) -> str:

@@ -1,6 +1,7 @@
-"""The curl-friendly form endpoints: ``POST /infer/text`` and ``POST /infer/image``.
+"""The curl-friendly form endpoints: ``POST /infer/text``, ``POST /infer/image`` and ``POST /infer/video``.
 
     curl -F prompt="Describe this picture" -F image_file=@sample.jpeg http://localhost:8123/infer/image
+    curl -F prompt="What happens here?" -F video_file=@clip.mp4 -F fps=1 http://localhost:8123/infer/video
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from snark.api.cancellation import until_disconnected, within
+from snark.api.messages import VideoOptions, video_sampling
 from snark.api.protocol import resolve_sampling
 from snark.api.structured import form_schema_output
 from snark.api.replies import finish_reason_of
@@ -25,6 +27,7 @@ from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, Samp
 from snark.errors import InvalidRequest, PayloadTooLarge, SnarkError
 from snark.media import decode_upload, load_image
 from snark.speech import validate_speed
+from snark.video.clip import Video
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["form endpoints"])
@@ -77,9 +80,10 @@ class FormInferRequest(BaseModel):
     def check_format(self) -> None:
         validate_speed(self.speed)
 
-    def turns(self, image=None) -> list[ChatTurn]:
+    def turns(self, media=None) -> list[ChatTurn]:
+        """The conversation: the system prompt if any, then the image or video (if any) and the prompt."""
         turns = [ChatTurn("system", [self.system])] if self.system else []
-        return turns + [ChatTurn("user", ([image] if image is not None else []) + [self.prompt])]
+        return turns + [ChatTurn("user", ([media] if media is not None else []) + [self.prompt])]
 
 
 class ImageFormInferRequest(FormInferRequest):
@@ -91,8 +95,17 @@ class ImageFormInferRequest(FormInferRequest):
     image_file: UploadFile | None = Field(None, description="The image, uploaded")
 
 
+class VideoFormInferRequest(FormInferRequest, VideoOptions):
+    """``/infer/video``'s fields: the shared ones, the video, and how to sample it (fps, frame counts,
+    pixel bounds, a time range: the same names as in chat, held within the server's caps)."""
+
+    video_url: str | None = Field(None, description="http(s) URL or data:video/...;base64, URI of the video")
+    video_file: UploadFile | None = Field(None, description="The video, uploaded (MP4, WebM, MKV, MOV, AVI, ...)")
+
+
 FormFields = Annotated[FormInferRequest, Form()]
 ImageFormFields = Annotated[ImageFormInferRequest, Form()]
+VideoFormFields = Annotated[VideoFormInferRequest, Form()]
 
 
 @router.post("/infer/text", summary="Answer a text prompt")
@@ -117,6 +130,34 @@ async def infer_image(request: Request, form: ImageFormFields, state: AppState =
     return await _answer(request, state, form, prompt, await _prepared(request, state, params))
 
 
+@router.post("/infer/video", summary="Answer a prompt about one video (video_url or video_file)")
+async def infer_video(request: Request, form: VideoFormFields, state: AppState = Depends(get_state)) -> Response:
+    form.check_format()
+    params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any video work
+    if (form.video_url is None) == (form.video_file is None):
+        raise InvalidRequest("Send exactly one of video_url (a URL or data: URI) or video_file (an upload).", param="video_url")
+    video = await _load_form_video(form, state)
+    settings = state.settings
+    prompt = await state.engine.build_prompt(form.turns(video), min_pixels=settings.min_image_pixels,
+                                             max_pixels=settings.max_image_pixels)  # fmt: skip
+    return await _answer(request, state, form, prompt, await _prepared(request, state, params))
+
+
+async def _load_form_video(form: VideoFormInferRequest, state: AppState) -> Video:
+    """The one video, sampled as the form asks; its errors name the form field it came from."""
+    sampling = video_sampling(state.videos, form)
+    field = "video_file" if form.video_file is not None else "video_url"
+    try:
+        if form.video_file is not None:
+            max_bytes = state.videos.limits.max_bytes
+            data = await _read_upload(form.video_file, max_bytes, "video_file", "SNARK_MAX_VIDEO_BYTES", "video")
+            return await state.videos.upload(data, sampling, filename=form.video_file.filename)
+        return await state.videos.url(form.video_url, sampling)
+    except SnarkError as exc:
+        exc.param = exc.param or field
+        raise
+
+
 async def _prepared(request: Request, state: AppState, params: SamplingParams) -> SamplingParams:
     """``params`` with their output grammar compiled (json_schema); a client that leaves stops waiting."""
     return await until_disconnected(request, state.engine.prepare(params), timeout_s=state.settings.request_timeout_s)
@@ -127,7 +168,8 @@ async def _load_form_image(image_url: str | None, image_file: UploadFile | None,
     field = "image_file" if image_file is not None else "image_url"
     try:
         if image_file is not None:
-            data = await _read_upload(image_file, state.image_limits.max_image_bytes)
+            max_bytes = state.image_limits.max_image_bytes
+            data = await _read_upload(image_file, max_bytes, "image_file", "SNARK_MAX_IMAGE_BYTES", "image")
             return await decode_upload(data, state.image_limits, filename=image_file.filename, decoded=state.decoded_images)
         return await load_image(image_url, state.image_limits, decoded=state.decoded_images)
     except SnarkError as exc:
@@ -135,13 +177,13 @@ async def _load_form_image(image_url: str | None, image_file: UploadFile | None,
         raise
 
 
-async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+async def _read_upload(upload: UploadFile, max_bytes: int, field: str, setting: str, noun: str) -> bytes:
     data = await upload.read(max_bytes + 1)  # read one byte past the cap to know it is over
     if len(data) > max_bytes:
         raise PayloadTooLarge(
-            f"image_file is over the {max_bytes}-byte limit (SNARK_MAX_IMAGE_BYTES): send a smaller image.",
-            param="image_file",
-            code="image_too_large",
+            f"{field} is over the {max_bytes}-byte limit ({setting}): send a smaller {noun}.",
+            param=field,
+            code=f"{noun}_too_large",
         )
     return data
 

@@ -111,6 +111,7 @@ class _Media:
     """One image or video a request refers to, in order: where it is (for errors) and what to load."""
 
     param: str
+    part: str  # the content part it came in: messages[0].content[1]
     kind: str  # "image" | "video" (a file) | "frames" (a video as image URLs)
     source: str | list[str]
     layers: tuple[VideoOptions, ...] = ()  # a video's sampling fields, nearest first
@@ -165,7 +166,7 @@ def _check_counts(media: list[_Media], max_images: int, videos: VideoLoader | No
         try:
             item.sampling = video_sampling(videos, *item.layers, video_options)
         except SnarkError as exc:  # name the part: messages[0].content[1].video_end
-            exc.param = exc.param and f"{item.param.rsplit('.', 1)[0]}.{exc.param}"
+            exc.param = exc.param and f"{item.part}.{exc.param}"
             raise
 
 
@@ -235,11 +236,11 @@ def _message_parts(
 
 def _media_part(at: str, part: ContentPart) -> _Media | None:
     if part.type == "image_url" and part.image_url is not None:
-        return _Media(f"{at}.image_url.url", "image", part.image_url.url)
+        return _Media(f"{at}.image_url.url", at, "image", part.image_url.url)
     if part.type == "video_url" and part.video_url is not None:
-        return _Media(f"{at}.video_url.url", "video", part.video_url.url, layers=(part.video_url, part))
+        return _Media(f"{at}.video_url.url", at, "video", part.video_url.url, layers=(part.video_url, part))
     if part.type == "video" and part.video is not None:
-        return _Media(f"{at}.video", "video" if isinstance(part.video, str) else "frames", part.video, layers=(part,))
+        return _Media(f"{at}.video", at, "video" if isinstance(part.video, str) else "frames", part.video, layers=(part,))
     return None
 
 

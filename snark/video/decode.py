@@ -86,6 +86,13 @@ def _sample(container, data: bytes, sampling: VideoSampling, limits: DecodeLimit
         raise VideoError(f"video_start ({sampling.start_s}) must come before video_end ({sampling.end_s}) and "
                          f"inside the video ({probe.duration:.2f} s).", code="invalid_video")  # fmt: skip
     span = end - start
+    if span > limits.max_seconds:
+        part = "is" if span == probe.duration else "has a part to sample (video_start/video_end) that is"
+        raise PayloadTooLarge(
+            f"{label} {part} {span:.0f} s long; this server takes videos up to {limits.max_seconds:.0f} s "
+            "(SNARK_MAX_VIDEO_SECONDS). Cut the video, or ask about a part of it with video_start/video_end.",
+            code="video_too_long",
+        )
     in_range = max(1, round(probe.frames * span / probe.duration)) if probe.duration > 0 else probe.frames
     count = sampling.frame_count(in_range, in_range / span if span > 0 else sampling.fps)
     # The frames Qwen's reader would take (evenly spaced indices from the first to the last frame of
@@ -133,12 +140,6 @@ def _probe(container, stream, limits: DecodeLimits, label: str, deadline: float)
         duration, frames = _scan(container, stream, start, deadline, limits, label)  # no usable header: count packets
     elif frames <= 0:
         frames = max(1, round(duration * rate))
-    if duration > limits.max_seconds:
-        raise PayloadTooLarge(
-            f"{label} is {duration:.0f} s long; this server takes videos up to {limits.max_seconds:.0f} s "
-            "(SNARK_MAX_VIDEO_SECONDS). Cut the video, or ask about a part of it with video_start/video_end.",
-            code="video_too_long",
-        )
     keyframes = [float(entry.timestamp * time_base) for entry in _index(stream) if entry.is_keyframe]
     return _Probe(start, duration, frames, height, width, sorted(keyframes))
 

@@ -57,7 +57,7 @@ class VideoSampling:
         """(height, width) every frame is resized to, for a clip of ``frames`` frames (qwen-vl-utils'
         ``fetch_video``: the per-frame cap shrinks as the clip grows)."""
         share = self.total_pixels / frames * FRAME_FACTOR
-        max_pixels = max(min(self.max_pixels, share), int(self.min_pixels * 1.05))
+        max_pixels = min(self.max_pixels, max(min(self.max_pixels, share), int(self.min_pixels * 1.05)))
         return smart_resize(height, width, min_pixels=self.min_pixels, max_pixels=max_pixels)
 
     def tokens(self, height: int, width: int, frames: int) -> int:
