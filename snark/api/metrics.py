@@ -66,7 +66,7 @@ class Metrics:
             # TTFT's fine buckets: on a healthy server most waits are milliseconds.
             "snark:request_queue_time_seconds", "Time spent waiting for a batch.", buckets=_TTFT_BUCKETS, registry=registry
         )
-        self.prompt_tokens = Counter("snark:prompt_tokens", "Prefilled prompt tokens, image tokens included.", registry=registry)
+        self.prompt_tokens = Counter("snark:prompt_tokens", "Prefilled prompt tokens, image and video tokens included.", registry=registry)
         self.generation_tokens = Counter("snark:generation_tokens", "Generated tokens.", registry=registry)
         self.requests_finished = Counter(
             "snark:request_success", "Requests that ended normally, by finish reason (stop, length).",
