@@ -144,3 +144,22 @@ def test_decoding_past_its_time_budget_stops():
 def test_range_outside_the_video_is_refused():
     with pytest.raises(VideoError, match="video_start"):
         decode_video(make_video(16, fps=8), VideoSampling(start_s=5.0, end_s=9.0), LIMITS)
+
+
+@pytest.mark.parametrize("container", ["mp4", "webm", "mpegts", "avi"])
+def test_damaged_files_decode_or_are_refused_never_crash(container):
+    codec = {"webm": "libvpx", "avi": "mpeg4"}.get(container, "libx264")
+    data = make_video(24, container=container, codec=codec, index_first=container == "mp4")
+    rng = np.random.default_rng(7)
+    damaged = [data[:cut] for cut in range(0, len(data), max(1, len(data) // 40))]
+    for _ in range(40):  # bytes overwritten with noise somewhere in the file
+        copy = bytearray(data)
+        at = int(rng.integers(0, len(copy) - 16))
+        copy[at : at + 16] = rng.integers(0, 256, 16, dtype=np.uint8).tobytes()
+        damaged.append(bytes(copy))
+    for sample in damaged:
+        try:
+            video = decode_video(sample, SMALL, LIMITS)
+        except (VideoError, PayloadTooLarge):
+            continue
+        assert video.num_frames % 2 == 0 and video.frames.dtype == np.uint8
