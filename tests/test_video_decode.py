@@ -105,6 +105,7 @@ PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4
         (PLAYLIST, "is not a video file"),  # a playlist would open other files: not among the formats read
         (PNG, "is not a video file"),
         (make_audio_only(), "has no video track"),
+        (make_video(0, audio=True), "has no video track"),  # zero frames: the muxer writes no video track
         (make_video(48, fps=8)[:1200], "is not a video file"),  # cut before its index
         (make_video(48, fps=8, index_first=True)[:2500], "ends at"),  # cut mid-stream: its index says longer
     ],
