@@ -21,11 +21,16 @@ Workloads (--workload):
            as assistant messages) and a new question; TTFT of turn 1 (a new image) and of turns 2+.
   image-repeat  one image, --questions different questions (default 8), each a fresh single-turn chat;
            TTFT of the first and of questions 2+.
+  video    one short clip the benchmark makes (--video-seconds 4 at --video-fps 10, --video-size 640x360: a
+           moving square, a bouncing ball), sent as a video_url data: URI with --video-sample-fps (default 2) as
+           the part's "fps"; --concurrency clients (default 4) each ask --questions different questions
+           (default 4), each a fresh single-turn chat that sends the clip again; TTFT of every client's
+           first question (a new video) and of questions 2+ (p50, p95), e2e and aggregate output tok/s.
   long-short  one prompt of --long-prompt-tokens (3000) asking for --long-tokens (256), then
            --short-delay-s (0.5) later --short-requests (15) of --short-tokens (64) at once; aggregate
            output tok/s, the short requests' e2e p50/p95 and the long one's TTFT.
-           These three give every run (and --repeats round) an image and first lines of its own, so a
-           server's caches from earlier runs cannot serve them (--reuse-inputs: the same every time).
+           These four give every run (and --repeats round) an image, clip or first lines of its own, so
+           a server's caches from earlier runs cannot serve them (--reuse-inputs: the same every time).
 
 Every request sets ignore_eos (constrained answers end where their grammar ends): output lengths are
 exact, so servers compare.
@@ -37,6 +42,7 @@ exact, so servers compare.
     uv run python benchmark_vlm.py --tiny --workload structured --concurrency 1,16 --repeats 3
     uv run python benchmark_vlm.py --model DIR --workload conversation --turns 6 --max-tokens 64
     uv run python benchmark_vlm.py --url http://localhost:8000 --workload image-repeat --label vllm --save ir-1.json
+    uv run python benchmark_vlm.py --url http://localhost:8000 --workload video --label vllm --save video-1.json
     uv run python benchmark_vlm.py --url http://localhost:8000 --workload long-short --label vllm --save ls-1.json
     uv run python benchmark_vlm.py --url http://localhost:8000 --workload poisson --rate 3 --label vllm --save vllm-1.json
     uv run python benchmark_vlm.py --compare snark-1.json vllm-1.json vllm-2.json snark-2.json
@@ -54,8 +60,14 @@ Comparing servers: run them one at a time on the same machine, in rounds A, B, B
 --label and --save; then --compare FILE.json ... prints one markdown table (a column per label) and,
 for each label, keeps its better round: the lower TTFT p95 for poisson, the lower short-request
 ratio for hol, the higher output tok/s at the top concurrency for burst, the lower TTFT of the repeat
-requests (turns or questions 2+, p50) for conversation and image-repeat, the higher aggregate tok/s
-for long-short.
+requests (turns or questions 2+, p50) for conversation, image-repeat and video, the higher aggregate
+tok/s for long-short.
+
+Videos and vLLM's server: it takes the same video_url part, but samples frames by its own
+--media-io-kwargs (e.g. '{"video": {"fps": 2}}'; it refuses per-request ones unless started with
+--trust-request-mm-kwargs) and needs --limit-mm-per-prompt to allow a video. Give it the same fps as
+--video-sample-fps; the figures' "prompt tokens, question 1" (each server's own count) shows whether
+both saw the clip alike.
 
 Settings come from the environment as for the server (VLM_MODEL/VLM_SIZE, SNARK_*, and SNARK_ENGINE /
 VLLM_*: with --engine vllm or a VLLM_* setting, the in-process engine is the server's vLLM engine, so
@@ -91,6 +103,7 @@ from snark.config import load_settings
 from snark.engine.prompt import PromptBuilder
 from snark.engine.tiny_model import is_tiny_checkpoint
 from snark.errors import ConfigError
+from snark.video.load import VideoLimits, VideoLoader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -235,7 +248,7 @@ def vllm_in_process(args, settings, workload) -> int:
                 engine_measures("vllm", engine, torch.device("cpu"), workload, args, pixels, args.levels), args.repeats
             )
             return finish_burst(report, args, endpoint="in-process vLLM engine", model=engine.model_name)
-        measured = measure_on_engine(args, engine, workload, pixels)
+        measured = measure_on_engine(args, engine, workload, pixels, VideoLoader(VideoLimits.from_settings(settings)))
     finally:
         engine.stop()
     return finish_latency(args, measured, shown, machine_info(None), endpoint="in-process vLLM engine", model=engine.model_name)
@@ -294,8 +307,10 @@ def latency_over_http(args, workload) -> int:
 def latency_in_process(args, settings, loaded, workload) -> int:
     max_batch = args.max_batch_size or settings.max_batch_size
     engine = engine_for(loaded, settings, args, max_batch_size=max_batch, max_in_flight=prompts_needed(args))
+    videos = VideoLoader(VideoLimits.from_settings(settings))  # the server's video limits and clip cache
     try:
-        measured = measure_on_engine(args, engine, workload, (settings.min_image_pixels, settings.max_image_pixels))
+        pixels = (settings.min_image_pixels, settings.max_image_pixels)
+        measured = measure_on_engine(args, engine, workload, pixels, videos)
     finally:
         engine.stop()
     shown = in_process_settings(args, loaded, workload, max_batch)

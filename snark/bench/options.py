@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 
+from snark.bench.clip import frame_size
 from snark.config import DEFAULT_TINY_DIR
 
-WORKLOADS = ("burst", "poisson", "hol", "structured", "conversation", "image-repeat", "long-short")
+WORKLOADS = ("burst", "poisson", "hol", "structured", "conversation", "image-repeat", "video", "long-short")
 IMAGE_CHATS = ("conversation", "image-repeat")  # about one image: a new one first, then the same again
 POISSON_REQUESTS = 48
-MAX_TOKENS, STRUCTURED_MAX_TOKENS, IMAGE_REPEAT_MAX_TOKENS = 256, 1024, 64
+MAX_TOKENS, STRUCTURED_MAX_TOKENS, IMAGE_REPEAT_MAX_TOKENS, VIDEO_MAX_TOKENS = 256, 1024, 64, 64
 CHAT_IMAGE = "1024x768"  # the image chats' default --image: a screenshot-sized picture
-CONCURRENCY, STRUCTURED_CONCURRENCY = "1,4,16", "1,16"
+CONCURRENCY, STRUCTURED_CONCURRENCY, VIDEO_CONCURRENCY = "1,4,16", "1,16", "4"
+IMAGE_REPEAT_QUESTIONS, VIDEO_QUESTIONS = 8, 4
 
 
 def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespace:
@@ -70,12 +72,13 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
     burst.add_argument(
         "--max-tokens",
         type=int,
-        help=f"output tokens per request (default {MAX_TOKENS}; image-repeat {IMAGE_REPEAT_MAX_TOKENS}); structured: "
-        f"the most a constrained answer may take (default {STRUCTURED_MAX_TOKENS})",
+        help=f"output tokens per request (default {MAX_TOKENS}; image-repeat {IMAGE_REPEAT_MAX_TOKENS}, video "
+        f"{VIDEO_MAX_TOKENS}); structured: the most a constrained answer may take (default {STRUCTURED_MAX_TOKENS})",
     )
     burst.add_argument(
         "--concurrency",
-        help=f"comma-separated client counts to sweep (default {CONCURRENCY}; structured: {STRUCTURED_CONCURRENCY})",
+        help=f"comma-separated client counts to sweep (default {CONCURRENCY}; structured: {STRUCTURED_CONCURRENCY}); "
+        f"video: one count, the clients asking about the clip (default {VIDEO_CONCURRENCY})",
     )
     burst.add_argument(
         "--compare-serial", action="store_true", help="run the highest-concurrency load again with batch size 1"
@@ -92,8 +95,8 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
         "--repeats",
         type=int,
         default=1,
-        help="rounds of every timed load; each row is its median round (default 1); conversation and "
-        "image-repeat: conversations (question sequences) one after another, each on an image of its own",
+        help="rounds of every timed load; each row is its median round (default 1); conversation, image-repeat "
+        "and video: rounds one after another, each on an image or clip of its own",
     )
 
     structured = p.add_argument_group(
@@ -119,14 +122,19 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
     )
 
     chats = p.add_argument_group(
-        "conversation, image-repeat, long-short",
-        "greedy, ignore_eos, streamed; each run (and each round) sends an image and first lines of its own, so "
-        "that a server's caches from earlier runs cannot serve them",
+        "conversation, image-repeat, video, long-short",
+        "greedy, ignore_eos, streamed; each run (and each round) sends an image, clip or first lines of its own, "
+        "so that a server's caches from earlier runs cannot serve them",
     )
     chats.add_argument(
         "--turns", type=int, default=6, help="conversation: turns, each re-sending the history (default 6)"
     )
-    chats.add_argument("--questions", type=int, default=8, help="image-repeat: questions about the image (default 8)")
+    chats.add_argument(
+        "--questions",
+        type=int,
+        help=f"image-repeat: questions about the image (default {IMAGE_REPEAT_QUESTIONS}); video: questions each "
+        f"client asks about the clip (default {VIDEO_QUESTIONS})",
+    )
     chats.add_argument(
         "--long-prompt-tokens", type=int, default=3000, help="long-short: the long prompt's length (default about 3000)"
     )
@@ -144,6 +152,21 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
         type=float,
         default=0.5,
         help="long-short: seconds from the long request to the short ones (default 0.5)",
+    )
+    chats.add_argument(
+        "--video-seconds", type=float, default=4.0, help="video: the clip's length, seconds (default 4)"
+    )
+    chats.add_argument(
+        "--video-fps", type=float, default=10.0, help="video: the clip's own frame rate (default 10)"
+    )
+    chats.add_argument(
+        "--video-size", default="640x360", help="video: the clip's frame size, WxH, even sides (default 640x360)"
+    )
+    chats.add_argument(
+        "--video-sample-fps",
+        type=float,
+        default=2.0,
+        help="video: the fps sent on the video part, frames a second the server samples (default 2, Qwen's)",
     )
     chats.add_argument(
         "--reuse-inputs",
@@ -172,10 +195,14 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Parse the lists and refuse settings that cannot run, before anything is loaded."""
     structured = args.workload == "structured"
     if args.concurrency is None:
-        args.concurrency = STRUCTURED_CONCURRENCY if structured else CONCURRENCY
+        concurrency = {"structured": STRUCTURED_CONCURRENCY, "video": VIDEO_CONCURRENCY}
+        args.concurrency = concurrency.get(args.workload, CONCURRENCY)
     if args.max_tokens is None:
-        defaults = {"structured": STRUCTURED_MAX_TOKENS, "image-repeat": IMAGE_REPEAT_MAX_TOKENS}
-        args.max_tokens = defaults.get(args.workload, MAX_TOKENS)
+        max_tokens = {"structured": STRUCTURED_MAX_TOKENS, "image-repeat": IMAGE_REPEAT_MAX_TOKENS,
+                      "video": VIDEO_MAX_TOKENS}  # fmt: skip
+        args.max_tokens = max_tokens.get(args.workload, MAX_TOKENS)
+    if args.questions is None:
+        args.questions = VIDEO_QUESTIONS if args.workload == "video" else IMAGE_REPEAT_QUESTIONS
     check_chat_args(p, args)
     try:
         args.levels = sorted(set(positive_ints(args.concurrency)))
@@ -209,6 +236,8 @@ def check_chat_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             p.error(f"--workload {args.workload} is about one image: give --image a file or a size ({CHAT_IMAGE})")
         if min(args.turns, args.questions) < 1:
             p.error("--turns and --questions need positive counts")
+    if args.workload == "video":
+        check_video_args(p, args)
     if args.workload == "long-short":
         if args.image not in (None, "none"):
             p.error("--workload long-short sends text prompts: leave out --image")
@@ -220,3 +249,20 @@ def check_chat_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             )
         if args.repeats != 1:
             p.error("--workload long-short runs once: for rounds, run it again with --save and --compare the files")
+
+
+def check_video_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.image not in (None, "none"):
+        p.error("--workload video makes its own clip (--video-seconds, --video-fps, --video-size): leave out --image")
+    if "," in args.concurrency:
+        p.error("--workload video takes one --concurrency, the clients asking about the clip (such as 4)")
+    if args.questions < 1:
+        p.error("--questions needs a positive count")
+    try:
+        frame_size(args.video_size)
+    except ValueError as exc:
+        p.error(f"--video-size {exc}")
+    if not 0 < args.video_fps <= 120 or not 0 < args.video_sample_fps <= 60:
+        p.error("--video-fps needs a rate from above 0 to 120, --video-sample-fps from above 0 to 60")
+    if args.video_seconds <= 0 or round(args.video_seconds * args.video_fps) < 2 or args.video_seconds > 600:
+        p.error("--video-seconds needs a length of at least two frames at --video-fps, and at most 600 s")

@@ -23,6 +23,7 @@ HEADLINE = {
     "structured": ("json_schema / free at top concurrency", "higher"),
     "conversation": ("turns 2+ TTFT p50 ms", "lower"),
     "image-repeat": ("questions 2+ TTFT p50 ms", "lower"),
+    "video": ("questions 2+ TTFT p50 ms", "lower"),
     "long-short": ("aggregate out tok/s", "higher"),
 }
 
@@ -34,6 +35,8 @@ SHOWN_SETTINGS = {
     "structured": ("concurrency", "requests", "max_tokens", "repeats"),
     "conversation": ("turns", "max_tokens", "image", "repeats", "reuse_inputs"),
     "image-repeat": ("questions", "max_tokens", "image", "repeats", "reuse_inputs"),
+    "video": ("concurrency", "questions", "max_tokens", "video_seconds", "video_fps", "video_size", "video_sample_fps",
+              "repeats", "reuse_inputs"),
     "long-short": ("long_prompt_tokens", "long_tokens", "short_requests", "short_tokens", "short_delay_s",
                    "reuse_inputs"),
 }  # fmt: skip
