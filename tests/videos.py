@@ -62,25 +62,22 @@ def _encode(target, frames, fps, width, height, container, codec, gop, times, ro
         for packet in stream.encode():
             out.mux(packet)
         if sound is not None:
-            samples = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
-            samples.sample_rate = 16000
-            for packet in sound.encode(samples):
-                out.mux(packet)
-            for packet in sound.encode():
-                out.mux(packet)
+            _mux_silence(out, sound)
 
 
 def make_audio_only() -> bytes:
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as out:
-        sound = out.add_stream("aac", rate=16000)
-        samples = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
-        samples.sample_rate = 16000
-        for packet in sound.encode(samples):
-            out.mux(packet)
-        for packet in sound.encode():
-            out.mux(packet)
+        _mux_silence(out, out.add_stream("aac", rate=16000))
     return buffer.getvalue()
+
+
+def _mux_silence(out, sound) -> None:
+    """One second of silence into the audio stream ``sound``."""
+    samples = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
+    samples.sample_rate = 16000
+    for packet in [*sound.encode(samples), *sound.encode()]:
+        out.mux(packet)
 
 
 def source_index(frame: np.ndarray) -> int:
