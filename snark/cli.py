@@ -43,7 +43,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 SETTINGS_POINTER = (
     "Every setting is an environment variable (SNARK_*, VLM_*), validated at start-up; flags win over the "
-    "environment. The full list with defaults is the Settings table in README.md."
+    "environment. The full list with defaults is the Settings table in docs/configuration.md."
 )
 
 

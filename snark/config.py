@@ -1,7 +1,7 @@
 """One typed ``Settings`` object, read from the environment and validated at start-up.
 
 Every setting has an environment name (shown in the ``Field`` alias or ``SNARK_`` + the field name in
-upper case); README.md lists them all. Bad values raise ``ConfigError`` before any weight is loaded.
+upper case); docs/configuration.md lists them all. Bad values raise ``ConfigError`` before any weight is loaded.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ def test_version(capsys) -> None:
 def test_bare_snark_prints_help(capsys) -> None:
     assert cli.main([]) == 0
     out = capsys.readouterr().out
-    assert "usage: snark" in out and "serve" in out and "tiny-model" in out and "README.md" in out
+    assert "usage: snark" in out and "serve" in out and "tiny-model" in out and "docs/configuration.md" in out
 
 
 def test_serve_help_describes_itself_and_points_to_the_settings(capsys) -> None:
@@ -30,7 +30,7 @@ def test_serve_help_describes_itself_and_points_to_the_settings(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert exited.value.code == 0
     assert "Start the HTTP server" in out and "SNARK_SHUTDOWN_GRACE_S" in out
-    assert "Settings table in README.md" in out
+    assert "Settings table in docs/configuration.md" in out
 
 
 def test_tiny_model_help_describes_both_sizes(capsys) -> None:

@@ -74,7 +74,7 @@ def test_image_errors_on_the_form_route_name_the_field(http: httpx.Client, sent:
 
 def test_the_root_points_to_the_docs_and_the_readme(http: httpx.Client) -> None:
     body = http.get("/").json()
-    assert body["docs"] == "/docs" and body["openapi"] == "/openapi.json" and "README.md" in body["message"]
+    assert body["docs"] == "/docs" and body["openapi"] == "/openapi.json" and "docs/api.md" in body["message"]
     assert http.get(body["docs"]).status_code == 200
 
 

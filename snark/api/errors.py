@@ -122,7 +122,7 @@ def _field_path(loc: tuple) -> str:
 
 def _http_error_message(request: Request, exc: StarletteHTTPException) -> str:
     if exc.status_code == 404:
-        return f"No route {request.method} {request.url.path}: see /docs or README.md for the endpoints."
+        return f"No route {request.method} {request.url.path}: see /docs or docs/api.md for the endpoints."
     if exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
         methods = " or ".join(m.strip() for m in allowed.split(",") if m.strip()) or "another method"

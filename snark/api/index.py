@@ -14,8 +14,8 @@ async def index(state: AppState = Depends(get_state)) -> dict:
     return {
         "name": "Snark",
         "model": state.engine.model_name,
-        "message": "Snark serves Qwen2.5-VL over HTTP. Try the API in a browser at /docs; README.md explains "
-        "every endpoint and setting.",
+        "message": "Snark serves Qwen2.5-VL over HTTP. Try the API in a browser at /docs; docs/api.md explains "
+        "every endpoint and docs/configuration.md every setting.",
         "docs": "/docs",
         "openapi": "/openapi.json",
         "health": "/health",

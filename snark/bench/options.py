@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
         help="default: SNARK_ENGINE, or vllm when a VLLM_* setting is given (as for the server)",
     )  # fmt: skip
     engine.add_argument("--max-batch-size", type=int, help="default: SNARK_MAX_BATCH_SIZE (16)")
-    engine.add_argument("--batch-wait-ms", type=float, help="default: SNARK_BATCH_WAIT_MS (10)")
+    engine.add_argument("--batch-wait-ms", type=float, help="default: SNARK_BATCH_WAIT_MS (0)")
     engine.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's own choice)")
     args = p.parse_args(argv)
     check_args(p, args)
