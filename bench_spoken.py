@@ -7,7 +7,8 @@ Per round, one after the other on the same prompt (greedy, so the same answer ea
   text      POST /infer/text (JSON): the whole answer
   sentence  POST /infer/text stream=true: when the first sentence (as the server's splitter cuts it) is written
   spoken    POST /infer/text response_format=wav: the first audio byte after the header, and the last byte
-Then a short /v1/audio/speech "Hi." sent 10 s into a 300-token spoken reply (still synthesizing), and ``--concurrency`` spoken replies at once; for each, the stream's real-time factor: the time from
+Then a short /v1/audio/speech "Hi." sent 10 s into a 300-token spoken reply (still synthesizing), and
+``--concurrency`` spoken replies at once; for each, the stream's real-time factor: the time from
 its first to its last audio byte over the audio's length (below 1: playback started at the first
 byte never runs dry, given the first sentence), and the longest stall a player would have had.
 """
@@ -73,8 +74,11 @@ def spoken(http: httpx.Client, tokens: int) -> dict:
 def short_during_long(url: str, tokens: int = 300, after_s: float = 10.0) -> float:
     """Seconds for a "Hi." speech request sent ``after_s`` into a ``tokens``-token spoken reply (minutes
     of audio on the tiny model, so its synthesis is still running then, on any version of the server)."""
+
     def speak_long() -> None:
-        with httpx.stream("POST", f"{url}/infer/text", data=form(tokens, response_format="wav"), timeout=600) as response:
+        with httpx.stream(
+            "POST", f"{url}/infer/text", data=form(tokens, response_format="wav"), timeout=600
+        ) as response:
             for _ in response.iter_raw():
                 pass
 
@@ -82,7 +86,9 @@ def short_during_long(url: str, tokens: int = 300, after_s: float = 10.0) -> flo
     reader.start()
     time.sleep(after_s)
     sent = time.perf_counter()
-    httpx.post(f"{url}/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", "input": "Hi."}, timeout=600).raise_for_status()
+    httpx.post(
+        f"{url}/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", "input": "Hi."}, timeout=600
+    ).raise_for_status()
     took = time.perf_counter() - sent
     reader.join()
     return took
@@ -99,7 +105,9 @@ def main() -> None:
         spoken(http, 20)  # warm-up: loads the voice
         rows = []
         for _ in range(args.rounds):
-            rows.append((text_seconds(http, args.tokens), first_sentence_seconds(http, args.tokens), spoken(http, args.tokens)))
+            rows.append(
+                (text_seconds(http, args.tokens), first_sentence_seconds(http, args.tokens), spoken(http, args.tokens))
+            )
         print(f"{args.tokens}-token answer, {args.rounds} rounds (median):")
         text_s = statistics.median(row[0] for row in rows)
         sentence_s = statistics.median(row[1] for row in rows)
@@ -107,9 +115,14 @@ def main() -> None:
         last_s = statistics.median(row[2]["last_byte_s"] for row in rows)
         print(f"  text answer (JSON)          {text_s:6.2f} s")
         print(f"  first sentence written      {sentence_s:6.2f} s")
-        print(f"  spoken: first audio byte    {first_audio_s:6.2f} s  ({first_audio_s / text_s:.2f}x the text answer, "
-              f"first sentence + {first_audio_s - sentence_s:.2f} s)")
-        print(f"  spoken: last byte           {last_s:6.2f} s  ({statistics.median(r[2]['audio_s'] for r in rows):.1f} s of audio)")
+        print(
+            f"  spoken: first audio byte    {first_audio_s:6.2f} s  ({first_audio_s / text_s:.2f}x the text answer, "
+            f"first sentence + {first_audio_s - sentence_s:.2f} s)"
+        )
+        print(
+            f"  spoken: last byte           {last_s:6.2f} s  "
+            f"({statistics.median(r[2]['audio_s'] for r in rows):.1f} s of audio)"
+        )
 
         print(f'"Hi." while a long speech streams: {short_during_long(args.url):.2f} s')
         results: list[dict] = []
@@ -125,8 +138,10 @@ def main() -> None:
             thread.join()
         print(f"{args.concurrency} spoken replies at once:")
         for i, result in enumerate(results):
-            print(f"  reply {i}: first audio {result['first_audio_s']:5.2f} s, {result['audio_s']:5.1f} s of audio, "
-                  f"stream real-time factor {result['stream_rtf']:.2f}, longest stall {result['stall_s']:.2f} s")
+            print(
+                f"  reply {i}: first audio {result['first_audio_s']:5.2f} s, {result['audio_s']:5.1f} s of audio, "
+                f"stream real-time factor {result['stream_rtf']:.2f}, longest stall {result['stall_s']:.2f} s"
+            )
 
 
 if __name__ == "__main__":

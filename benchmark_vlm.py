@@ -44,7 +44,8 @@ exact, so servers compare.
     uv run python benchmark_vlm.py --url http://localhost:8000 --workload image-repeat --label vllm --save ir-1.json
     uv run python benchmark_vlm.py --url http://localhost:8000 --workload video --label vllm --save video-1.json
     uv run python benchmark_vlm.py --url http://localhost:8000 --workload long-short --label vllm --save ls-1.json
-    uv run python benchmark_vlm.py --url http://localhost:8000 --workload poisson --rate 3 --label vllm --save vllm-1.json
+    uv run python benchmark_vlm.py --url http://localhost:8000 --workload poisson --rate 3 \
+        --label vllm --save vllm-1.json
     uv run python benchmark_vlm.py --compare snark-1.json vllm-1.json vllm-2.json snark-2.json
     VLM_SIZE=32B uv run python benchmark_vlm.py --max-tokens 600          # the model the server would load
     uv run python benchmark_vlm.py --random-weights 7B --roofline --compare-serial   # GPU
@@ -199,8 +200,9 @@ def burst_in_process(args, settings, loaded, workload) -> int:
                 measures += http_measures(url, workload, args, lambda: tokenizer, [1], note="in-process uvicorn, ")[0]
             # The ceilings take the prompts the engine would build, built here without it.
             builder = PromptBuilder(loaded.processor, max_prompt_tokens=settings.max_prompt_tokens)
-            prompts = [builder.build(chat_turns(workload, i), min_pixels=pixels[0], max_pixels=pixels[1])
-                       for i in range(top)]  # fmt: skip
+            prompts = [
+                builder.build(chat_turns(workload, i), min_pixels=pixels[0], max_pixels=pixels[1]) for i in range(top)
+            ]
             if not args.no_raw:
                 measures += raw_measures(loaded, prompts, pad_token_id(loaded), args)
             report.rows = run_rounds(measures, args.repeats)
@@ -233,13 +235,21 @@ def vllm_in_process(args, settings, workload) -> int:
     model = str(ensure_tiny_model(settings.tiny_dir)) if args.tiny else args.model or settings.model_id
     top = max(args.levels) if args.workload == "burst" else prompts_needed(args)
     settings = load_settings(
-        engine="vllm", vlm_model=model, max_waiting_requests=max(settings.max_waiting_requests, top),
+        engine="vllm",
+        vlm_model=model,
+        max_waiting_requests=max(settings.max_waiting_requests, top),
         max_new_tokens_limit=max(settings.max_new_tokens_limit, args.max_tokens),
-    )  # fmt: skip
+    )
     engine = start_vllm_engine(settings)
     pixels = (settings.min_image_pixels, settings.max_image_pixels)
-    shown = {**vars(args), "engine": "vllm", "model": engine.model_name, "image": workload.image_label,
-             "device": engine.facts.device, "max_batch_size": engine.max_batch_size}  # fmt: skip
+    shown = {
+        **vars(args),
+        "engine": "vllm",
+        "model": engine.model_name,
+        "image": workload.image_label,
+        "device": engine.facts.device,
+        "max_batch_size": engine.max_batch_size,
+    }
     try:
         if args.workload == "burst":
             report = Report(machine_info(None), shown)
@@ -251,7 +261,9 @@ def vllm_in_process(args, settings, workload) -> int:
         measured = measure_on_engine(args, engine, workload, pixels, VideoLoader(VideoLimits.from_settings(settings)))
     finally:
         engine.stop()
-    return finish_latency(args, measured, shown, machine_info(None), endpoint="in-process vLLM engine", model=engine.model_name)
+    return finish_latency(
+        args, measured, shown, machine_info(None), endpoint="in-process vLLM engine", model=engine.model_name
+    )
 
 
 def structured_over_http(args) -> int:
@@ -282,9 +294,12 @@ def structured_in_process(args, settings) -> int:
     report = Report(machine_info(loaded.device), in_process_settings(args, loaded, None, max_batch))
     try:
         return run_structured(
-            args, lambda workload: engine_sender(engine, workload), report=report, endpoint="in-process engine",
+            args,
+            lambda workload: engine_sender(engine, workload),
+            report=report,
+            endpoint="in-process engine",
             model=loaded.name,
-        )  # fmt: skip
+        )
     finally:
         engine.stop()
 
@@ -320,9 +335,15 @@ def latency_in_process(args, settings, loaded, workload) -> int:
 
 
 def in_process_settings(args, loaded, workload, max_batch: int) -> dict:
-    return {**vars(args), "model": loaded.name, "device": str(loaded.device), "dtype": str(loaded.dtype),
-            "attention": loaded.attn_implementation, "image": workload.image_label if workload else "none",
-            "max_batch_size": max_batch}  # fmt: skip
+    return {
+        **vars(args),
+        "model": loaded.name,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype),
+        "attention": loaded.attn_implementation,
+        "image": workload.image_label if workload else "none",
+        "max_batch_size": max_batch,
+    }
 
 
 def finish_burst(report: Report, args, *, endpoint: str, model: str) -> int:
@@ -331,9 +352,15 @@ def finish_burst(report: Report, args, *, endpoint: str, model: str) -> int:
     if args.save:
         measured = Measured(burst_summary(report.rows), [])  # each row keeps its own requests' timings
         record = run_record(
-            workload="burst", label=args.label or args.url or "in-process", endpoint=endpoint, model=model,
-            settings=report.settings, machine=report.machine, measured=measured, **report.details_json(),
-        )  # fmt: skip
+            workload="burst",
+            label=args.label or args.url or "in-process",
+            endpoint=endpoint,
+            model=model,
+            settings=report.settings,
+            machine=report.machine,
+            measured=measured,
+            **report.details_json(),
+        )
         save_run(args.save, record)
     return 0
 
@@ -342,9 +369,14 @@ def finish_latency(args, measured: Measured, settings: dict, machine: dict, *, e
     machine["load_average_at_end"] = os.getloadavg()
     label = args.label or args.url or "in-process"
     record = run_record(
-        workload=args.workload, label=label, endpoint=endpoint, model=model, settings=settings, machine=machine,
+        workload=args.workload,
+        label=label,
+        endpoint=endpoint,
+        model=model,
+        settings=settings,
+        machine=machine,
         measured=measured,
-    )  # fmt: skip
+    )
     print(compare_table([(args.save or "this run", record)]))
     if args.save:
         save_run(args.save, record)

@@ -89,10 +89,14 @@ class Settings(BaseSettings):
     # --- videos ------------------------------------------------------------------------------
     # Sampled as Qwen samples them (frames at video_fps, an even count, a pixel budget for the clip);
     # a request may lower these, never raise them.
-    max_video_bytes: int = Field(64 * 1024 * 1024, gt=0)  # URL downloads; uploads and data: URIs also meet max_body_bytes
+    max_video_bytes: int = Field(
+        64 * 1024 * 1024, gt=0
+    )  # URL downloads; uploads and data: URIs also meet max_body_bytes
     video_url_timeout_s: float = Field(60.0, gt=0)
     max_videos_per_request: int = Field(2, ge=1)
-    max_video_seconds: float = Field(3600.0, gt=0)  # longer clips are refused (a part can be asked for with video_start/end)
+    max_video_seconds: float = Field(
+        3600.0, gt=0
+    )  # longer clips are refused (a part can be asked for with video_start/end)
     max_video_source_pixels: int = Field(8192 * 4320, gt=0)  # one frame as stored; 8K
     video_decode_timeout_s: float = Field(60.0, gt=0)  # one video's decoding, checked between frames
     video_fps: float = Field(2.0, gt=0, le=60)  # frames sampled a second, by default
@@ -150,9 +154,13 @@ class Settings(BaseSettings):
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"VLLM_ENGINE_ARGS is not valid JSON ({exc}): give an object such as '{{\"dtype\": \"float16\"}}'.") from None
+            raise ValueError(
+                f'VLLM_ENGINE_ARGS is not valid JSON ({exc}): give an object such as \'{{"dtype": "float16"}}\'.'
+            ) from None
         if not isinstance(parsed, dict):
-            raise ValueError("VLLM_ENGINE_ARGS must be a JSON object of engine arguments, such as '{\"dtype\": \"float16\"}'.")
+            raise ValueError(
+                'VLLM_ENGINE_ARGS must be a JSON object of engine arguments, such as \'{"dtype": "float16"}\'.'
+            )
         return value
 
     @field_validator("tts_voices")
@@ -163,7 +171,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _one_engine(self) -> "Settings":
+    def _one_engine(self) -> Settings:
         given = self.vllm_settings_given
         if self.engine == "transformers" and given:
             raise ValueError(
@@ -177,7 +185,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _consistent_limits(self) -> "Settings":
+    def _consistent_limits(self) -> Settings:
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(
                 f"SNARK_DEFAULT_MAX_NEW_TOKENS ({self.default_max_new_tokens}) exceeds "
@@ -240,7 +248,8 @@ def _parse_voice_pairs(value: str) -> dict[str, str]:
         name, sep, path = (text.strip() for text in item.partition("="))
         if not sep or not name or not path:
             raise ValueError(
-                f"SNARK_TTS_VOICES entry {item!r} is not name=path: give e.g. 'amy=/voices/en_US-amy-medium.onnx,joe=/voices/joe.onnx'."
+                f"SNARK_TTS_VOICES entry {item!r} is not name=path: "
+                "give e.g. 'amy=/voices/en_US-amy-medium.onnx,joe=/voices/joe.onnx'."
             )
         pairs[name] = path
     return pairs

@@ -41,8 +41,10 @@ class Download:
     accept: str = "*/*"
 
     def scheme_hint(self) -> str:
-        return (f"Only http, https and data: URIs are accepted (data:{self.noun}/...;base64,...); "
-                "upload local files instead.")  # fmt: skip
+        return (
+            f"Only http, https and data: URIs are accepted (data:{self.noun}/...;base64,...); "
+            "upload local files instead."
+        )
 
     def check_byte_count(self, count: int, label: str) -> None:
         if count > self.max_bytes:
@@ -65,12 +67,16 @@ def parse_url(text: str, download: Download) -> httpx.URL:
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise error(f"{short(text)!r} is not a valid URL ({exc}). {download.scheme_hint()}") from exc
     if url.scheme not in ("http", "https"):
-        raise error(f"Cannot load {_a(download.noun)} from {short(text)!r}. {download.scheme_hint()}",
-                    code=f"{download.noun}_url_scheme")  # fmt: skip
+        raise error(
+            f"Cannot load {_a(download.noun)} from {short(text)!r}. {download.scheme_hint()}",
+            code=f"{download.noun}_url_scheme",
+        )
     if not url.host:
         raise error(f"The {download.noun} URL {short(text)!r} has no host name; send a full http(s) URL.")
     if url.userinfo:  # credentials would end up in logs and Host-based redirects; nobody needs them here
-        raise error(f"{download.noun.capitalize()} URLs must not contain user:password@; use a URL that needs no login.")
+        raise error(
+            f"{download.noun.capitalize()} URLs must not contain user:password@; use a URL that needs no login."
+        )
     return url
 
 
@@ -99,8 +105,12 @@ def is_forbidden_address(ip: IPAddress) -> bool:
     return any(
         a in _METADATA_ADDRESSES
         or not a.is_global  # also catches shared (100.64/10) and documentation ranges
-        or a.is_private or a.is_loopback or a.is_link_local
-        or a.is_multicast or a.is_reserved or a.is_unspecified
+        or a.is_private
+        or a.is_loopback
+        or a.is_link_local
+        or a.is_multicast
+        or a.is_reserved
+        or a.is_unspecified
         for a in candidates
     )
 
@@ -118,9 +128,11 @@ async def resolve_hop(url: httpx.URL, download: Download) -> list[IPAddress]:
         try:
             infos = await loop.getaddrinfo(url.host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
-            raise error(f"The host {url.host!r} could not be resolved ({exc}). Check the {noun} URL for "
-                        f"typos, or send the {noun} as a data: URI or upload.",
-                        code=f"{noun}_url_unreachable") from exc  # fmt: skip
+            raise error(
+                f"The host {url.host!r} could not be resolved ({exc}). Check the {noun} URL for "
+                f"typos, or send the {noun} as a data: URI or upload.",
+                code=f"{noun}_url_unreachable",
+            ) from exc
         addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
     forbidden = [a for a in addresses if is_forbidden_address(a)] if not download.allow_private_urls else []
     if forbidden:
@@ -156,7 +168,9 @@ async def fetch(source: str, download: Download) -> bytes:
             # keep-alive: pooled connections are keyed by IP, so a later hop to another name on the same
             # IP would reuse a TLS session verified for the first name.
             async with httpx.AsyncClient(
-                follow_redirects=False, timeout=timeout, trust_env=False,
+                follow_redirects=False,
+                timeout=timeout,
+                trust_env=False,
                 limits=httpx.Limits(max_keepalive_connections=0),
             ) as client:
                 for _ in range(download.max_redirects + 1):
@@ -190,8 +204,9 @@ async def fetch(source: str, download: Download) -> bytes:
     )
 
 
-async def _send_pinned(client: httpx.AsyncClient, url: httpx.URL, addresses: list[IPAddress],
-                       download: Download) -> httpx.Response:  # fmt: skip
+async def _send_pinned(
+    client: httpx.AsyncClient, url: httpx.URL, addresses: list[IPAddress], download: Download
+) -> httpx.Response:
     """Try each checked address in order (a name may list an IPv6 address the server doesn't listen on)."""
     failure: httpx.ConnectError | None = None
     for address in addresses:
@@ -199,17 +214,22 @@ async def _send_pinned(client: httpx.AsyncClient, url: httpx.URL, addresses: lis
             return await client.send(_pinned_request(client, url, address, download.accept), stream=True)
         except httpx.ConnectError as exc:
             failure = exc
-    raise download.error(f"The host {url.host!r} could not be reached ({failure}). Check the {download.noun} URL, "
-                         f"or send the {download.noun} as a data: URI or upload.",
-                         code=f"{download.noun}_url_unreachable")  # fmt: skip
+    raise download.error(
+        f"The host {url.host!r} could not be reached ({failure}). Check the {download.noun} URL, "
+        f"or send the {download.noun} as a data: URI or upload.",
+        code=f"{download.noun}_url_unreachable",
+    )
 
 
 async def _read_body(response: httpx.Response, url: httpx.URL, download: Download) -> bytes:
     noun = download.noun
     label = f"The {noun} at {short(str(url))}"
     if not 200 <= response.status_code < 300:
-        raise download.error(f"{label} answered HTTP {response.status_code} {response.reason_phrase}; check that "
-                             f"the URL is public and points at {_a(noun)}.", code=f"{noun}_url_status")
+        raise download.error(
+            f"{label} answered HTTP {response.status_code} {response.reason_phrase}; check that "
+            f"the URL is public and points at {_a(noun)}.",
+            code=f"{noun}_url_status",
+        )
     declared = response.headers.get("content-length", "")
     if declared.isdigit():  # refuse early instead of downloading what we would throw away
         download.check_byte_count(int(declared), label)

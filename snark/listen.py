@@ -19,7 +19,9 @@ def bind_listener(host: str, port: int) -> socket.socket:
     """A TCP socket listening on ``host:port``; connections wait in its backlog until uvicorn accepts
     them. Raises ``ConfigError`` naming the flag and the environment variable to change."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     except socket.gaierror as exc:
         raise ConfigError(
             f"Cannot listen on host {host!r} ({exc.strerror}): set --host or SNARK_HOST to an address of this "
@@ -47,5 +49,8 @@ def _bind_problem(host: str, port: int, exc: OSError) -> str:
     if exc.errno == errno.EACCES:
         return f"Port {port} needs privileges this process lacks: {_HOW} (above 1023)."
     if exc.errno == errno.EADDRNOTAVAIL:
-        return f"{host} is not an address of this machine: set --host or SNARK_HOST (127.0.0.1, or 0.0.0.0 for every interface)."
+        return (
+            f"{host} is not an address of this machine: set --host or SNARK_HOST "
+            "(127.0.0.1, or 0.0.0.0 for every interface)."
+        )
     return f"Cannot listen on {host}:{port} ({exc.strerror}): check --host/--port or SNARK_HOST/SNARK_PORT."

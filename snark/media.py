@@ -61,10 +61,16 @@ class ImageLimits:
     @property
     def download(self) -> Download:
         return Download(
-            noun="image", error=ImageError, max_bytes=self.max_image_bytes, bytes_setting="SNARK_MAX_IMAGE_BYTES",
-            timeout_s=self.url_timeout_s, timeout_setting="SNARK_IMAGE_URL_TIMEOUT_S",
-            max_redirects=self.max_redirects, allow_private_urls=self.allow_private_urls, accept="image/*",
-        )  # fmt: skip
+            noun="image",
+            error=ImageError,
+            max_bytes=self.max_image_bytes,
+            bytes_setting="SNARK_MAX_IMAGE_BYTES",
+            timeout_s=self.url_timeout_s,
+            timeout_setting="SNARK_IMAGE_URL_TIMEOUT_S",
+            max_redirects=self.max_redirects,
+            allow_private_urls=self.allow_private_urls,
+            accept="image/*",
+        )
 
 
 DECODED_CACHE_BYTES = 128 * 1024**2  # decoded RGB pixels kept for images sent again
@@ -105,8 +111,9 @@ async def load_image(source: str, limits: ImageLimits, *, decoded: DecodedImages
     return await asyncio.to_thread(_decode_once, data, limits, f"The image at {short(source)}", decoded)
 
 
-async def decode_upload(data: bytes, limits: ImageLimits, *, filename: str | None = None,
-                        decoded: DecodedImages | None = None) -> Image.Image:  # fmt: skip
+async def decode_upload(
+    data: bytes, limits: ImageLimits, *, filename: str | None = None, decoded: DecodedImages | None = None
+) -> Image.Image:
     """Decode an uploaded file's bytes; ``filename`` only makes error messages clearer."""
     label = f"The uploaded file {short(filename)!r}" if filename else "The uploaded file"
     limits.download.check_byte_count(len(data), label)  # cheap, so refuse before starting a thread
@@ -124,9 +131,11 @@ def decode_image_bytes(data: bytes, limits: ImageLimits) -> Image.Image:
 def _decode_data_uri(uri: str, limits: ImageLimits, decoded: DecodedImages | None = None) -> Image.Image:
     match = _DATA_URI.match(uri)
     if match is None:
-        raise ImageError("data: URIs must carry base64 image data, like data:image/png;base64,iVBORw0... "
-                         "(no other media types, no percent-encoded data).")
-    payload = uri[match.end():]
+        raise ImageError(
+            "data: URIs must carry base64 image data, like data:image/png;base64,iVBORw0... "
+            "(no other media types, no percent-encoded data)."
+        )
+    payload = uri[match.end() :]
     label = "The data: URI image"
     # 4 base64 characters make 3 bytes: refuse oversized payloads before allocating the decoded buffer.
     limits.download.check_byte_count(len(payload) * 3 // 4 - 2, label)
@@ -170,8 +179,10 @@ def _decode(data: bytes, limits: ImageLimits, label: str) -> Image.Image:
     if width * height > limits.max_source_pixels:
         raise _too_many_pixels(label, limits, f"{width}x{height} = {width * height} pixels")
     if max(width, height) > _MAX_ASPECT_RATIO * min(width, height):
-        raise ImageError(f"{label} is {width}x{height}; the model accepts aspect ratios up to "
-                         f"{_MAX_ASPECT_RATIO}:1. Crop or pad the image.")
+        raise ImageError(
+            f"{label} is {width}x{height}; the model accepts aspect ratios up to "
+            f"{_MAX_ASPECT_RATIO}:1. Crop or pad the image."
+        )
     try:
         image.load()  # frame 0 only: animated images are read as their first frame
     except Image.DecompressionBombError as exc:
@@ -213,5 +224,6 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
             return background
         return image.convert("RGB")
     except (ValueError, OSError) as exc:
-        raise ImageError(f"{label} uses colour mode {image.mode}, which cannot be converted to RGB; "
-                         "save it as an RGB PNG or JPEG.") from exc
+        raise ImageError(
+            f"{label} uses colour mode {image.mode}, which cannot be converted to RGB; save it as an RGB PNG or JPEG."
+        ) from exc

@@ -58,7 +58,13 @@ class ProgressLines(tqdm):
         step = int(_STEPS * min(self.n, self.total) / self.total)
         if step > self._logged_step and step > 0:
             self._logged_step = step
-            log.info("%s: %d%% (%s of %s)", self.desc or "progress", 100 * step // _STEPS, self._amount(self.n), self._amount(self.total))
+            log.info(
+                "%s: %d%% (%s of %s)",
+                self.desc or "progress",
+                100 * step // _STEPS,
+                self._amount(self.n),
+                self._amount(self.total),
+            )
 
 
 def progress_class(interactive: bool | None = None) -> type[tqdm]:

@@ -24,12 +24,12 @@ from snark.api.metrics import Metrics
 from snark.api.state import AppState
 from snark.config import Settings, load_settings
 from snark.engine.base import Engine, EngineState
-from snark.engine.transformers import TransformersEngine
 from snark.engine.loader import load_model
+from snark.engine.transformers import TransformersEngine
 from snark.logs import configure_logging
 from snark.media import ImageLimits
-from snark.video.load import VideoLimits, VideoLoader
 from snark.speech import LazySpeaker, build_speaker
+from snark.video.load import VideoLimits, VideoLoader
 
 log = logging.getLogger(__name__)
 

@@ -127,8 +127,10 @@ class SnarkServer(uvicorn.Server):
         if running:
             log.info(
                 "%s: stopping; %s in flight get up to %g s to finish (SNARK_SHUTDOWN_GRACE_S), then are cancelled",
-                name, _requests(running), self.grace_s,
-            )  # fmt: skip
+                name,
+                _requests(running),
+                self.grace_s,
+            )
             self._loop.call_later(REPEAT_WINDOW_S, self._offer_exit_now)
         else:
             log.info("%s: stopping", name)
@@ -146,7 +148,11 @@ class SnarkServer(uvicorn.Server):
 
     async def _end_in_flight_after_grace(self) -> None:
         await asyncio.sleep(self.grace_s)
-        log.warning("SNARK_SHUTDOWN_GRACE_S=%g s is over: cancelling %s still in flight", self.grace_s, _requests(self.in_flight()))
+        log.warning(
+            "SNARK_SHUTDOWN_GRACE_S=%g s is over: cancelling %s still in flight",
+            self.grace_s,
+            _requests(self.in_flight()),
+        )
         await self.end_in_flight()
 
 

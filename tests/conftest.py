@@ -19,12 +19,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 
+from snark import cli  # noqa: E402
 from snark.bench.runners import local_server as serve  # noqa: E402,F401  (a real uvicorn in a thread)
 from snark.config import Settings, load_settings  # noqa: E402
-from snark.engine.transformers import TransformersEngine as Engine  # noqa: E402
 from snark.engine.loader import load_model  # noqa: E402
-from snark import cli  # noqa: E402
 from snark.engine.tiny_model import is_tiny_checkpoint  # noqa: E402
+from snark.engine.transformers import TransformersEngine as Engine  # noqa: E402
 from snark.server import create_app  # noqa: E402
 from snark.speech import build_speaker  # noqa: E402
 
@@ -82,8 +82,10 @@ def hang_up_once(url: str, path: str, body: dict, running: Callable[[], object],
     cannot finish the request before the client gives up."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode()
     with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
         connection.sendall(head + payload)
         deadline = time.monotonic() + timeout_s

@@ -74,7 +74,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while not (result := condition()):
             if self.process.poll() is not None:
-                raise AssertionError(f"the server exited ({self.process.returncode}) waiting for {what}:\n{self.log[-4000:]}")
+                raise AssertionError(
+                    f"the server exited ({self.process.returncode}) waiting for {what}:\n{self.log[-4000:]}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout_s} s waiting for {what}:\n{self.log[-4000:]}")
             time.sleep(0.05)

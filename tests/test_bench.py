@@ -139,9 +139,14 @@ def test_a_small_real_run_in_process_and_over_http(tiny_model_dir, tmp_path, mon
     assert "batched c=2 vs serial (batch size 1)" in printed and "HTTP JSON c=1 vs raw generate at batch 1" in printed
     rows = json.loads(out.read_text())["rows"]
     assert [(r["mode"], r["concurrency"]) for r in rows] == [
-        ("batched", 1), ("batched", 2), ("serial", 2), ("HTTP", 1), ("HTTP JSON", 1),
-        ("raw generate", 1), ("raw generate", 2),
-    ]  # fmt: skip
+        ("batched", 1),
+        ("batched", 2),
+        ("serial", 2),
+        ("HTTP", 1),
+        ("HTTP JSON", 1),
+        ("raw generate", 1),
+        ("raw generate", 2),
+    ]
     for row in rows:  # fixed output lengths everywhere, HTTP included (ignore_eos, usage)
         assert row["output_tokens"] == row["requests"] * 3
     assert rows[3]["note"].endswith("/v1/chat/completions streamed")
@@ -234,9 +239,14 @@ def test_the_head_of_line_ratio_is_the_short_request_against_its_idle_median():
 # --- saved runs and --compare -------------------------------------------------------------------
 def saved_run(workload: str, label: str, summary: dict, **settings) -> dict:
     return run_record(
-        workload=workload, label=label, endpoint="http://127.0.0.1:1/v1/chat/completions", model="tiny",
-        settings=settings, machine={}, measured=Measured(summary, []),
-    )  # fmt: skip
+        workload=workload,
+        label=label,
+        endpoint="http://127.0.0.1:1/v1/chat/completions",
+        model="tiny",
+        settings=settings,
+        machine={},
+        measured=Measured(summary, []),
+    )
 
 
 def test_compare_keeps_each_labels_better_round(tmp_path, capsys):
@@ -398,8 +408,15 @@ def test_free_requests_get_their_constrained_pairs_lengths_past_end_of_turn():
 
 def test_a_constrained_answer_is_checked_as_json_and_against_its_schema():
     schema = receipt_schema(0)
-    answer = {"store": "Corner", "date": "2024-05-17", "currency": "EUR", "items": [], "total_cents": 1550,
-              "paid": True, "note": ""}  # fmt: skip
+    answer = {
+        "store": "Corner",
+        "date": "2024-05-17",
+        "currency": "EUR",
+        "items": [],
+        "total_cents": 1550,
+        "paid": True,
+        "note": "",
+    }
     assert answer_problem(json.dumps(answer), schema, "stop") is None
     assert answer_problem(json.dumps({**answer, "date": "17 May"}), schema, "stop").startswith("schema:")
     assert answer_problem(json.dumps(answer)[:20], schema, "length").startswith("not JSON (cut at max_tokens)")
@@ -426,8 +443,11 @@ def test_a_real_structured_run_in_process(tiny_model_dir, tmp_path, monkeypatch,
     assert run["workload"] == "structured" and run["endpoint"] == "in-process engine"
     rows = run["rows"]
     assert [(r["mode"], r["concurrency"]) for r in rows] == [
-        ("json_schema", 1), ("free", 1), ("json_schema", 2), ("free", 2)
-    ]  # fmt: skip
+        ("json_schema", 1),
+        ("free", 1),
+        ("json_schema", 2),
+        ("free", 2),
+    ]
     for constrained, free in (rows[0:2], rows[2:4]):  # the same prompts and the same lengths
         assert [t["output_tokens"] for t in constrained["timings"]] == [t["output_tokens"] for t in free["timings"]]
         assert all(t["output_tokens"] == t["max_tokens"] for t in free["timings"])

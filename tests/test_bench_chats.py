@@ -117,9 +117,14 @@ def test_long_short_sends_the_long_request_then_all_the_short_ones_after_the_del
 
 def saved_run(workload: str, label: str, summary: dict) -> dict:
     return run_record(
-        workload=workload, label=label, endpoint="http://127.0.0.1:1/v1/chat/completions", model="small",
-        settings={}, machine={}, measured=Measured(summary, []),
-    )  # fmt: skip
+        workload=workload,
+        label=label,
+        endpoint="http://127.0.0.1:1/v1/chat/completions",
+        model="small",
+        settings={},
+        machine={},
+        measured=Measured(summary, []),
+    )
 
 
 def test_compare_keeps_the_lower_repeat_ttft_and_the_higher_aggregate_throughput():
@@ -167,8 +172,10 @@ def test_a_real_conversation_over_http_sends_the_answers_back(base_url, tmp_path
     assert "| turns 2+ TTFT p50 ms |" in capsys.readouterr().out
     run = json.loads(out.read_text())
     assert (run["workload"], run["label"], run["endpoint"]) == (
-        "conversation", "snark", f"{base_url}/v1/chat/completions"
-    )  # fmt: skip
+        "conversation",
+        "snark",
+        f"{base_url}/v1/chat/completions",
+    )
     requests = run["requests"]
     assert [(r["round"], r["turn"]) for r in requests] == [(1, 1), (1, 2), (1, 3)]
     assert all(r["error"] is None and r["output_tokens"] == 4 and r["ttft_s"] > 0 for r in requests)
@@ -176,8 +183,14 @@ def test_a_real_conversation_over_http_sends_the_answers_back(base_url, tmp_path
     assert prompt_tokens[0] < prompt_tokens[1] < prompt_tokens[2]  # the history, answers included, grows
     summary = run["summary"]
     assert (summary["completed"], summary["failed"], summary["outputs short of max_tokens"]) == (3, 0, 0)
-    for name in ("turn 1 TTFT ms", "turns 2+ TTFT p50 ms", "turns 2+ TTFT mean ms", "turn 1 e2e ms",
-                 "turns 2+ e2e p50 ms", "turns 2+ TTFT p50 / turn 1"):  # fmt: skip
+    for name in (
+        "turn 1 TTFT ms",
+        "turns 2+ TTFT p50 ms",
+        "turns 2+ TTFT mean ms",
+        "turn 1 e2e ms",
+        "turns 2+ e2e p50 ms",
+        "turns 2+ TTFT p50 / turn 1",
+    ):
         assert summary[name] > 0, name
     assert summary["prompt tokens, last"] == prompt_tokens[-1]
 

@@ -92,8 +92,9 @@ def test_every_client_asks_its_own_questions_about_the_same_clip_all_starting_to
 
 def test_a_failed_question_is_counted_and_its_client_goes_on():
     send = RecordingSender(fail_at=2)
-    result = asyncio.run(run_video_round(send, ChatVideo(make_clip(SMALL, seed=0), 2.0), clients=2, questions=3,
-                                         max_tokens=4))  # fmt: skip
+    result = asyncio.run(
+        run_video_round(send, ChatVideo(make_clip(SMALL, seed=0), 2.0), clients=2, questions=3, max_tokens=4)
+    )
     assert len(send.chats) == 6
     summary = video_summary([result], clip_bytes=1)
     assert (summary["completed"], summary["failed"]) == (5, 1)
@@ -102,10 +103,17 @@ def test_a_failed_question_is_counted_and_its_client_goes_on():
 def test_each_run_and_round_gets_a_clip_of_its_own_unless_told_to_reuse():
     def clips(reuse: bool) -> list[bytes]:
         send = RecordingSender()
-        measured = asyncio.run(measure_video(send, spec=SMALL, sample_fps=2.0, seed=7, reuse=reuse, clients=2,
-                                             questions=1, max_tokens=3, rounds=2))  # fmt: skip
-        assert [(r["round"], r["client"], r["question"]) for r in measured.requests] == [(1, 1, 1), (1, 2, 1),
-                                                                                         (2, 1, 1), (2, 2, 1)]
+        measured = asyncio.run(
+            measure_video(
+                send, spec=SMALL, sample_fps=2.0, seed=7, reuse=reuse, clients=2, questions=1, max_tokens=3, rounds=2
+            )
+        )
+        assert [(r["round"], r["client"], r["question"]) for r in measured.requests] == [
+            (1, 1, 1),
+            (1, 2, 1),
+            (2, 1, 1),
+            (2, 2, 1),
+        ]
         assert send.chats[0][1] == 3 and measured.summary["rounds"] == 2  # an untimed warm-up first
         return [messages[0].video.clip.data for messages, _ in send.chats]
 
@@ -149,9 +157,14 @@ def test_compare_keeps_the_lower_repeat_ttft_and_shows_the_clip_settings():
     def saved(label: str, repeat_ms: float) -> dict:
         settings = {"concurrency": "4", "video_size": "640x360", "video_sample_fps": 2.0}
         return run_record(
-            workload="video", label=label, endpoint="http://127.0.0.1:1/v1/chat/completions", model="small",
-            settings=settings, machine={}, measured=Measured({"questions 2+ TTFT p50 ms": repeat_ms}, []),
-        )  # fmt: skip
+            workload="video",
+            label=label,
+            endpoint="http://127.0.0.1:1/v1/chat/completions",
+            model="small",
+            settings=settings,
+            machine={},
+            measured=Measured({"questions 2+ TTFT p50 ms": repeat_ms}, []),
+        )
 
     table = compare_table([("1", saved("snark", 90.0)), ("2", saved("snark", 60.0)), ("3", saved("vllm", 80.0))])
     assert "| questions 2+ TTFT p50 ms | 60.0 | 80.0 |" in table
@@ -176,18 +189,34 @@ def test_a_real_video_run_over_http(base_url, tmp_path, capsys):
     run = json.loads(out.read_text())
     assert (run["workload"], run["label"], run["endpoint"]) == ("video", "snark", f"{base_url}/v1/chat/completions")
     requests = run["requests"]
-    assert sorted((r["round"], r["client"], r["question"]) for r in requests) == [(1, 1, 1), (1, 1, 2), (1, 2, 1),
-                                                                                   (1, 2, 2)]  # fmt: skip
+    assert sorted((r["round"], r["client"], r["question"]) for r in requests) == [
+        (1, 1, 1),
+        (1, 1, 2),
+        (1, 2, 1),
+        (1, 2, 2),
+    ]
     assert all(r["error"] is None and r["output_tokens"] == 3 and r["ttft_s"] > 0 for r in requests)
     # The part's fps reached the server: 8 frames of the clip (4 a second), twice the default's 4.
     assert clip_tokens(4.0) == 2 * clip_tokens(2.0)
     assert all(clip_tokens(4.0) < r["prompt_tokens"] < clip_tokens(4.0) + 60 for r in requests)
     summary = run["summary"]
     assert (summary["clients"], summary["completed"], summary["failed"], summary["outputs short of max_tokens"]) == (
-        2, 4, 0, 0)  # fmt: skip
-    for name in ("question 1 TTFT p50 ms", "question 1 TTFT p95 ms", "questions 2+ TTFT p50 ms",
-                 "questions 2+ TTFT p95 ms", "question 1 e2e p50 ms", "e2e p95 ms", "aggregate out tok/s", "clip KB"):
-        assert summary[name] > 0, name  # fmt: skip
+        2,
+        4,
+        0,
+        0,
+    )
+    for name in (
+        "question 1 TTFT p50 ms",
+        "question 1 TTFT p95 ms",
+        "questions 2+ TTFT p50 ms",
+        "questions 2+ TTFT p95 ms",
+        "question 1 e2e p50 ms",
+        "e2e p95 ms",
+        "aggregate out tok/s",
+        "clip KB",
+    ):
+        assert summary[name] > 0, name
 
 
 def test_a_real_video_run_in_process_has_a_round_per_clip(tiny_model_dir, tmp_path):

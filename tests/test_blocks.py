@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from snark.engine.request import GenerationRequest, PromptInputs, SamplingParams
+from snark.engine.tiny_model import build_tokenizer
 from snark.engine.transformers.blocks import BlockPool, ImageSpan, block_keys
 from snark.engine.transformers.model import group_by_length
 from snark.engine.transformers.rows import Row
 from snark.engine.transformers.scheduler import Scheduler
-from snark.engine.tiny_model import build_tokenizer
 from snark.errors import InvalidRequest
 
 SIZE = 4
@@ -89,13 +89,22 @@ def _scheduler(blocks: int, *, budget: int = 64, rows: int = 8) -> Scheduler:
 
 
 def _request(prompt: int, new: int) -> GenerationRequest:
-    return GenerationRequest(prompt=PromptInputs(list(range(100, 100 + prompt))), params=SamplingParams(max_new_tokens=new))
+    return GenerationRequest(
+        prompt=PromptInputs(list(range(100, 100 + prompt))), params=SamplingParams(max_new_tokens=new)
+    )
 
 
 def _maker(tokenizer):
     def make(request: GenerationRequest) -> Row:
-        return Row(request, tokenizer=tokenizer, eos_token_ids=frozenset(), vocab_size=1000, device="cpu", image_token_id=9,
-                   video_token_id=10)
+        return Row(
+            request,
+            tokenizer=tokenizer,
+            eos_token_ids=frozenset(),
+            vocab_size=1000,
+            device="cpu",
+            image_token_id=9,
+            video_token_id=10,
+        )
 
     return make
 

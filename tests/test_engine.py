@@ -18,11 +18,20 @@ import pytest
 import torch
 from PIL import Image
 
-from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, RequestState, SamplingParams, StreamEvent
+from snark.engine.loader import load_model
+from snark.engine.request import (
+    ChatTurn,
+    FinishReason,
+    GenerationRequest,
+    Outbox,
+    PromptInputs,
+    RequestState,
+    SamplingParams,
+    StreamEvent,
+)
 from snark.engine.transformers import TransformersEngine as Engine
 from snark.engine.transformers.engine import PREPARING_WAIT_FACTOR
 from snark.engine.transformers.rows import Row
-from snark.engine.loader import load_model
 from snark.errors import InvalidRequest
 from tests.conftest import start_engine
 
@@ -64,8 +73,9 @@ def _ran_together(requests: list[GenerationRequest]) -> bool:
     return max(r.scheduled_at for r in requests) < min(r.finished_at for r in requests)
 
 
-async def _lead_and_join(engine: Engine, leader: tuple[PromptInputs, SamplingParams],
-                         joiners: list[tuple[int, PromptInputs, SamplingParams]]) -> tuple[GenerationRequest, list[GenerationRequest]]:  # fmt: skip
+async def _lead_and_join(
+    engine: Engine, leader: tuple[PromptInputs, SamplingParams], joiners: list[tuple[int, PromptInputs, SamplingParams]]
+) -> tuple[GenerationRequest, list[GenerationRequest]]:
     """Run a leader request; submit each joiner ``(k, prompt, params)`` once the leader has streamed
     ``k`` text events, i.e. while it is running. Returns the leader and the finished joiners."""
     lead = engine.submit(*leader)
@@ -245,9 +255,15 @@ def test_end_of_turn_ends_a_row_unless_it_ignores_eos(tiny_engine, ignore_eos):
     request = GenerationRequest(
         prompt=PromptInputs([1, 2]), params=SamplingParams(max_new_tokens=3, ignore_eos=ignore_eos)
     )
-    row = Row(request, tokenizer=tiny_engine.loaded.processor.tokenizer, eos_token_ids=tiny_engine.eos_token_ids,
-              vocab_size=200, device=torch.device("cpu"), image_token_id=tiny_engine.loaded.model.config.image_token_id,
-              video_token_id=tiny_engine.loaded.model.config.video_token_id)  # fmt: skip
+    row = Row(
+        request,
+        tokenizer=tiny_engine.loaded.processor.tokenizer,
+        eos_token_ids=tiny_engine.eos_token_ids,
+        vocab_size=200,
+        device=torch.device("cpu"),
+        image_token_id=tiny_engine.loaded.model.config.image_token_id,
+        video_token_id=tiny_engine.loaded.model.config.video_token_id,
+    )
     row.accept(eos, Outbox(), time.perf_counter())
     assert row.done is not ignore_eos
     if ignore_eos:
@@ -276,7 +292,9 @@ def test_a_batch_waits_for_requests_whose_prompts_are_still_being_built(tiny_eng
     assert tiny_engine.batch_wait_s * PREPARING_WAIT_FACTOR >= 5
 
     async def one(text: str) -> GenerationRequest:
-        prompt = await tiny_engine.build_prompt([ChatTurn("user", [text])], min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        prompt = await tiny_engine.build_prompt(
+            [ChatTurn("user", [text])], min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS
+        )
         return await tiny_engine.generate(prompt, params)
 
     async def run():
@@ -301,7 +319,9 @@ def test_tiny_temperatures_and_top_k_one_are_greedy_and_harmless_to_companions(t
     greedy = SamplingParams(max_new_tokens=6)
     alone = _solo(tiny_engine, prompt, greedy)
     # 1e-40 underflows to 0 in float32: sampled, it would turn the logits into NaN and fail the batch.
-    tiny, plain = _together(tiny_engine, [(prompt, SamplingParams(max_new_tokens=6, temperature=1e-40)), (prompt, greedy)])
+    tiny, plain = _together(
+        tiny_engine, [(prompt, SamplingParams(max_new_tokens=6, temperature=1e-40)), (prompt, greedy)]
+    )
     assert tiny.text == plain.text == alone.text
     assert tiny.state is plain.state is RequestState.FINISHED
 
@@ -436,7 +456,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(t
     """Prompts longer than SNARK_MAX_PREFILL_TOKENS are prefilled a chunk per step: text and image
     prompts give the same greedy output as in one piece, and a running row decodes between chunks."""
     image = Image.new("RGB", (112, 84), (20, 90, 220))
-    prompts = [_build(tiny_engine, "Tell me about the history of bicycles, " * 6), _build(tiny_engine, image, "Describe it " * 10)]
+    prompts = [
+        _build(tiny_engine, "Tell me about the history of bicycles, " * 6),
+        _build(tiny_engine, image, "Describe it " * 10),
+    ]
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     whole = [_solo(tiny_engine, p, params).text for p in prompts]
     chunk = 16
@@ -446,7 +469,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(t
         for prompt, expected in zip(prompts, whole):
             assert prompt.num_tokens > 3 * chunk
 
-            async def run():
+            async def run(prompt=prompt):  # called within this iteration
                 runner = engine.submit(_build(engine, "Hi."), SamplingParams(max_new_tokens=2000, ignore_eos=True))
                 async for event in runner.events():
                     if event.text:

@@ -45,7 +45,9 @@ def test_a_missing_prompt_is_still_called_missing(http: httpx.Client) -> None:
 
 def test_chat_without_a_json_content_type_says_which_header_to_send(http: httpx.Client) -> None:
     body = b'{"model": "qwen", "messages": [{"role": "user", "content": "Hi"}]}'
-    as_form = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    as_form = http.post(
+        "/v1/chat/completions", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     error = error_of(as_form, 400)
     assert "Content-Type: application/json" in error["message"] and "x-www-form-urlencoded" in error["message"]
     not_an_object = http.post("/v1/chat/completions", json=[1, 2])
@@ -62,10 +64,12 @@ def test_a_wrong_method_names_the_allowed_one_in_the_error_shape(http: httpx.Cli
 
 @pytest.mark.parametrize(
     ("sent", "field"),
-    [({"data": {"image_url": "file:///etc/passwd"}}, "image_url"),
-     ({"data": {"image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}}, "image_url"),
-     ({"files": {"image_file": ("notes.txt", io.BytesIO(b"hello"), "text/plain")}}, "image_file")],
-)  # fmt: skip
+    [
+        ({"data": {"image_url": "file:///etc/passwd"}}, "image_url"),
+        ({"data": {"image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}}, "image_url"),
+        ({"files": {"image_file": ("notes.txt", io.BytesIO(b"hello"), "text/plain")}}, "image_file"),
+    ],
+)
 def test_image_errors_on_the_form_route_name_the_field(http: httpx.Client, sent: dict, field: str) -> None:
     sent.setdefault("data", {})["prompt"] = "What is this?"
     error = error_of(http.post("/infer/image", **sent), 400)
@@ -82,7 +86,9 @@ def test_unknown_routes_point_to_the_docs(http: httpx.Client) -> None:
     assert "/docs" in error_of(http.get("/v2/chat"), 404)["message"]
 
 
-@pytest.mark.parametrize(("path", "kept"), [("/health", False), ("/health?verbose=1", False), ("/v1/models", True), ("/healthz", True)])
+@pytest.mark.parametrize(
+    ("path", "kept"), [("/health", False), ("/health?verbose=1", False), ("/v1/models", True), ("/healthz", True)]
+)
 def test_the_access_log_leaves_out_health_checks(path: str, kept: bool) -> None:
     # The record uvicorn's access logger writes: (client, method, path, http version, status).
     args = ("127.0.0.1:5000", "GET", path, "1.1", 200)

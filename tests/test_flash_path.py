@@ -20,13 +20,13 @@ from snark.engine.request import ChatTurn, SamplingParams
 from snark.engine.transformers.graphs import graph_sizes
 from tests.conftest import start_engine
 
-
 CALLS: list[int] = []  # rows of each varlen call
 DECODE_CALLS: list[int] = []  # rows of each paged decode call
 
 
-def reference_varlen(q, k_cache, v_cache, *, causal, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k):  # fmt: skip
+def reference_varlen(
+    q, k_cache, v_cache, *, causal, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+):
     assert q.dtype == k_cache.dtype and block_table.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
     assert causal and max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     CALLS.append(block_table.shape[0])
@@ -40,7 +40,9 @@ def reference_varlen(q, k_cache, v_cache, *, causal, block_table, cu_seqlens_q, 
         n = q1 - q0
         mask = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]  # bottom-right
         queries = q[q0:q1].transpose(0, 1)[None]
-        out[q0:q1] = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+        out[q0:q1] = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)[
+            0
+        ].transpose(0, 1)
     return out
 
 
@@ -61,7 +63,9 @@ def reference_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table, c
 
 @pytest.fixture
 def flash_engine(tiny_model_dir, monkeypatch):
-    kernels = types.SimpleNamespace(flash_attn_varlen_func=reference_varlen, flash_attn_with_kvcache=reference_with_kvcache)
+    kernels = types.SimpleNamespace(
+        flash_attn_varlen_func=reference_varlen, flash_attn_with_kvcache=reference_with_kvcache
+    )
     monkeypatch.setitem(sys.modules, "flash_attn", kernels)
     engine = start_engine(tiny_model_dir, max_batch_size=4, max_prefill_tokens=24)
     engine.runner.flash = True

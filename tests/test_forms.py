@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from snark.engine.transformers import TransformersEngine as Engine
 from snark.engine.loader import load_model
+from snark.engine.transformers import TransformersEngine as Engine
 from snark.server import create_app
 from snark.speech import LazySpeaker
 from snark.speech.piper_engine import PiperSpeaker
@@ -78,7 +78,9 @@ def test_text_reply_and_system_prompt(http):
 
 def test_stream_sends_the_same_text_in_chunks(http):
     whole = ask(http, prompt="Count to five.", max_new_tokens=16).json()["text"]
-    with http.stream("POST", "/infer/text", data={"prompt": "Count to five.", "max_new_tokens": "16", "stream": "true"}) as r:
+    with http.stream(
+        "POST", "/infer/text", data={"prompt": "Count to five.", "max_new_tokens": "16", "stream": "true"}
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         chunks = list(r.iter_text())
     assert "".join(chunks) == whole
@@ -94,7 +96,12 @@ def test_concurrent_requests_equal_serial_ones(http):
 
 def test_image_upload_url_and_data_uri_agree(http, image_server):
     url, hits = image_server
-    upload = ask(http, "/infer/image", files={"image_file": ("sample.jpeg", SAMPLE.read_bytes(), "image/jpeg")}, prompt="What is this?")
+    upload = ask(
+        http,
+        "/infer/image",
+        files={"image_file": ("sample.jpeg", SAMPLE.read_bytes(), "image/jpeg")},
+        prompt="What is this?",
+    )
     assert upload.status_code == 200, upload.text
     by_url = ask(http, "/infer/image", prompt="What is this?", image_url=f"{url}/sample.jpeg")
     data_uri = "data:image/jpeg;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()
@@ -126,13 +133,20 @@ def test_bad_form_input_is_a_clear_400(http):
 
 def test_bad_images_are_refused(http):
     assert_error(ask(http, "/infer/image", prompt="x"), 400, "exactly one of image_url")
-    both = ask(http, "/infer/image", prompt="x", image_url="http://example.invalid/a.png",
-               files={"image_file": ("a.jpeg", SAMPLE.read_bytes(), "image/jpeg")})  # fmt: skip
+    both = ask(
+        http,
+        "/infer/image",
+        prompt="x",
+        image_url="http://example.invalid/a.png",
+        files={"image_file": ("a.jpeg", SAMPLE.read_bytes(), "image/jpeg")},
+    )
     assert_error(both, 400, "exactly one of image_url")
     assert_error(ask(http, "/infer/image", prompt="x", image_url="file:///etc/passwd"), 400, "http, https and data:")
     not_image = ask(http, "/infer/image", prompt="x", files={"image_file": ("notes.txt", b"hello", "text/plain")})
     assert_error(not_image, 400, "not an image")
-    truncated = ask(http, "/infer/image", prompt="x", files={"image_file": ("cut.jpeg", SAMPLE.read_bytes()[:2000], "image/jpeg")})
+    truncated = ask(
+        http, "/infer/image", prompt="x", files={"image_file": ("cut.jpeg", SAMPLE.read_bytes()[:2000], "image/jpeg")}
+    )
     assert truncated.status_code == 400
 
 
@@ -140,7 +154,10 @@ def test_limits_and_private_urls(test_settings, tiny_engine, speaker, image_serv
     url, hits = image_server
     strict = test_settings.model_copy(update={"allow_private_urls": False, "max_image_bytes": 10_000})
     seen = len(hits)
-    with serve(create_app(strict, engine=tiny_engine, speaker=speaker)) as base, httpx.Client(base_url=base, timeout=60) as http:
+    with (
+        serve(create_app(strict, engine=tiny_engine, speaker=speaker)) as base,
+        httpx.Client(base_url=base, timeout=60) as http,
+    ):
         big = ask(http, "/infer/image", prompt="x", files={"image_file": ("s.jpeg", SAMPLE.read_bytes(), "image/jpeg")})
         assert_error(big, 413, "SNARK_MAX_IMAGE_BYTES")
         private = ask(http, "/infer/image", prompt="x", image_url=f"{url}/sample.jpeg")
@@ -156,7 +173,10 @@ def test_wav_reply_loads_the_voice_once(test_settings, tiny_engine):
         return PiperSpeaker()
 
     speaker = LazySpeaker(piper, engine_name="piper")
-    with serve(create_app(test_settings, engine=tiny_engine, speaker=speaker)) as base, httpx.Client(base_url=base, timeout=120) as http:
+    with (
+        serve(create_app(test_settings, engine=tiny_engine, speaker=speaker)) as base,
+        httpx.Client(base_url=base, timeout=120) as http,
+    ):
         assert http.get("/health").json()["tts"] == {"engine": "piper", "loaded": False}
         first = ask(http, prompt="Say something.", response_format="wav", max_new_tokens=12)
         assert first.status_code == 200 and first.headers["content-type"] == "audio/wav"
@@ -177,7 +197,10 @@ def test_health_is_503_while_loading(tiny_model_dir, test_settings, speaker):
         return load_model(tiny_model_dir, device="cpu")
 
     engine = Engine(slow_loader)
-    with serve(create_app(test_settings, engine=engine, speaker=speaker)) as base, httpx.Client(base_url=base, timeout=60) as http:
+    with (
+        serve(create_app(test_settings, engine=engine, speaker=speaker)) as base,
+        httpx.Client(base_url=base, timeout=60) as http,
+    ):
         loading = http.get("/health")
         assert loading.status_code == 503 and loading.json() == {"status": "loading"}
         assert_error(ask(http, prompt="x"), 503, "still loading")

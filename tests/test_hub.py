@@ -75,7 +75,8 @@ def test_an_unreachable_hub_loads_the_cached_copy(tiny_model_dir, tmp_path, refu
     with caplog.at_level(logging.WARNING, logger="snark.engine.hub"):
         assert resolve_checkpoint(REPO, hub) == snapshot
     assert [r.getMessage() for r in caplog.records] == [
-        f"the hub at {refusing_endpoint} cannot be reached ([Errno 111] Connection refused): loading the cached copy of {REPO}"
+        f"the hub at {refusing_endpoint} cannot be reached ([Errno 111] Connection refused): "
+        f"loading the cached copy of {REPO}"
     ]
     loaded = load_model(REPO, device="cpu", hub=hub)  # the real load, from the cache, without the hub
     assert loaded.name == TINY_MODEL_NAME and loaded.is_tiny
@@ -90,7 +91,9 @@ def test_offline_mode_loads_the_cached_copy_without_asking(tiny_model_dir, tmp_p
 
 def test_an_unusable_hub_without_a_cached_copy_fails_after_one_request(tmp_path) -> None:
     with failing_hub() as (endpoint, asked), pytest.raises(ConfigError) as caught:
-        resolve_checkpoint("Qwen/Qwen2.5-VL-7B-Instruct", Hub(endpoint=endpoint, cache_dir=str(tmp_path), offline=False))
+        resolve_checkpoint(
+            "Qwen/Qwen2.5-VL-7B-Instruct", Hub(endpoint=endpoint, cache_dir=str(tmp_path), offline=False)
+        )
     assert asked == ["HEAD /api/models/Qwen/Qwen2.5-VL-7B-Instruct"]  # one check, no retries
     message = str(caught.value)
     assert f"the Hugging Face hub at {endpoint} cannot be used (it answered 503)" in message
@@ -114,7 +117,12 @@ def test_a_large_model_in_float32_on_cpu_is_warned_about_first(tmp_path, caplog)
 
 def test_serve_with_an_unusable_hub_stops_at_once_and_says_each_thing_once(tmp_path) -> None:
     with failing_hub() as (endpoint, asked):
-        env = {"VLM_MODEL": "Qwen/Qwen2.5-VL-7B-Instruct", "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path)}
+        env = {
+            "VLM_MODEL": "Qwen/Qwen2.5-VL-7B-Instruct",
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path),
+        }
         with ServerProcess(**env) as server:
             assert server.exit_code() == 1
     assert asked == ["HEAD /api/models/Qwen/Qwen2.5-VL-7B-Instruct"]

@@ -148,8 +148,11 @@ def base_url(server: ThreadingHTTPServer) -> str:
 
 def test_limits_from_settings():
     settings = Settings(
-        max_image_bytes=123, max_source_pixels=456, image_url_timeout_s=7.5,
-        image_url_max_redirects=1, allow_private_urls=True,
+        max_image_bytes=123,
+        max_source_pixels=456,
+        image_url_timeout_s=7.5,
+        image_url_max_redirects=1,
+        allow_private_urls=True,
     )
     assert ImageLimits.from_settings(settings) == ImageLimits(123, 456, 7.5, 1, True)
 
@@ -273,9 +276,22 @@ def test_unresolvable_host():
 @pytest.mark.parametrize(
     "host",
     [
-        "127.0.0.1", "localhost", "[::1]", "0.0.0.0", "169.254.169.254", "10.0.0.1", "192.168.1.1",
-        "[fd00:ec2::254]", "[::ffff:169.254.169.254]", "[::ffff:127.0.0.1]", "2130706433",
-        "0x7f000001", "127.1", "100.100.100.200", "224.0.0.1", "[fe80::1]",
+        "127.0.0.1",
+        "localhost",
+        "[::1]",
+        "0.0.0.0",
+        "169.254.169.254",
+        "10.0.0.1",
+        "192.168.1.1",
+        "[fd00:ec2::254]",
+        "[::ffff:169.254.169.254]",
+        "[::ffff:127.0.0.1]",
+        "2130706433",
+        "0x7f000001",
+        "127.1",
+        "100.100.100.200",
+        "224.0.0.1",
+        "[fe80::1]",
     ],
 )
 def test_private_hosts_refused_before_connecting(server, host):
@@ -290,11 +306,23 @@ def test_private_hosts_refused_before_connecting(server, host):
 @pytest.mark.parametrize(
     ("address", "forbidden"),
     [
-        ("8.8.8.8", False), ("93.184.216.34", False), ("2606:4700:4700::1111", False),
-        ("127.0.0.1", True), ("10.1.2.3", True), ("172.16.0.1", True), ("100.64.0.1", True),
-        ("169.254.169.254", True), ("fd00:ec2::254", True), ("::ffff:169.254.169.254", True),
-        ("::ffff:8.8.8.8", True), ("64:ff9b::a00:1", True), ("2002:7f00:1::", True),
-        ("::", True), ("ff02::1", True), ("240.0.0.1", True), ("198.51.100.7", True),
+        ("8.8.8.8", False),
+        ("93.184.216.34", False),
+        ("2606:4700:4700::1111", False),
+        ("127.0.0.1", True),
+        ("10.1.2.3", True),
+        ("172.16.0.1", True),
+        ("100.64.0.1", True),
+        ("169.254.169.254", True),
+        ("fd00:ec2::254", True),
+        ("::ffff:169.254.169.254", True),
+        ("::ffff:8.8.8.8", True),
+        ("64:ff9b::a00:1", True),
+        ("2002:7f00:1::", True),
+        ("::", True),
+        ("ff02::1", True),
+        ("240.0.0.1", True),
+        ("198.51.100.7", True),
     ],
 )
 def test_address_policy(address, forbidden):
@@ -304,8 +332,14 @@ def test_address_policy(address, forbidden):
 
 @pytest.mark.parametrize(
     ("host", "address"),
-    [("2130706433", "127.0.0.1"), ("0x7f000001", "127.0.0.1"), ("127.1", "127.0.0.1"),
-     ("::ffff:a9fe:a9fe", "::ffff:169.254.169.254"), ("example.com", None), ("nonexistent.invalid", None)],
+    [
+        ("2130706433", "127.0.0.1"),
+        ("0x7f000001", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("::ffff:a9fe:a9fe", "::ffff:169.254.169.254"),
+        ("example.com", None),
+        ("nonexistent.invalid", None),
+    ],
 )
 def test_literal_ip_forms_read_without_dns(host, address):
     expected = ipaddress.ip_address(address) if address else None
@@ -326,8 +360,15 @@ def test_hop_check_honours_allow_private():
 
 @pytest.mark.parametrize(
     "source",
-    ["file:///etc/passwd", "ftp://example.com/cat.png", "gopher://example.com/", "javascript:alert(1)",
-     "/etc/passwd", "cat.png", ""],
+    [
+        "file:///etc/passwd",
+        "ftp://example.com/cat.png",
+        "gopher://example.com/",
+        "javascript:alert(1)",
+        "/etc/passwd",
+        "cat.png",
+        "",
+    ],
 )
 def test_bad_schemes(source):
     with expect(ImageError, 400, "Only http, https and data: URIs are accepted"):
@@ -509,7 +550,9 @@ def test_an_image_sent_again_is_not_decoded_again():
     again = asyncio.run(load_image(jpeg_data_uri(data), LOCAL, decoded=decoded))
     upload = asyncio.run(decode_upload(data, LOCAL, filename="same.jpeg", decoded=decoded))
     assert again is first and upload is first and decoded.hits == 2
-    other = asyncio.run(load_image(jpeg_data_uri(encode(Image.new("RGB", (64, 48), (10, 200, 31)), "PNG")), LOCAL, decoded=decoded))
+    other = asyncio.run(
+        load_image(jpeg_data_uri(encode(Image.new("RGB", (64, 48), (10, 200, 31)), "PNG")), LOCAL, decoded=decoded)
+    )
     assert other is not first and other.getpixel((0, 0)) == (10, 200, 31)
 
 

@@ -130,7 +130,10 @@ def test_stream_without_include_usage_sends_no_usage_and_ends_with_done(base_url
 
 def test_malformed_json_is_a_400_that_says_so(base_url: str) -> None:
     response = httpx.post(
-        f"{base_url}/v1/chat/completions", content=b"{bad json", headers={"Content-Type": "application/json"}, timeout=30
+        f"{base_url}/v1/chat/completions",
+        content=b"{bad json",
+        headers={"Content-Type": "application/json"},
+        timeout=30,
     )
     assert response.status_code == 400
     error = response.json()["error"]
@@ -150,12 +153,18 @@ def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
 
 def test_stop_sequence_cuts_the_answer_right_before_it(client: openai.OpenAI) -> None:
     full = client.chat.completions.create(messages=ask("Stop here"), max_tokens=16, **GREEDY).choices[0].message.content
-    cut_at = next(i for i in range(len(full) // 3, len(full) - 1) if full.find(full[i : i + 2]) == i and full[i : i + 2].strip())
+    cut_at = next(
+        i for i in range(len(full) // 3, len(full) - 1) if full.find(full[i : i + 2]) == i and full[i : i + 2].strip()
+    )
     stop = full[cut_at : cut_at + 2]
-    reply = client.chat.completions.create(messages=ask("Stop here"), max_tokens=16, stop=["never-there", stop], **GREEDY)
+    reply = client.chat.completions.create(
+        messages=ask("Stop here"), max_tokens=16, stop=["never-there", stop], **GREEDY
+    )
     assert reply.choices[0].message.content == full[:cut_at]
     assert reply.choices[0].finish_reason == "stop"
-    streamed = client.chat.completions.create(messages=ask("Stop here"), max_tokens=16, stop=stop, stream=True, **GREEDY)
+    streamed = client.chat.completions.create(
+        messages=ask("Stop here"), max_tokens=16, stop=stop, stream=True, **GREEDY
+    )
     chunks = list(streamed)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == full[:cut_at]
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -177,7 +186,9 @@ def test_images_by_data_uri_and_url_count_in_usage(client: openai.OpenAI, image_
 
 
 def test_streamed_chat_with_an_image(client: openai.OpenAI, image_server: str) -> None:
-    chunks = list(client.chat.completions.create(messages=with_images(image_server), max_tokens=4, stream=True, **GREEDY))
+    chunks = list(
+        client.chat.completions.create(messages=with_images(image_server), max_tokens=4, stream=True, **GREEDY)
+    )
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 

@@ -14,19 +14,24 @@ from functools import partial
 import httpx
 import openai
 import pytest
-from tests.conftest import hang_up_once, serve, start_engine
-from tests.conftest import wait_until as shared_wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from snark.engine.transformers import TransformersEngine as Engine
 from snark.engine.request import FinishReason, GenerationRequest, RequestState
+from snark.engine.transformers import TransformersEngine as Engine
 from snark.server import create_app
+from tests.conftest import hang_up_once, serve, start_engine
+from tests.conftest import wait_until as shared_wait_until
 
 LONG = 2000  # tokens: ~1 min on the tiny model at CPU speed, so only cancellation ends it early
 
 
 def chat(max_tokens: int = 4, **extra) -> dict:
-    body = {"model": "snark", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens, "temperature": 0}
+    body = {
+        "model": "snark",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     if max_tokens == LONG:
         body["ignore_eos"] = True  # vLLM's flag: a random end-of-turn cannot end the long row early
     return {**body, **extra}
@@ -166,9 +171,16 @@ def keyed_url(test_settings, tiny_engine, speaker) -> Iterator[str]:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/audio/speech"),
-     ("GET", "/metrics"), ("POST", "/infer/text"), ("GET", "/"), ("GET", "/no/such/route")],
-)  # fmt: skip
+    [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/audio/speech"),
+        ("GET", "/metrics"),
+        ("POST", "/infer/text"),
+        ("GET", "/"),
+        ("GET", "/no/such/route"),
+    ],
+)
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", "Bearer alpha", "Basic alpha-key", "alpha-key"])
 def test_every_route_but_health_needs_a_key(keyed_url: str, method: str, path: str, authorization: str | None) -> None:
     headers = {"Authorization": authorization} if authorization else {}
@@ -192,10 +204,16 @@ def test_the_docs_page_and_its_schema_open_without_a_key(keyed_url: str) -> None
 
 @pytest.mark.parametrize(
     ("authorization", "problem"),
-    [("alpha-key", "no 'Bearer ' prefix"), ("Basic alpha-key", "another scheme than Bearer"),
-     ("Bearer nope", "not valid"), (None, "No API key was sent")],
-)  # fmt: skip
-def test_a_refused_key_says_what_is_wrong_with_the_header(keyed_url: str, authorization: str | None, problem: str) -> None:
+    [
+        ("alpha-key", "no 'Bearer ' prefix"),
+        ("Basic alpha-key", "another scheme than Bearer"),
+        ("Bearer nope", "not valid"),
+        (None, "No API key was sent"),
+    ],
+)
+def test_a_refused_key_says_what_is_wrong_with_the_header(
+    keyed_url: str, authorization: str | None, problem: str
+) -> None:
     headers = {"Authorization": authorization} if authorization else {}
     response = httpx.get(f"{keyed_url}/v1/models", headers=headers)
     assert response.status_code == 401 and problem in response.json()["error"]["message"]
@@ -238,13 +256,21 @@ def test_body_over_the_cap_is_413_by_content_length(capped_url: str) -> None:
 
 def test_chunked_body_over_the_cap_is_413_while_it_arrives(capped_url: str) -> None:
     pieces = iter([b'{"model": "snark", "messages": [{"role": "user", "content": "', b"x" * 3000, b"x" * 3000, b'"}]}'])
-    response = httpx.post(f"{capped_url}/v1/chat/completions", content=pieces, headers={"Content-Type": "application/json"})
+    response = httpx.post(
+        f"{capped_url}/v1/chat/completions", content=pieces, headers={"Content-Type": "application/json"}
+    )
     assert "content-length" not in response.request.headers  # really sent chunked
     assert_413(response)
 
 
 def test_upload_over_the_cap_is_413_and_bodies_under_it_pass(capped_url: str) -> None:
-    assert_413(httpx.post(f"{capped_url}/infer/image", data={"prompt": "What?"}, files={"image_file": ("a.png", b"\x89PNG" + b"0" * 6000)}))
+    assert_413(
+        httpx.post(
+            f"{capped_url}/infer/image",
+            data={"prompt": "What?"},
+            files={"image_file": ("a.png", b"\x89PNG" + b"0" * 6000)},
+        )
+    )
     assert httpx.post(f"{capped_url}/v1/chat/completions", json=chat(2)).status_code == 200
 
 
@@ -254,7 +280,8 @@ def test_upload_over_the_cap_is_413_and_bodies_under_it_pass(capped_url: str) ->
 def scrape(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics").text
     return {
-        sample.name + (str(sorted(sample.labels.items())) if sample.labels and "le" not in sample.labels else ""): sample.value
+        sample.name
+        + (str(sorted(sample.labels.items())) if sample.labels and "le" not in sample.labels else ""): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if "le" not in sample.labels
@@ -266,17 +293,29 @@ def test_metrics_move_with_requests_and_speech(base_url: str) -> None:
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     assert "_created" not in response.text  # creation-time series only double the lines
     before = scrape(base_url)
-    for name in ("snark:num_requests_running", "snark:num_requests_waiting", "snark:prompt_tokens_total",
-                 "snark:tts_seconds_count", "snark:kv_cache_usage_perc"):  # fmt: skip
+    for name in (
+        "snark:num_requests_running",
+        "snark:num_requests_waiting",
+        "snark:prompt_tokens_total",
+        "snark:tts_seconds_count",
+        "snark:kv_cache_usage_perc",
+    ):
         assert name in before, name
     reply = openai_client(base_url).chat.completions.create(**chat(5))
     success = "snark:request_success_total" + str([("finished_reason", reply.choices[0].finish_reason)])
     # The engine reports a request after its batch ends, just after the client got its answer.
-    after = wait_until(lambda: (m := scrape(base_url)).get(success, 0) > before.get(success, 0) and m, "the request in /metrics")
+    after = wait_until(
+        lambda: (m := scrape(base_url)).get(success, 0) > before.get(success, 0) and m, "the request in /metrics"
+    )
     assert after["snark:prompt_tokens_total"] - before["snark:prompt_tokens_total"] == reply.usage.prompt_tokens
-    assert after["snark:generation_tokens_total"] - before["snark:generation_tokens_total"] == reply.usage.completion_tokens
+    assert (
+        after["snark:generation_tokens_total"] - before["snark:generation_tokens_total"]
+        == reply.usage.completion_tokens
+    )
     for histogram in ("time_to_first_token", "time_per_output_token", "e2e_request_latency", "request_queue_time"):
         name = f"snark:{histogram}_seconds_count"
         assert after[name] == before[name] + 1, name
-    openai_client(base_url).audio.speech.create(model="tts-1", voice="alloy", input="Counted.", response_format="wav").read()
+    openai_client(base_url).audio.speech.create(
+        model="tts-1", voice="alloy", input="Counted.", response_format="wav"
+    ).read()
     assert scrape(base_url)["snark:tts_seconds_count"] == before["snark:tts_seconds_count"] + 1

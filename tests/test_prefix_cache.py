@@ -85,7 +85,10 @@ def test_a_hit_joining_mid_flight_and_in_chunks_answers_as_alone(cached, uncache
 
 def test_two_images_of_the_same_size_share_no_cached_blocks(cached, uncached):
     question = "Describe the picture in detail."
-    red, blue = _build(cached, ("user", [_image((220, 30, 30)), question])), _build(cached, ("user", [_image((30, 30, 220)), question]))
+    red, blue = (
+        _build(cached, ("user", [_image((220, 30, 30)), question])),
+        _build(cached, ("user", [_image((30, 30, 220)), question])),
+    )
     assert red.input_ids == blue.input_ids  # the same placeholder tokens
     _generate(cached, red)
     before = _hits(cached)
@@ -119,8 +122,9 @@ def test_eviction_under_block_pressure_loses_no_request(tiny_model_dir, uncached
     per_block = 2 * 2 * 1 * 32 * 4 * 16  # keys and values x layers x KV heads x dims x float32 x block
     engine = start_engine(tiny_model_dir, max_batch_size=4, kv_cache_bytes=24 * per_block)
     try:
-        prompts = [_build(engine, ("user", [f"Topic {i}: " + "tell me about the history of bicycles. " * 6]))
-                   for i in range(6)]  # fmt: skip
+        prompts = [
+            _build(engine, ("user", [f"Topic {i}: " + "tell me about the history of bicycles. " * 6])) for i in range(6)
+        ]
         expected = [_generate(uncached, p).text for p in prompts]
 
         async def run():
@@ -142,11 +146,18 @@ def test_cache_salt_over_http_and_the_cache_counters_in_metrics(base_url):
 
     def counters() -> dict[str, float]:
         text = httpx.get(f"{base_url}/metrics").text
-        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("snark:prefix_cache")}
+        return {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("snark:prefix_cache")
+        }
 
     before = counters()
     for salt in ("tenant-a", "tenant-b"):
-        assert httpx.post(f"{base_url}/v1/chat/completions", json={**body, "cache_salt": salt}, timeout=60).status_code == 200
+        assert (
+            httpx.post(f"{base_url}/v1/chat/completions", json={**body, "cache_salt": salt}, timeout=60).status_code
+            == 200
+        )
     middle = counters()
     assert middle["snark:prefix_cache_queries_total"] > before["snark:prefix_cache_queries_total"]
     assert middle["snark:prefix_cache_hits_total"] == before["snark:prefix_cache_hits_total"]  # salts share nothing
@@ -162,7 +173,9 @@ def test_long_chunks_after_cached_tokens_answer_as_one_piece(tiny_model_dir, unc
 
     merged = []
     original = FlatLanguageModel._attend_after_context
-    monkeypatch.setattr(FlatLanguageModel, "_attend_after_context", lambda self, *a: merged.append(1) or original(self, *a))
+    monkeypatch.setattr(
+        FlatLanguageModel, "_attend_after_context", lambda self, *a: merged.append(1) or original(self, *a)
+    )
     prompt = _build(uncached, ("user", ["Tell me about the history of bicycles, part by part. " * 60]))
     assert prompt.num_tokens > 700
     expected = _generate(uncached, prompt).text  # one piece: under the default budget

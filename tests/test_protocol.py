@@ -51,20 +51,34 @@ def turns(messages: list, max_images: int = 2):
 
 
 def test_silent_request_takes_the_model_defaults_and_the_server_length() -> None:
-    assert params() == SamplingParams(
-        max_new_tokens=100, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05
-    )
+    assert params() == SamplingParams(max_new_tokens=100, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
 
 
 def test_request_values_win_and_map_one_to_one() -> None:
     got = params(
-        max_tokens=7, temperature=1.2, top_p=0.5, top_k=-1, seed=3, stop="END",
-        repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=-0.5, ignore_eos=True,
-    )  # fmt: skip
+        max_tokens=7,
+        temperature=1.2,
+        top_p=0.5,
+        top_k=-1,
+        seed=3,
+        stop="END",
+        repetition_penalty=1.2,
+        frequency_penalty=0.5,
+        presence_penalty=-0.5,
+        ignore_eos=True,
+    )
     assert got == SamplingParams(
-        max_new_tokens=7, temperature=1.2, top_p=0.5, top_k=0, seed=3, stop=("END",),
-        repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=-0.5, ignore_eos=True,
-    )  # fmt: skip
+        max_new_tokens=7,
+        temperature=1.2,
+        top_p=0.5,
+        top_k=0,
+        seed=3,
+        stop=("END",),
+        repetition_penalty=1.2,
+        frequency_penalty=0.5,
+        presence_penalty=-0.5,
+        ignore_eos=True,
+    )
 
 
 def test_max_completion_tokens_wins_over_max_tokens() -> None:
@@ -123,10 +137,15 @@ def test_chat_audio_requests_that_cannot_be_spoken_are_a_400(fields: dict, param
 
 def test_chat_audio_output_and_text_only() -> None:
     spoken = ChatCompletionRequest(
-        messages=[{"role": "user", "content": "hi"}], modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"}, stream=True
+        messages=[{"role": "user", "content": "hi"}],
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "pcm16"},
+        stream=True,
     )
     assert spoken.audio_output().format == "pcm16" and spoken.audio_output().voice_name == "alloy"
-    assert ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], modalities=["text"]).audio_output() is None
+    assert (
+        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], modalities=["text"]).audio_output() is None
+    )
 
 
 def test_an_assistant_audio_id_brings_back_its_transcript() -> None:
@@ -150,9 +169,18 @@ def test_an_assistant_audio_id_brings_back_its_transcript() -> None:
 
 def test_off_values_of_refused_features_and_unknown_fields_are_accepted() -> None:
     got = params(
-        n=1, tools=[], tool_choice="none", logprobs=False, top_logprobs=0, response_format={"type": "text"},
-        modalities=["text"], user="u1", store=False, metadata={"a": "b"}, some_future_option=True,
-    )  # fmt: skip
+        n=1,
+        tools=[],
+        tool_choice="none",
+        logprobs=False,
+        top_logprobs=0,
+        response_format={"type": "text"},
+        modalities=["text"],
+        user="u1",
+        store=False,
+        metadata={"a": "b"},
+        some_future_option=True,
+    )
     assert got.max_new_tokens == 100
 
 
@@ -169,15 +197,18 @@ def test_messages_become_turns_in_order_with_images_decoded() -> None:
     got = turns(
         [
             {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [
-                {"type": "text", "text": "Compare"},
-                {"type": "image_url", "image_url": {"url": data_uri((32, 32)), "detail": "low"}},
-                {"type": "image_url", "image_url": {"url": data_uri((64, 32))}},
-            ]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Compare"},
+                    {"type": "image_url", "image_url": {"url": data_uri((32, 32)), "detail": "low"}},
+                    {"type": "image_url", "image_url": {"url": data_uri((64, 32))}},
+                ],
+            },
             {"role": "assistant", "content": [{"type": "text", "text": "Done."}]},
             {"role": "user", "content": "Again"},
         ]
-    )  # fmt: skip
+    )
     assert [t.role for t in got] == ["system", "user", "assistant", "user"]
     assert got[0].parts == ["Be brief."]
     assert got[1].parts[0] == "Compare"
@@ -189,13 +220,20 @@ def test_messages_become_turns_in_order_with_images_decoded() -> None:
     [
         ({"role": "function", "content": "42", "name": "x"}, "messages[0].role"),
         ({"role": "wizard", "content": "hi"}, "messages[0].role"),
-        ({"role": "user", "content": "x", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{}"}}]},
-         "messages[0].tool_calls"),
-        ({"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "[1]"}}]},
-         "messages[0].tool_calls[0].function.arguments"),
+        (
+            {"role": "user", "content": "x", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{}"}}]},
+            "messages[0].tool_calls",
+        ),
+        (
+            {"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "[1]"}}]},
+            "messages[0].tool_calls[0].function.arguments",
+        ),
         ({"role": "user", "content": None}, "messages[0].content"),
         ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, "messages[0].content[0].type"),
-        ({"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}, "messages[0].content[0]"),
+        (
+            {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+            "messages[0].content[0]",
+        ),
     ],
 )
 def test_malformed_messages_are_a_400_naming_where(message: dict, param: str) -> None:
@@ -274,4 +312,6 @@ def test_the_templated_content_chunk_equals_the_plain_one(text: str, usage_field
     from snark.api.replies import ChatReply, sse_line
 
     reply = ChatReply(model='tiny "model"', prompt_tokens=3)
-    assert reply.content_sse(text, usage_field=usage_field) == sse_line(reply.chunk({"content": text}, usage_field=usage_field))
+    assert reply.content_sse(text, usage_field=usage_field) == sse_line(
+        reply.chunk({"content": text}, usage_field=usage_field)
+    )

@@ -48,7 +48,11 @@ def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat_their_draws():
     torch.manual_seed(1)
     logits = torch.randn(3, VOCAB)
     greedy, sampled = SamplingParams(), SamplingParams(temperature=2.0, seed=42)
-    first = next_tokens(logits.clone(), [_sampler(greedy, [1], []), _sampler(sampled, [1], []), _sampler(greedy, [2], [])])
-    again = next_tokens(logits.clone(), [_sampler(greedy, [1], []), _sampler(sampled, [1], []), _sampler(greedy, [2], [])])
+    first = next_tokens(
+        logits.clone(), [_sampler(greedy, [1], []), _sampler(sampled, [1], []), _sampler(greedy, [2], [])]
+    )
+    again = next_tokens(
+        logits.clone(), [_sampler(greedy, [1], []), _sampler(sampled, [1], []), _sampler(greedy, [2], [])]
+    )
     assert first == again
     assert first[0] == int(logits[0].argmax()) and first[2] == int(logits[2].argmax())

@@ -88,14 +88,22 @@ def strict(schema: dict) -> dict:
     return schema
 
 
-@pytest.mark.parametrize("schema", [
-    RECEIPT,
-    Person.model_json_schema(),
-    strict(Person.model_json_schema()),
-    {"type": "object", "properties": {"answer": {"type": "string"}}},
-    {"$defs": {"N": {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#/$defs/N"}, {"type": "null"}]}}}},
-     "$ref": "#/$defs/N"},
-], ids=["receipt", "pydantic", "openai-strict", "simple", "recursive"])
+@pytest.mark.parametrize(
+    "schema",
+    [
+        RECEIPT,
+        Person.model_json_schema(),
+        strict(Person.model_json_schema()),
+        {"type": "object", "properties": {"answer": {"type": "string"}}},
+        {
+            "$defs": {
+                "N": {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#/$defs/N"}, {"type": "null"}]}}}
+            },
+            "$ref": "#/$defs/N",
+        },
+    ],
+    ids=["receipt", "pydantic", "openai-strict", "simple", "recursive"],
+)
 def test_supported_schemas_pass(schema):
     assert check(schema) is schema
 
@@ -104,38 +112,49 @@ def test_true_means_any_json():
     assert check(True) == {}
 
 
-@pytest.mark.parametrize("keyword, schema", [
-    ("multipleOf", {"type": "number", "multipleOf": 0.5}),
-    ("multipleOf", {"type": "integer", "multipleOf": 7, "minimum": 0}),
-    ("uniqueItems", {"type": "array", "uniqueItems": True}),
-    ("contains", {"type": "array", "contains": {"const": 3}}),
-    ("not", {"type": "integer", "not": {"const": 0}}),
-    ("if", {"if": {"minimum": 0}, "then": {"maximum": 5}}),
-    ("dependentRequired", {"type": "object", "dependentRequired": {"a": ["b"]}}),
-    ("oneOf", {"oneOf": [{"type": "integer"}, {"type": "number"}]}),
-    ("allOf", {"allOf": [{"type": "integer"}, {"minimum": 3}]}),
-    ("propertyNames", {"type": "object", "propertyNames": {"maxLength": 3}}),
-    ("maximum", {"$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A", "maximum": 3}),
-    ("properties", {"anyOf": [{"type": "object"}], "type": "object", "properties": {"a": {}}}),
-    ("maxLength", {"maxLength": 2}),
-    ("format", {"type": "string", "format": "date", "maxLength": 3}),
-    ("pattern", {"type": "string", "pattern": "^a+$", "maxLength": 3}),
-    ("format", {"type": "string", "format": "credit-card"}),
-    ("ipv4", {"type": "string", "format": "ipv4"}),
-    ("$ref", {"$ref": "https://example.com/schema.json"}),
-    ("lookarounds", {"type": "string", "pattern": "^(?=a)a$"}),
-    ("backreferences", {"type": "string", "pattern": "^(a)\\1$"}),
-    ("\\p", {"type": "string", "pattern": "^\\p{L}+$"}),
-    ("nests", {"type": "string", "pattern": "^(a{3}){4}$"}),
-])
+@pytest.mark.parametrize(
+    "keyword, schema",
+    [
+        ("multipleOf", {"type": "number", "multipleOf": 0.5}),
+        ("multipleOf", {"type": "integer", "multipleOf": 7, "minimum": 0}),
+        ("uniqueItems", {"type": "array", "uniqueItems": True}),
+        ("contains", {"type": "array", "contains": {"const": 3}}),
+        ("not", {"type": "integer", "not": {"const": 0}}),
+        ("if", {"if": {"minimum": 0}, "then": {"maximum": 5}}),
+        ("dependentRequired", {"type": "object", "dependentRequired": {"a": ["b"]}}),
+        ("oneOf", {"oneOf": [{"type": "integer"}, {"type": "number"}]}),
+        ("allOf", {"allOf": [{"type": "integer"}, {"minimum": 3}]}),
+        ("propertyNames", {"type": "object", "propertyNames": {"maxLength": 3}}),
+        ("maximum", {"$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A", "maximum": 3}),
+        ("properties", {"anyOf": [{"type": "object"}], "type": "object", "properties": {"a": {}}}),
+        ("maxLength", {"maxLength": 2}),
+        ("format", {"type": "string", "format": "date", "maxLength": 3}),
+        ("pattern", {"type": "string", "pattern": "^a+$", "maxLength": 3}),
+        ("format", {"type": "string", "format": "credit-card"}),
+        ("ipv4", {"type": "string", "format": "ipv4"}),
+        ("$ref", {"$ref": "https://example.com/schema.json"}),
+        ("lookarounds", {"type": "string", "pattern": "^(?=a)a$"}),
+        ("backreferences", {"type": "string", "pattern": "^(a)\\1$"}),
+        ("\\p", {"type": "string", "pattern": "^\\p{L}+$"}),
+        ("nests", {"type": "string", "pattern": "^(a{3}){4}$"}),
+    ],
+)
 def test_unsupported_keywords_are_refused_by_name(keyword, schema):
     assert keyword in refused({"type": "object", "properties": {"field": schema}}).message
 
 
-@pytest.mark.parametrize("schema", [
-    {"type": "strings"}, {"type": "object", "properties": []}, {"enum": []}, {"$ref": "#/$defs/Missing"},
-    {"type": "string", "enum": ["a", 1]}, {"type": "array", "minItems": -1}, 42,
-])
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "strings"},
+        {"type": "object", "properties": []},
+        {"enum": []},
+        {"$ref": "#/$defs/Missing"},
+        {"type": "string", "enum": ["a", 1]},
+        {"type": "array", "minItems": -1},
+        42,
+    ],
+)
 def test_malformed_schemas_are_invalid(schema):
     refused(schema, code="invalid_schema")
 
@@ -150,14 +169,20 @@ def test_size_and_depth_limits():
     check_schema(deep["items"], param="p", **LIMITS)  # 16 levels is fine
 
 
-@pytest.mark.parametrize("keyword, schema", [
-    ("maxLength", {"type": "string", "maxLength": 10**9}),
-    ("minLength", {"type": "string", "minLength": 50_000}),
-    ("minItems", {"type": "array", "minItems": 100_000}),
-    ("minimum", {"type": "integer", "minimum": -10**19}),
-    ("pattern", {"type": "string", "pattern": "^a{5000}$"}),
-    ("maxLength", {"type": "object", "properties": {f"f{i}": {"type": "string", "maxLength": 60} for i in range(3)}}),
-])
+@pytest.mark.parametrize(
+    "keyword, schema",
+    [
+        ("maxLength", {"type": "string", "maxLength": 10**9}),
+        ("minLength", {"type": "string", "minLength": 50_000}),
+        ("minItems", {"type": "array", "minItems": 100_000}),
+        ("minimum", {"type": "integer", "minimum": -(10**19)}),
+        ("pattern", {"type": "string", "pattern": "^a{5000}$"}),
+        (
+            "maxLength",
+            {"type": "object", "properties": {f"f{i}": {"type": "string", "maxLength": 60} for i in range(3)}},
+        ),
+    ],
+)
 def test_hostile_bounds_are_refused(keyword, schema):
     error = refused(schema, code="schema_too_large")
     assert keyword in error.message or keyword in str(error.message)
@@ -186,16 +211,42 @@ ENFORCED = {
     "enum": {"enum": ["a", 1, None, {"x": [1]}]},
     "const": {"const": {"k": "hello"}},
     "items": {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 3},
-    "prefixItems": {"type": "array", "prefixItems": [{"type": "string", "maxLength": 2}, {"type": "boolean"}], "items": False},
-    "properties": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"const": 1}}, "required": ["a", "b"]},
+    "prefixItems": {
+        "type": "array",
+        "prefixItems": [{"type": "string", "maxLength": 2}, {"type": "boolean"}],
+        "items": False,
+    },
+    "properties": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"const": 1}},
+        "required": ["a", "b"],
+    },
     "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer"}, "maxProperties": 2},
     "minProperties": {"type": "object", "properties": {k: {"type": "null"} for k in "abc"}, "minProperties": 2},
-    "patternProperties": {"type": "object", "patternProperties": {"^x[0-9]$": {"type": "integer"}}, "additionalProperties": False},
+    "patternProperties": {
+        "type": "object",
+        "patternProperties": {"^x[0-9]$": {"type": "integer"}},
+        "additionalProperties": False,
+    },
     "anyOf": {"anyOf": [{"type": "integer", "maximum": 0}, {"type": "boolean"}]},
     "allOf": {"allOf": [{"type": "integer", "minimum": 3, "maximum": 9}]},
-    "$ref": {"$defs": {"N": {"type": "object", "properties": {"v": {"type": "integer", "maximum": 1}, "next": {"anyOf": [{"$ref": "#/$defs/N"}, {"type": "null"}]}}, "required": ["v", "next"]}}, "$ref": "#/$defs/N"},
-    **{f"format {name}": {"type": "string", "format": name} for name in
-       ["date", "time", "date-time", "email", "uuid", "hostname", "uri"]},
+    "$ref": {
+        "$defs": {
+            "N": {
+                "type": "object",
+                "properties": {
+                    "v": {"type": "integer", "maximum": 1},
+                    "next": {"anyOf": [{"$ref": "#/$defs/N"}, {"type": "null"}]},
+                },
+                "required": ["v", "next"],
+            }
+        },
+        "$ref": "#/$defs/N",
+    },
+    **{
+        f"format {name}": {"type": "string", "format": name}
+        for name in ["date", "time", "date-time", "email", "uuid", "hostname", "uri"]
+    },
 }
 
 
@@ -218,7 +269,9 @@ def random_outputs(compiled, info, tokenizer, count: int, seed: int) -> list[str
         matcher, tokens = xgr.GrammarMatcher(compiled), []
         for _ in range(120):
             matcher.fill_next_token_bitmask(bitmask)
-            allowed = np.flatnonzero(np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[: info.vocab_size])
+            allowed = np.flatnonzero(
+                np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[: info.vocab_size]
+            )
             is_stop = np.isin(allowed, stops)
             if is_stop.all() or (is_stop.any() and rng.random() < 0.3):
                 outputs.append(tokenizer.decode(tokens))

@@ -61,7 +61,12 @@ def next_text(lines: Iterator[str]) -> str:
 
 
 def chat_body(max_tokens: int) -> dict:
-    return {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    return {
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
 
 
 def test_ctrl_c_drains_in_flight_requests_then_ends_every_stream_properly(tiny_model_dir: str) -> None:
@@ -75,20 +80,28 @@ def test_ctrl_c_drains_in_flight_requests_then_ends_every_stream_properly(tiny_m
         sse = streams.enter_context(http.stream("POST", "/v1/chat/completions", json=chat_body(LONG)))
         sse_lines = sse.iter_lines()
         next_text(sse_lines)
-        form = streams.enter_context(http.stream("POST", "/infer/text", data={"prompt": "Hi", "max_new_tokens": str(LONG), "stream": "true"}))
+        form = streams.enter_context(
+            http.stream("POST", "/infer/text", data={"prompt": "Hi", "max_new_tokens": str(LONG), "stream": "true"})
+        )
         form_text = form.iter_text()
         assert next(form_text)
         spoken = streams.enter_context(
-            http.stream("POST", "/infer/text", data={"prompt": "Hi", "max_new_tokens": str(LONG), "response_format": "wav"})
+            http.stream(
+                "POST", "/infer/text", data={"prompt": "Hi", "max_new_tokens": str(LONG), "response_format": "wav"}
+            )
         )
         assert spoken.status_code == 200 and spoken.headers["content-type"] == "audio/wav"
-        speech = streams.enter_context(http.stream("POST", "/v1/audio/speech", json={**LONG_SPEECH, "response_format": "pcm"}))
+        speech = streams.enter_context(
+            http.stream("POST", "/v1/audio/speech", json={**LONG_SPEECH, "response_format": "pcm"})
+        )
         assert speech.status_code == 200 and speech.headers["content-type"] == "audio/pcm"
         drained: dict = {}
 
         def ask_about_the_held_image() -> None:
             response = httpx.post(
-                f"{server.url}/infer/image", data={"prompt": "What is this?", "max_new_tokens": "4", "image_url": image_url}, timeout=60
+                f"{server.url}/infer/image",
+                data={"prompt": "What is this?", "max_new_tokens": "4", "image_url": image_url},
+                timeout=60,
             )
             drained["status"], drained["body"] = response.status_code, response.json()
 
@@ -114,7 +127,9 @@ def test_ctrl_c_drains_in_flight_requests_then_ends_every_stream_properly(tiny_m
         assert over.group(1) == "4"
         rest = [line for line in sse_lines if line]
         assert '"code":"shutting_down"' in rest[-2] and "shutting down" in rest[-2] and rest[-1] == "data: [DONE]"
-        assert "".join(form_text).endswith("[snark error: The server is shutting down and stopped this request; retry it.]\n")
+        assert "".join(form_text).endswith(
+            "[snark error: The server is shutting down and stopped this request; retry it.]\n"
+        )
         wav = b"".join(spoken.iter_bytes())  # a clean end of the body: no protocol error while reading
         assert wav[:4] == b"RIFF"
         pcm = b"".join(speech.iter_bytes())
@@ -130,7 +145,10 @@ def test_ctrl_c_drains_in_flight_requests_then_ends_every_stream_properly(tiny_m
 def test_sigterm_drains_and_a_later_ctrl_c_exits_at_once(tiny_model_dir: str) -> None:
     with ServerProcess(VLM_MODEL=tiny_model_dir, SNARK_SHUTDOWN_GRACE_S="600") as server:
         server.wait_ready()
-        with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/chat/completions", json=chat_body(LONG)) as sse:
+        with (
+            httpx.Client(base_url=server.url, timeout=60) as http,
+            http.stream("POST", "/v1/chat/completions", json=chat_body(LONG)) as sse,
+        ):
             lines = sse.iter_lines()
             next_text(lines)
             mark = len(server.lines)
@@ -171,10 +189,17 @@ def silent_hub() -> Iterator[tuple[str, threading.Event]]:
 
 def test_a_signal_while_the_model_loads_stops_the_load(tmp_path) -> None:
     with silent_hub() as (endpoint, connected):
-        env = {"VLM_MODEL": "snark-test/never-answered", "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path)}
+        env = {
+            "VLM_MODEL": "snark-test/never-answered",
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path),
+        }
         with ServerProcess(**env) as server:
             assert connected.wait(60), "the server never asked the hub"
-            server.wait_until(lambda: httpx.get(f"{server.url}/health", timeout=5).status_code == 503, "/health to say loading")
+            server.wait_until(
+                lambda: httpx.get(f"{server.url}/health", timeout=5).status_code == 503, "/health to say loading"
+            )
             server.process.send_signal(signal.SIGTERM)
             # The hub never answers: had the stop waited for the load, the hub check would fail first.
             assert server.exit_code() == 0

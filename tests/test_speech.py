@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 import importlib.util
 import io
 import struct
@@ -11,6 +10,7 @@ import threading
 import time
 import wave
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 
@@ -21,9 +21,9 @@ from snark.speech import (
     LazySpeaker,
     Speaker,
     SpeechUnavailable,
+    SynthesisPool,
     build_speaker,
     clean_for_speech,
-    SynthesisPool,
     pcm_to_wav,
     single_text,
     speak_deltas,
@@ -168,7 +168,7 @@ def test_piper_is_a_speaker(piper: PiperSpeaker) -> None:
 
 
 def test_piper_sentence_is_a_plausible_wav(piper: PiperSpeaker) -> None:
-    wav_bytes = (speak_wav(piper, SENTENCE))
+    wav_bytes = speak_wav(piper, SENTENCE)
     reader, frames = read_wav(wav_bytes)
     assert (reader.getnchannels(), reader.getsampwidth(), reader.getframerate()) == (1, 2, 22050)
     assert reader.getnframes() > 0 and len(frames) == 2 * reader.getnframes()
@@ -177,8 +177,8 @@ def test_piper_sentence_is_a_plausible_wav(piper: PiperSpeaker) -> None:
 
 
 def test_speed_two_is_clearly_shorter(piper: PiperSpeaker) -> None:
-    normal = (speak_wav(piper, SENTENCE, speed=1.0))
-    fast = (speak_wav(piper, SENTENCE, speed=2.0))
+    normal = speak_wav(piper, SENTENCE, speed=1.0)
+    fast = speak_wav(piper, SENTENCE, speed=2.0)
     assert seconds(fast) < 0.8 * seconds(normal)
 
 
@@ -191,7 +191,7 @@ def test_speed_out_of_range_is_a_400(piper: PiperSpeaker, speed: float) -> None:
 
 @pytest.mark.parametrize("text", ["", "   ", "🎉🔥 👍🏽", "...", "**"])
 def test_nothing_speakable_gives_short_silence(piper: PiperSpeaker, text: str) -> None:
-    wav_bytes = (speak_wav(piper, text))
+    wav_bytes = speak_wav(piper, text)
     reader, frames = read_wav(wav_bytes)
     assert reader.getframerate() == 22050 and 0 < seconds(wav_bytes) <= 0.5
     assert frames == bytes(len(frames))

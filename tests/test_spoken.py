@@ -38,7 +38,10 @@ def fed(text: str, step: int = 1, **limits: int) -> list[str]:
 @pytest.mark.parametrize(
     ("text", "sentences"),
     [
-        ("Dr. Smith paid $3.50 at 5 p.m. today. Then he left.", ["Dr. Smith paid $3.50 at 5 p.m. today.", "Then he left."]),
+        (
+            "Dr. Smith paid $3.50 at 5 p.m. today. Then he left.",
+            ["Dr. Smith paid $3.50 at 5 p.m. today.", "Then he left."],
+        ),
         ("Wait... what? Oh… Fine.", ["Wait... what?", "Oh…", "Fine."]),
         ('She said "Stop." He did! (Really.) Yes', ['She said "Stop."', "He did!", "(Really.)", "Yes"]),
         ("Steps:\n1. Open it.\n2. Close it\n- done", ["Steps:", "1. Open it.", "2. Close it", "- done"]),
@@ -126,7 +129,9 @@ def spoken_server(test_settings, tiny_engine, counting):
         yield url, app.state.snark
 
 
-def test_first_audio_arrives_while_the_model_is_still_writing_and_leaving_stops_both(spoken_server, tiny_engine, counting):
+def test_first_audio_arrives_while_the_model_is_still_writing_and_leaving_stops_both(
+    spoken_server, tiny_engine, counting
+):
     url, state = spoken_server
     form = {"prompt": "Talk for a long time.", "response_format": "pcm", "max_new_tokens": "2000"}
     with httpx.stream("POST", f"{url}/infer/text", data=form, timeout=120) as response:
@@ -223,7 +228,11 @@ def test_chat_audio_without_streaming_through_the_openai_client(spoken_server):
         assert wav.getframerate() == 22050 and wav.getnframes() > 0
     # The next turn sends the spoken answer back by id; its transcript is the history.
     follow_up = client.chat.completions.create(
-        messages=[*question(), {"role": "assistant", "audio": {"id": message.audio.id}}, {"role": "user", "content": "More."}],
+        messages=[
+            *question(),
+            {"role": "assistant", "audio": {"id": message.audio.id}},
+            {"role": "user", "content": "More."},
+        ],
         **{**options, "max_tokens": 2},
     )
     assert follow_up.choices[0].message.content is not None
@@ -235,7 +244,11 @@ def test_chat_audio_streams_pcm16_and_the_transcript(spoken_server):
     options = {"model": "snark", "max_tokens": 16, "temperature": 0}
     text = client.chat.completions.create(messages=question(), **options).choices[0].message.content
     stream = client.chat.completions.create(
-        messages=question(), modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"}, stream=True, **options
+        messages=question(),
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "pcm16"},
+        stream=True,
+        **options,
     )
     transcript, pcm, ids, finish = [], b"", [], None
     for chunk in stream:
@@ -255,7 +268,11 @@ def test_chat_audio_refusals_are_bad_request_errors(spoken_server):
     client = openai_client(url)
     with pytest.raises(openai.BadRequestError, match="pcm16"):
         client.chat.completions.create(
-            model="snark", messages=question(), modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}, stream=True
+            model="snark",
+            messages=question(),
+            modalities=["text", "audio"],
+            audio={"voice": "alloy", "format": "wav"},
+            stream=True,
         )
     with pytest.raises(openai.BadRequestError, match="SNARK_TTS_VOICES"):
         client.chat.completions.create(
@@ -275,7 +292,9 @@ def test_named_voices_speed_and_audio_metrics(test_settings, tiny_engine, counti
         before = scrape(url)
         named = http.post("/v1/audio/speech", json={"input": "Hello there.", "voice": "joe2"})
         assert named.status_code == 200 and named.content[:4] == b"RIFF"
-        assert app.state.snark.voices.named["joe2"].loaded and "Hello there." not in counting.sentences  # not the default voice
+        assert (
+            app.state.snark.voices.named["joe2"].loaded and "Hello there." not in counting.sentences
+        )  # not the default voice
         unknown = http.post("/v1/audio/speech", json={"input": "Hello there.", "voice": "nobody"})
         assert unknown.status_code == 400 and "joe2" in unknown.json()["error"]["message"]
 
@@ -284,7 +303,11 @@ def test_named_voices_speed_and_audio_metrics(test_settings, tiny_engine, counti
         assert http.post("/infer/text", data=form).status_code == 200
         assert counting.speeds[spoken_before:] and set(counting.speeds[spoken_before:]) == {1.5}
         after = scrape(url)
-    for name in ("snark:time_to_first_audio_seconds_count", "snark:tts_real_time_factor_count", "snark:tts_seconds_count"):
+    for name in (
+        "snark:time_to_first_audio_seconds_count",
+        "snark:tts_real_time_factor_count",
+        "snark:tts_seconds_count",
+    ):
         assert after[name] >= before[name] + 2, name  # the named voice's speech and the spoken form answer
 
 
@@ -292,7 +315,10 @@ def test_the_voices_setting_is_name_equals_path() -> None:
     from snark.config import load_settings
     from snark.errors import ConfigError
 
-    assert load_settings(tts_voices="amy=/v/amy.onnx, joe = /v/joe.onnx").tts_voice_paths == {"amy": "/v/amy.onnx", "joe": "/v/joe.onnx"}
+    assert load_settings(tts_voices="amy=/v/amy.onnx, joe = /v/joe.onnx").tts_voice_paths == {
+        "amy": "/v/amy.onnx",
+        "joe": "/v/joe.onnx",
+    }
     with pytest.raises(ConfigError, match="SNARK_TTS_VOICES"):
         load_settings(tts_voices="/v/amy.onnx")
 

@@ -42,11 +42,13 @@ def test_14b_is_refused_with_the_valid_sizes(monkeypatch):
 
 @pytest.mark.parametrize(
     ("variable", "value", "said"),
-    [("SNARK_PORT", "abc", "SNARK_PORT='abc': Input should be a valid integer"),
-     ("SNARK_MAX_BATCH_SIZE", "0", "SNARK_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1"),
-     ("SNARK_ALLOW_PRIVATE_URLS", "maybe", "SNARK_ALLOW_PRIVATE_URLS='maybe'"),
-     ("VLLM_TP_SIZE", "0", "VLLM_TP_SIZE='0'")],
-)  # fmt: skip
+    [
+        ("SNARK_PORT", "abc", "SNARK_PORT='abc': Input should be a valid integer"),
+        ("SNARK_MAX_BATCH_SIZE", "0", "SNARK_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1"),
+        ("SNARK_ALLOW_PRIVATE_URLS", "maybe", "SNARK_ALLOW_PRIVATE_URLS='maybe'"),
+        ("VLLM_TP_SIZE", "0", "VLLM_TP_SIZE='0'"),
+    ],
+)
 def test_bad_values_name_the_environment_variable(monkeypatch, variable, value, said):
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError) as caught:

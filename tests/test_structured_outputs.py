@@ -57,7 +57,10 @@ CODES = {
         "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 4},
         "nested": {
             "type": "object",
-            "properties": {"ok": {"type": "boolean"}, "why": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 5}]}},
+            "properties": {
+                "ok": {"type": "boolean"},
+                "why": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 5}]},
+            },
             "required": ["ok"],
             "additionalProperties": False,
         },
@@ -107,7 +110,9 @@ def schema_format(schema: dict, name: str = "answer") -> dict:
 
 
 @pytest.mark.parametrize("name", SCHEMAS)
-@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 1}, {"temperature": 1.0, "seed": 2}])
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 1}, {"temperature": 1.0, "seed": 2}]
+)
 def test_every_answer_parses_and_validates(client: openai.OpenAI, name: str, sampling: dict) -> None:
     schema = SCHEMAS[name]
     reply = client.chat.completions.create(
@@ -119,7 +124,9 @@ def test_every_answer_parses_and_validates(client: openai.OpenAI, name: str, sam
 
 
 def test_the_streamed_answer_is_the_same_json(client: openai.OpenAI) -> None:
-    whole = client.chat.completions.create(messages=ASK, max_tokens=400, response_format=schema_format(RECEIPT), **GREEDY)
+    whole = client.chat.completions.create(
+        messages=ASK, max_tokens=400, response_format=schema_format(RECEIPT), **GREEDY
+    )
     stream = client.chat.completions.create(
         messages=ASK, max_tokens=400, response_format=schema_format(RECEIPT), stream=True, **GREEDY
     )
@@ -149,7 +156,9 @@ def test_the_openai_clients_parse_helper_gets_its_pydantic_model(client: openai.
 
 
 def test_json_object_answers_with_an_object_or_runs_out_of_tokens(client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(messages=ASK, max_tokens=64, response_format={"type": "json_object"}, **GREEDY)
+    reply = client.chat.completions.create(
+        messages=ASK, max_tokens=64, response_format={"type": "json_object"}, **GREEDY
+    )
     choice = reply.choices[0]
     assert choice.message.content.startswith("{")  # no free whitespace before it, no other value
     if choice.finish_reason == "stop":
@@ -167,15 +176,27 @@ def test_an_image_and_a_schema_in_one_request(client: openai.OpenAI) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (56, 56), (200, 30, 30)).save(buffer, "PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "JSON please"}]}]
-    reply = client.chat.completions.create(messages=messages, max_tokens=400, response_format=schema_format(CODES), **GREEDY)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "JSON please"}],
+        }
+    ]
+    reply = client.chat.completions.create(
+        messages=messages, max_tokens=400, response_format=schema_format(CODES), **GREEDY
+    )
     jsonschema.validate(json.loads(reply.choices[0].message.content), CODES)
 
 
 def test_the_form_endpoint_takes_a_json_schema(base_url: str) -> None:
     answer = httpx.post(
         f"{base_url}/infer/text",
-        data={"prompt": "Receipt as JSON", "max_new_tokens": "400", "temperature": "0", "json_schema": json.dumps(RECEIPT)},
+        data={
+            "prompt": "Receipt as JSON",
+            "max_new_tokens": "400",
+            "temperature": "0",
+            "json_schema": json.dumps(RECEIPT),
+        },
         timeout=120,
     ).json()
     assert answer["finish_reason"] == "stop"
@@ -195,9 +216,14 @@ def check_calls(calls, names: set[str]) -> None:
 def test_tool_choice_required_gives_a_valid_call(client: openai.OpenAI) -> None:
     for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
         reply = client.chat.completions.create(
-            model="snark", messages=ASK, max_tokens=200, tools=[WEATHER, TIME], tool_choice="required",
-            parallel_tool_calls=False, **sampling,
-        )  # fmt: skip
+            model="snark",
+            messages=ASK,
+            max_tokens=200,
+            tools=[WEATHER, TIME],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            **sampling,
+        )
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         assert len(choice.message.tool_calls) == 1  # parallel_tool_calls=false: one call
@@ -206,14 +232,20 @@ def test_tool_choice_required_gives_a_valid_call(client: openai.OpenAI) -> None:
 
 def test_a_named_function_is_the_one_called(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        messages=ASK, max_tokens=200, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}},
-        parallel_tool_calls=False, **GREEDY,
-    )  # fmt: skip
+        messages=ASK,
+        max_tokens=200,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        parallel_tool_calls=False,
+        **GREEDY,
+    )
     check_calls(reply.choices[0].message.tool_calls, {"get_time"})
 
 
 def test_parallel_calls_are_each_valid(client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(messages=ASK, max_tokens=300, tools=[WEATHER, TIME], tool_choice="required", **GREEDY)
+    reply = client.chat.completions.create(
+        messages=ASK, max_tokens=300, tools=[WEATHER, TIME], tool_choice="required", **GREEDY
+    )
     choice = reply.choices[0]
     check_calls(choice.message.tool_calls, {"get_weather", "get_time"})
     assert choice.finish_reason in ("tool_calls", "length")  # a random model may call until the token limit
@@ -224,9 +256,14 @@ def test_a_streamed_call_arrives_as_openai_streams_it(client: openai.OpenAI) -> 
         messages=ASK, max_tokens=200, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, **GREEDY
     )
     with client.beta.chat.completions.stream(
-        model="snark", messages=ASK, max_tokens=200, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+        model="snark",
+        messages=ASK,
+        max_tokens=200,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
         temperature=0,
-    ) as stream:  # fmt: skip
+    ) as stream:
         deltas = [event for event in stream if event.type == "tool_calls.function.arguments.delta"]
         final = stream.get_final_completion()
     assert len(deltas) >= 2  # the arguments arrived in pieces
@@ -248,13 +285,21 @@ def test_auto_shows_the_tools_and_none_hides_them(client: openai.OpenAI) -> None
 
 def test_a_conversation_with_calls_and_results_goes_on(client: openai.OpenAI) -> None:
     messages = ASK + [
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}},
-            {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}},
-        ]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'},
+                },
+                {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}},
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
         {"role": "tool", "tool_call_id": "call_2", "content": "14:05"},
-    ]  # fmt: skip
+    ]
     reply = client.chat.completions.create(messages=messages, max_tokens=8, tools=[WEATHER, TIME], **GREEDY)
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
@@ -270,8 +315,12 @@ def test_constrained_and_free_rows_share_a_batch(tiny_engine) -> None:
         prompt = await tiny_engine.build_prompt([ChatTurn("user", ["Receipt?"])], min_pixels=3136, max_pixels=3136)
         free = SamplingParams(max_new_tokens=40, ignore_eos=True)
         alone = await tiny_engine.generate(prompt, free)
-        constrained = [await tiny_engine.prepare(SamplingParams(max_new_tokens=400, temperature=1.0, seed=s,
-                                                                structure=json_schema_output(RECEIPT))) for s in range(3)]  # fmt: skip
+        constrained = [
+            await tiny_engine.prepare(
+                SamplingParams(max_new_tokens=400, temperature=1.0, seed=s, structure=json_schema_output(RECEIPT))
+            )
+            for s in range(3)
+        ]
         together = await asyncio.gather(
             tiny_engine.generate(prompt, free), *(tiny_engine.generate(prompt, p) for p in constrained)
         )
@@ -293,7 +342,9 @@ def bad_request(client: openai.OpenAI, **kwargs) -> openai.BadRequestError:
 
 
 def test_an_unsupported_schema_keyword_is_a_400_naming_it(client: openai.OpenAI) -> None:
-    error = bad_request(client, response_format=schema_format({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}))
+    error = bad_request(
+        client, response_format=schema_format({"type": "array", "items": {"type": "integer"}, "uniqueItems": True})
+    )
     assert "uniqueItems" in error.message and error.body["param"].startswith("response_format")
 
 
@@ -309,17 +360,29 @@ def test_hostile_schemas_are_refused_before_compiling(client: openai.OpenAI) -> 
 
 
 def test_tool_requests_that_cannot_work_are_400s(client: openai.OpenAI) -> None:
-    assert "not in tools" in bad_request(
-        client, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}
-    ).message
+    assert (
+        "not in tools"
+        in bad_request(client, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}).message
+    )
     assert "needs tools" in bad_request(client, tool_choice="required").message
-    assert 'tool_choice is "none", "auto", "required"' in bad_request(client, tools=[WEATHER], tool_choice="sometimes").message
-    assert "cannot constrain one answer together" in bad_request(
-        client, tools=[WEATHER], response_format={"type": "json_object"}
-    ).message
+    assert (
+        'tool_choice is "none", "auto", "required"'
+        in bad_request(client, tools=[WEATHER], tool_choice="sometimes").message
+    )
+    assert (
+        "cannot constrain one answer together"
+        in bad_request(client, tools=[WEATHER], response_format={"type": "json_object"}).message
+    )
     twice = bad_request(client, tools=[WEATHER, WEATHER])
     assert "unique" in twice.message
-    history = ASK + [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}]}]
+    history = ASK + [
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "not json"}}
+            ],
+        }
+    ]
     assert "JSON object" in bad_request(client, messages=history + ASK, tools=[WEATHER]).message
 
 
@@ -328,7 +391,9 @@ def test_tools_are_bounded_together(client: openai.OpenAI) -> None:
         parameters = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 100}}}
         return {"type": "function", "function": {"name": name, "parameters": parameters}}
 
-    client.chat.completions.create(messages=ASK, max_tokens=2, tools=[tool("one")], tool_choice="none", **GREEDY)  # alone: fine
+    client.chat.completions.create(
+        messages=ASK, max_tokens=2, tools=[tool("one")], tool_choice="none", **GREEDY
+    )  # alone: fine
     error = bad_request(client, tools=[tool("one"), tool("two")])  # together they compile into one grammar
     assert "all tools' schemas together" in error.message and error.body["param"] == "tools[1].function.parameters"
     not_an_object = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}

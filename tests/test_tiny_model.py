@@ -39,8 +39,14 @@ def test_tokenizer_has_qwen2_ids(tiny_model_dir):
     # Reference ids from the published Qwen2 tokenizer.
     assert tokenizer("Hello world!")["input_ids"] == [9707, 1879, 0]
     assert tokenizer("123")["input_ids"] == [16, 17, 18]  # Qwen2 splits digits one by one
-    expected = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-                "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655}  # fmt: skip
+    expected = {
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<|vision_start|>": 151652,
+        "<|vision_end|>": 151653,
+        "<|image_pad|>": 151655,
+    }
     assert {t: tokenizer.convert_tokens_to_ids(t) for t in expected} == expected
     text = "naïve café 東京 🎉"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text

@@ -119,7 +119,9 @@ def test_unknown_name_stays_content():
     assert [c.name for c in calls] == ["get_time"]
 
 
-@pytest.mark.parametrize("cut", [len("<tool_c"), len('<tool_call>\n{"name": "get_wea'), len(WEATHER) - 20, len(WEATHER) - 3])
+@pytest.mark.parametrize(
+    "cut", [len("<tool_c"), len('<tool_call>\n{"name": "get_wea'), len(WEATHER) - 20, len(WEATHER) - 3]
+)
 def test_call_cut_off_by_the_length_limit_stays_content(cut):
     text = "Checking.\n" + WEATHER[:cut]
     assert parse(text) == (text, [])
@@ -134,6 +136,7 @@ def test_call_ids_look_like_openai_ids():
 
 
 # --- streaming ------------------------------------------------------------------------------------
+
 
 def stream(chunks: list[str], known: set[str] | None = None) -> list:
     parser = ToolCallStream(known=known, make_id=counting_ids())
@@ -264,7 +267,12 @@ def test_openai_client_accumulates_the_same_calls():
 
 
 def chunk(delta: dict, finish_reason: str | None = None) -> ChatCompletionChunk:
-    return ChatCompletionChunk.model_validate({
-        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "qwen",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-    })
+    return ChatCompletionChunk.model_validate(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "qwen",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+    )

@@ -62,16 +62,22 @@ def assert_error(response: httpx.Response, status: int, param: str | None, *frag
 def test_the_openai_client_sends_a_video(base_url, tiny_engine, test_settings):
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
     content = [video_part(data_uri(CLIP)), {"type": "text", "text": "What happens?"}]
-    reply = client.chat.completions.create(model="snark", messages=[{"role": "user", "content": content}],
-                                           max_tokens=4, temperature=0)  # fmt: skip
+    reply = client.chat.completions.create(
+        model="snark", messages=[{"role": "user", "content": content}], max_tokens=4, temperature=0
+    )
     assert reply.choices[0].message.content and reply.choices[0].finish_reason == "length"
     assert reply.usage.prompt_tokens == expected_tokens(tiny_engine, test_settings, CLIP)
 
 
 def test_streamed_answer_about_a_video_url(base_url):
     with image_server(CLIP, "video/mp4") as server:
-        body = {"messages": [{"role": "user", "content": [video_part(f"{server}/clip.mp4"), {"type": "text", "text": "Hi"}]}],
-                "max_tokens": 4, "stream": True}  # fmt: skip
+        body = {
+            "messages": [
+                {"role": "user", "content": [video_part(f"{server}/clip.mp4"), {"type": "text", "text": "Hi"}]}
+            ],
+            "max_tokens": 4,
+            "stream": True,
+        }
         with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=120) as response:
             assert response.status_code == 200
             lines = [line for line in response.iter_lines() if line]
@@ -112,7 +118,12 @@ def test_a_video_and_an_image_together(base_url):
 @pytest.mark.parametrize(
     ("part", "status", "param", "fragment"),
     [
-        (video_part(data_uri(b"not a video at all")), 400, "messages[0].content[0].video_url.url", "is not a video file"),
+        (
+            video_part(data_uri(b"not a video at all")),
+            400,
+            "messages[0].content[0].video_url.url",
+            "is not a video file",
+        ),
         (video_part(data_uri(make_audio_only())), 400, "messages[0].content[0].video_url.url", "no video track"),
         (video_part("file:///etc/passwd"), 400, "messages[0].content[0].video_url.url", "Only http, https"),
         (video_part("data:text/plain;base64,aGk="), 400, "messages[0].content[0].video_url.url", "data:video/mp4"),
@@ -154,11 +165,16 @@ def test_form_upload_and_url(base_url, tiny_engine, test_settings):
     assert uploaded.json()["usage"]["prompt_tokens"] == expected_tokens(tiny_engine, test_settings, CLIP)
     with image_server(CLIP, "video/mp4") as server:
         fetched = infer(base_url, video_url=f"{server}/clip.mp4", fps=1, max_frames=2)
-    assert fetched.status_code == 200 and fetched.json()["usage"]["prompt_tokens"] < uploaded.json()["usage"]["prompt_tokens"]
+    assert (
+        fetched.status_code == 200
+        and fetched.json()["usage"]["prompt_tokens"] < uploaded.json()["usage"]["prompt_tokens"]
+    )
 
 
 def test_form_spoken_answer_about_a_video(base_url):
-    response = infer(base_url, files={"video_file": ("clip.mp4", CLIP, "video/mp4")}, response_format="wav", stream="false")
+    response = infer(
+        base_url, files={"video_file": ("clip.mp4", CLIP, "video/mp4")}, response_format="wav", stream="false"
+    )
     assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
     with wave.open(io.BytesIO(response.content)) as wav:
         assert wav.getnframes() > 0

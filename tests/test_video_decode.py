@@ -73,8 +73,10 @@ def test_very_short_videos_give_a_frame_pair(frames):
     assert video.num_frames == 2
 
 
-@pytest.mark.parametrize(("container", "codec"), [("webm", "libvpx"), ("matroska", "libx264"), ("avi", "mpeg4"),
-                                                  ("mpegts", "libx264"), ("gif", "gif")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("container", "codec"),
+    [("webm", "libvpx"), ("matroska", "libx264"), ("avi", "mpeg4"), ("mpegts", "libx264"), ("gif", "gif")],
+)
 def test_other_containers(container, codec):
     video = decode_video(make_video(16, container=container, codec=codec), SMALL, LIMITS)
     assert video.num_frames == 4
@@ -94,7 +96,9 @@ def test_same_bytes_and_sampling_same_key():
 # --- bad files ---------------------------------------------------------------------------------
 
 PLAYLIST = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n"
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
 
 
 @pytest.mark.parametrize(

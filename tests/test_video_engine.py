@@ -49,14 +49,23 @@ def test_the_prompt_is_what_qwens_processor_makes_of_the_frames(tiny_engine, tin
     video, image = clip(30, fps=10, width=160, height=90), Image.new("RGB", (100, 80), (200, 30, 30))
     prompt = build(tiny_engine, [image, "First this,", video, "then what happens?"])
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    content = [{"type": "image"}, {"type": "text", "text": "First this,"}, {"type": "video"},
-               {"type": "text", "text": "then what happens?"}]  # fmt: skip
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    content = [
+        {"type": "image"},
+        {"type": "text", "text": "First this,"},
+        {"type": "video"},
+        {"type": "text", "text": "then what happens?"},
+    ]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     expected = processor(
-        text=[text], images=[image], videos=[video.frames], return_tensors="pt",
+        text=[text],
+        images=[image],
+        videos=[video.frames],
+        return_tensors="pt",
         images_kwargs={"size": {"shortest_edge": 3136, "longest_edge": 100_000}},
         videos_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": False},
-    )  # fmt: skip
+    )
     assert prompt.input_ids == expected["input_ids"][0].tolist()
     assert prompt.video_grid_thw.tolist() == expected["video_grid_thw"].tolist()
     assert prompt.pixel_values_videos.equal(expected["pixel_values_videos"])
@@ -66,8 +75,10 @@ def test_the_prompt_is_what_qwens_processor_makes_of_the_frames(tiny_engine, tin
 def test_video_rows_answer_the_same_alone_and_batched(tiny_engine, chunked):
     video, other = clip(24), clip(40, fps=10, width=96)
     image = Image.new("RGB", (100, 80), (10, 200, 30))
-    prompts = [build(tiny_engine, parts) for parts in
-               ([video, "What happens?"], [image, "and", other, "compare"], ["Just text."])]  # fmt: skip
+    prompts = [
+        build(tiny_engine, parts)
+        for parts in ([video, "What happens?"], [image, "and", other, "compare"], ["Just text."])
+    ]
     alone = [generate(tiny_engine, prompt)[0] for prompt in prompts]
     assert generate(tiny_engine, *prompts) == alone
     assert generate(chunked, *prompts) == alone  # video tokens split over many prefill steps

@@ -30,7 +30,9 @@ def test_one_frame_video_gives_a_pair():
     assert VideoSampling().frame_count(1, 30) == 2  # the frame twice, as Qwen pads a frame list
 
 
-@pytest.mark.parametrize(("height", "width"), [(48, 64), (360, 640), (1080, 1920), (2160, 3840), (1920, 1080), (100, 3000)])
+@pytest.mark.parametrize(
+    ("height", "width"), [(48, 64), (360, 640), (1080, 1920), (2160, 3840), (1920, 1080), (100, 3000)]
+)
 @pytest.mark.parametrize("frames", [2, 4, 16, 64, 256, 768])
 @pytest.mark.parametrize("total_tokens", [16384, 128000 * 0.9])
 def test_frame_size_is_qwens(height, width, frames, total_tokens):
@@ -53,5 +55,10 @@ def test_requests_lower_the_caps_never_raise_them():
     assert (asked.fps, asked.max_frames, asked.nframes) == (8.0, 64, 64)
     assert (asked.max_pixels, asked.total_pixels, asked.min_pixels) == (256 * 784, 4096 * 784, 256 * 784)
     lowered = caps.clamp(max_frames=8, max_pixels=32 * 784, total_pixels=512 * 784)
-    assert (lowered.max_frames, lowered.max_pixels, lowered.total_pixels, lowered.min_pixels) == (8, 32 * 784, 512 * 784, 16 * 784)
+    assert (lowered.max_frames, lowered.max_pixels, lowered.total_pixels, lowered.min_pixels) == (
+        8,
+        32 * 784,
+        512 * 784,
+        16 * 784,
+    )
     assert caps.clamp() == caps.default

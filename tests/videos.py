@@ -19,17 +19,40 @@ def frame_value(index: int) -> int:
     return (index * 8) % 256
 
 
-def make_video(frames: int = 16, *, fps: float = 8, width: int = 64, height: int = 48, container: str = "mp4",
-               codec: str = "libx264", gop: int | None = None, times: list[float] | None = None,
-               rotation: int = 0, audio: bool = False, index_first: bool = False) -> bytes:  # fmt: skip
+def make_video(
+    frames: int = 16,
+    *,
+    fps: float = 8,
+    width: int = 64,
+    height: int = 48,
+    container: str = "mp4",
+    codec: str = "libx264",
+    gop: int | None = None,
+    times: list[float] | None = None,
+    rotation: int = 0,
+    audio: bool = False,
+    index_first: bool = False,
+) -> bytes:
     """An encoded video of ``frames`` flat frames. ``times`` (seconds, one per frame) makes a variable
     frame rate; ``gop`` sets the keyframe interval (frames); ``index_first`` puts an MP4's index
     before its frames (as streaming sites do), so a cut file still opens."""
     if index_first:  # the muxer moves the index in a second pass over a real file
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "video.mp4"
-            _encode(str(path), frames, fps, width, height, container, codec, gop, times, rotation, audio,
-                    {"movflags": "faststart"})  # fmt: skip
+            _encode(
+                str(path),
+                frames,
+                fps,
+                width,
+                height,
+                container,
+                codec,
+                gop,
+                times,
+                rotation,
+                audio,
+                {"movflags": "faststart"},
+            )
             return path.read_bytes()
     buffer = io.BytesIO()
     _encode(buffer, frames, fps, width, height, container, codec, gop, times, rotation, audio, {})

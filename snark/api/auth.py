@@ -47,7 +47,9 @@ class BearerAuth:
         if scheme.lower() == "bearer" and key_matches(token.strip(), self.keys):
             await self.app(scope, receive, send)
             return
-        exc = Unauthorized(f"{_problem(scheme, token)}: send the header 'Authorization: Bearer <key>' with a key from SNARK_API_KEY.")
+        exc = Unauthorized(
+            f"{_problem(scheme, token)}: send the header 'Authorization: Bearer <key>' with a key from SNARK_API_KEY."
+        )
         response = error_response(exc)
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
@@ -71,7 +73,9 @@ def document_bearer_auth(app: FastAPI) -> None:
     def schema() -> dict:
         if app.openapi_schema is None:
             built = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            built.setdefault("components", {})["securitySchemes"] = {"SNARK_API_KEY": {"type": "http", "scheme": "bearer"}}
+            built.setdefault("components", {})["securitySchemes"] = {
+                "SNARK_API_KEY": {"type": "http", "scheme": "bearer"}
+            }
             built["security"] = [{"SNARK_API_KEY": []}]
             app.openapi_schema = built
         return app.openapi_schema

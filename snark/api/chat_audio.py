@@ -24,7 +24,6 @@ from snark.engine.request import GenerationRequest
 from snark.errors import InvalidRequest
 from snark.speech import SpokenPiece
 
-
 _ID_PREFIX = "audio_"
 AUDIO_TTL_S = 24 * 3600
 
@@ -54,7 +53,12 @@ def _b64(data: bytes) -> str:
 
 def audio_message(transcript: str, data: bytes) -> dict:
     """``message.audio`` of a non-streamed completion: ``data`` is the whole file (WAV or PCM)."""
-    return {"id": audio_id(transcript), "data": _b64(data), "expires_at": int(time.time()) + AUDIO_TTL_S, "transcript": transcript}
+    return {
+        "id": audio_id(transcript),
+        "data": _b64(data),
+        "expires_at": int(time.time()) + AUDIO_TTL_S,
+        "transcript": transcript,
+    }
 
 
 def audio_completion(reply: ChatReply, done: GenerationRequest, transcript: str, data: bytes) -> dict:

@@ -62,7 +62,9 @@ def _form_route_message(request: Request, exc: RequestValidationError) -> tuple[
 
 def _json_route_message(request: Request, exc: RequestValidationError) -> tuple[str, str | None] | None:
     """A JSON route whose body is not a JSON object: most often curl -d without a JSON content type."""
-    if not any(err.get("type") == "model_attributes_type" and tuple(err.get("loc", ())) == ("body",) for err in exc.errors()):
+    if not any(
+        err.get("type") == "model_attributes_type" and tuple(err.get("loc", ())) == ("body",) for err in exc.errors()
+    ):
         return None
     content_type = request.headers.get("content-type", "").split(";")[0]
     if "json" not in content_type:
@@ -101,7 +103,9 @@ def _other_union_branch(err: dict, errors: list[dict]) -> bool:
     loc = tuple(err.get("loc", ()))
     if not str(err.get("type", "")).endswith("_type") or len(loc) < 2:
         return False
-    return any(len(o.get("loc", ())) > len(loc) and tuple(o["loc"][: len(loc) - 1]) == loc[:-1] for o in errors if o is not err)
+    return any(
+        len(o.get("loc", ())) > len(loc) and tuple(o["loc"][: len(loc) - 1]) == loc[:-1] for o in errors if o is not err
+    )
 
 
 def _field_path(loc: tuple) -> str:
@@ -159,6 +163,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(
-            error_body("Internal server error (a bug in Snark; see the server log).", type_="server_error", code="internal_error"),
+            error_body(
+                "Internal server error (a bug in Snark; see the server log).",
+                type_="server_error",
+                code="internal_error",
+            ),
             status_code=500,
         )

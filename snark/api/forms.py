@@ -1,7 +1,7 @@
 """The curl-friendly form endpoints: ``POST /infer/text``, ``POST /infer/image`` and ``POST /infer/video``.
 
-    curl -F prompt="Describe this picture" -F image_file=@sample.jpeg http://localhost:8123/infer/image
-    curl -F prompt="What happens here?" -F video_file=@clip.mp4 -F fps=1 http://localhost:8123/infer/video
+curl -F prompt="Describe this picture" -F image_file=@sample.jpeg http://localhost:8123/infer/image
+curl -F prompt="What happens here?" -F video_file=@clip.mp4 -F fps=1 http://localhost:8123/infer/video
 """
 
 from __future__ import annotations
@@ -18,10 +18,18 @@ from starlette.background import BackgroundTask
 from snark.api.cancellation import until_disconnected, within
 from snark.api.messages import VideoOptions, video_sampling
 from snark.api.protocol import resolve_sampling
-from snark.api.structured import form_schema_output
 from snark.api.replies import finish_reason_of
-from snark.api.spoken import MEDIA_TYPES, STREAM_HEADERS, AudioTimer, audio_stream, complete_audio, open_voice, speak_answer
+from snark.api.spoken import (
+    MEDIA_TYPES,
+    STREAM_HEADERS,
+    AudioTimer,
+    audio_stream,
+    complete_audio,
+    open_voice,
+    speak_answer,
+)
 from snark.api.state import AppState, get_state
+from snark.api.structured import form_schema_output
 from snark.config import Settings
 from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams, StreamEvent
 from snark.errors import InvalidRequest, PayloadTooLarge, SnarkError
@@ -58,9 +66,13 @@ class FormInferRequest(BaseModel):
     def to_sampling_params(self, settings: Settings, defaults: SamplingParams) -> SamplingParams:
         structure = form_schema_output(self.json_schema, settings) if self.json_schema else None
         return resolve_sampling(
-            settings, defaults, max_new_tokens=self.max_new_tokens, param="max_new_tokens", temperature=self.temperature,
+            settings,
+            defaults,
+            max_new_tokens=self.max_new_tokens,
+            param="max_new_tokens",
+            temperature=self.temperature,
             structure=structure,
-        )  # fmt: skip
+        )
 
     def image_pixel_cap(self, settings: Settings) -> int:
         if self.max_image_pixels is None:
@@ -112,7 +124,9 @@ VideoFormFields = Annotated[VideoFormInferRequest, Form()]
 async def infer_text(request: Request, form: FormFields, state: AppState = Depends(get_state)) -> Response:
     form.check_format()
     params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any image work
-    prompt = await state.engine.build_prompt(form.turns(), min_pixels=state.settings.min_image_pixels, max_pixels=state.settings.max_image_pixels)
+    prompt = await state.engine.build_prompt(
+        form.turns(), min_pixels=state.settings.min_image_pixels, max_pixels=state.settings.max_image_pixels
+    )
     return await _answer(request, state, form, prompt, await _prepared(request, state, params))
 
 
@@ -122,7 +136,9 @@ async def infer_image(request: Request, form: ImageFormFields, state: AppState =
     form.check_format()
     params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any image work
     if (image_url is None) == (image_file is None):
-        raise InvalidRequest("Send exactly one of image_url (a URL or data: URI) or image_file (an upload).", param="image_url")
+        raise InvalidRequest(
+            "Send exactly one of image_url (a URL or data: URI) or image_file (an upload).", param="image_url"
+        )
     image = await _load_form_image(image_url, image_file, state)
     max_pixels = form.image_pixel_cap(state.settings)
     min_pixels = min(state.settings.min_image_pixels, max_pixels)
@@ -135,11 +151,14 @@ async def infer_video(request: Request, form: VideoFormFields, state: AppState =
     form.check_format()
     params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any video work
     if (form.video_url is None) == (form.video_file is None):
-        raise InvalidRequest("Send exactly one of video_url (a URL or data: URI) or video_file (an upload).", param="video_url")
+        raise InvalidRequest(
+            "Send exactly one of video_url (a URL or data: URI) or video_file (an upload).", param="video_url"
+        )
     video = await _load_form_video(form, state)
     settings = state.settings
-    prompt = await state.engine.build_prompt(form.turns(video), min_pixels=settings.min_image_pixels,
-                                             max_pixels=settings.max_image_pixels)  # fmt: skip
+    prompt = await state.engine.build_prompt(
+        form.turns(video), min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels
+    )
     return await _answer(request, state, form, prompt, await _prepared(request, state, params))
 
 
@@ -170,7 +189,9 @@ async def _load_form_image(image_url: str | None, image_file: UploadFile | None,
         if image_file is not None:
             max_bytes = state.image_limits.max_image_bytes
             data = await _read_upload(image_file, max_bytes, "image_file", "SNARK_MAX_IMAGE_BYTES", "image")
-            return await decode_upload(data, state.image_limits, filename=image_file.filename, decoded=state.decoded_images)
+            return await decode_upload(
+                data, state.image_limits, filename=image_file.filename, decoded=state.decoded_images
+            )
         return await load_image(image_url, state.image_limits, decoded=state.decoded_images)
     except SnarkError as exc:
         exc.param = exc.param or field

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from PIL import Image
@@ -43,10 +43,18 @@ class VideoOptions(Lenient):
     """How to sample a video (Qwen's names; None: the server's default). Frames and pixels are held
     within the server's caps (SNARK_MAX_VIDEO_FRAMES, SNARK_MAX_VIDEO_FRAME_PIXELS, SNARK_MAX_VIDEO_TOKENS)."""
 
-    fps: float | None = Field(None, gt=0, le=60, description="Frames sampled per second (default 2). For a "
-                              "list of frames: the rate they were taken at.")  # fmt: skip
-    nframes: int | None = Field(None, ge=2, validation_alias=AliasChoices("nframes", "num_frames"),
-                                description="A fixed frame count instead of fps (rounded to even).")  # fmt: skip
+    fps: float | None = Field(
+        None,
+        gt=0,
+        le=60,
+        description="Frames sampled per second (default 2). For a list of frames: the rate they were taken at.",
+    )
+    nframes: int | None = Field(
+        None,
+        ge=2,
+        validation_alias=AliasChoices("nframes", "num_frames"),
+        description="A fixed frame count instead of fps (rounded to even).",
+    )
     min_frames: int | None = Field(None, ge=2)
     max_frames: int | None = Field(None, ge=2)
     min_pixels: int | None = Field(None, ge=28 * 28, description="Least pixels of one frame.")
@@ -76,7 +84,9 @@ class VideoURL(VideoOptions):
 
 
 class ContentPart(VideoOptions):
-    type: str = Field(description="'text', 'image_url', 'video_url', or 'video' (Qwen's: a URL or a list of frame URLs)")
+    type: str = Field(
+        description="'text', 'image_url', 'video_url', or 'video' (Qwen's: a URL or a list of frame URLs)"
+    )
     text: str | None = None
     image_url: ImageURL | None = None
     video_url: VideoURL | None = None
@@ -119,9 +129,13 @@ class _Media:
 
 
 async def messages_to_turns(
-    messages: list[ChatMessage], load_image: Callable[[str], Awaitable[Image.Image]], *, max_images: int,
-    videos: VideoLoader | None = None, video_options: VideoOptions | None = None,
-) -> list[ChatTurn]:  # fmt: skip
+    messages: list[ChatMessage],
+    load_image: Callable[[str], Awaitable[Image.Image]],
+    *,
+    max_images: int,
+    videos: VideoLoader | None = None,
+    video_options: VideoOptions | None = None,
+) -> list[ChatTurn]:
     """``messages`` -> chat turns, images fetched concurrently with ``load_image`` and videos with
     ``videos`` (None: this caller takes none); ``video_options`` applies to every video."""
     media: list[_Media] = []
@@ -134,13 +148,15 @@ async def messages_to_turns(
     ]
 
 
-def _check_counts(media: list[_Media], max_images: int, videos: VideoLoader | None,
-                  video_options: VideoOptions | None) -> None:  # fmt: skip
+def _check_counts(
+    media: list[_Media], max_images: int, videos: VideoLoader | None, video_options: VideoOptions | None
+) -> None:
     """Counts and sampling checked before any download; each video's sampling set."""
     images = sum(item.kind == "image" for item in media)
     if images > max_images:
         raise InvalidRequest(
-            f"The request has {images} images; this server accepts at most {max_images} (SNARK_MAX_IMAGES_PER_REQUEST).",
+            f"The request has {images} images; this server accepts at most {max_images} "
+            "(SNARK_MAX_IMAGES_PER_REQUEST).",
             param="messages",
         )
     clips = [item for item in media if item.kind != "image"]
@@ -159,10 +175,13 @@ def _check_counts(media: list[_Media], max_images: int, videos: VideoLoader | No
             raise InvalidRequest(
                 f"{item.param} has {len(item.source)} frames; this server takes at most {videos.caps.max_frames} a "
                 "video (SNARK_MAX_VIDEO_FRAMES): send fewer frames.",
-                param=item.param, code="video_too_many_frames",
-            )  # fmt: skip
+                param=item.param,
+                code="video_too_many_frames",
+            )
         if item.kind == "frames" and not item.source:
-            raise InvalidRequest(f"{item.param} is an empty list: send the video's frames as image URLs.", param=item.param)
+            raise InvalidRequest(
+                f"{item.param} is an empty list: send the video's frames as image URLs.", param=item.param
+            )
         try:
             item.sampling = video_sampling(videos, *item.layers, video_options)
         except SnarkError as exc:  # name the part: messages[0].content[1].video_end
@@ -189,7 +208,9 @@ def _history_calls(where: str, role: str, tool_calls: list[AssistantToolCall] | 
     if not tool_calls:
         return []
     if role != "assistant":
-        raise InvalidRequest(f"{where}.tool_calls: only assistant messages carry tool calls.", param=f"{where}.tool_calls")
+        raise InvalidRequest(
+            f"{where}.tool_calls: only assistant messages carry tool calls.", param=f"{where}.tool_calls"
+        )
     calls = []
     for j, call in enumerate(tool_calls):
         at = f"{where}.tool_calls[{j}].function.arguments"
@@ -198,7 +219,7 @@ def _history_calls(where: str, role: str, tool_calls: list[AssistantToolCall] | 
         except (json.JSONDecodeError, RecursionError):  # nested too deep to be a call's arguments
             arguments = None
         if not isinstance(arguments, dict):
-            raise InvalidRequest(f"{at} must be a JSON object in a string, such as '{{\"city\": \"Paris\"}}'.", param=at)
+            raise InvalidRequest(f'{at} must be a JSON object in a string, such as \'{{"city": "Paris"}}\'.', param=at)
         calls.append(ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments))
     return calls
 
@@ -223,7 +244,8 @@ def _message_parts(
         item = _media_part(at, part)
         if item is None:
             raise InvalidRequest(
-                f"{at}: a part is {{'type': 'text', 'text': ...}}, {{'type': 'image_url', 'image_url': {{'url': ...}}}} "
+                f"{at}: a part is {{'type': 'text', 'text': ...}}, "
+                f"{{'type': 'image_url', 'image_url': {{'url': ...}}}} "
                 f"or {{'type': 'video_url', 'video_url': {{'url': ...}}}}; got type {part.type!r}.",
                 param=f"{at}.type",
             )
@@ -240,12 +262,15 @@ def _media_part(at: str, part: ContentPart) -> _Media | None:
     if part.type == "video_url" and part.video_url is not None:
         return _Media(f"{at}.video_url.url", at, "video", part.video_url.url, layers=(part.video_url, part))
     if part.type == "video" and part.video is not None:
-        return _Media(f"{at}.video", at, "video" if isinstance(part.video, str) else "frames", part.video, layers=(part,))
+        return _Media(
+            f"{at}.video", at, "video" if isinstance(part.video, str) else "frames", part.video, layers=(part,)
+        )
     return None
 
 
-async def _load_all(media: list[_Media], load_image: Callable[[str], Awaitable[Image.Image]],
-                    videos: VideoLoader | None) -> list[Image.Image | Video]:  # fmt: skip
+async def _load_all(
+    media: list[_Media], load_image: Callable[[str], Awaitable[Image.Image]], videos: VideoLoader | None
+) -> list[Image.Image | Video]:
     async def load(item: _Media) -> Image.Image | Video:
         try:
             if item.kind == "image":

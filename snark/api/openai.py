@@ -7,7 +7,6 @@ bodies in ``replies``; each route parses, calls the engine (or the speaker) once
 from __future__ import annotations
 
 import dataclasses
-
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -20,7 +19,16 @@ from snark.api.cancellation import until_disconnected
 from snark.api.chat_audio import audio_completion, chat_audio_events
 from snark.api.protocol import PCM_SAMPLE_RATE, ChatCompletionRequest, SpeechRequest
 from snark.api.replies import ChatReply, chat_events, sse_stream
-from snark.api.spoken import MEDIA_TYPES, AudioTimer, Voice, audio_stream, complete_audio, open_voice, speak_answer, speak_text
+from snark.api.spoken import (
+    MEDIA_TYPES,
+    AudioTimer,
+    Voice,
+    audio_stream,
+    complete_audio,
+    open_voice,
+    speak_answer,
+    speak_text,
+)
 from snark.api.state import AppState, get_state
 from snark.engine.request import GenerationRequest
 from snark.media import load_image
@@ -35,7 +43,9 @@ _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @router.post("/chat/completions", summary="Chat completion (JSON, or SSE with stream=true)", response_class=Response)
-async def chat_completions(request: Request, body: ChatCompletionRequest, state: AppState = Depends(get_state)) -> Response:
+async def chat_completions(
+    request: Request, body: ChatCompletionRequest, state: AppState = Depends(get_state)
+) -> Response:
     engine, settings = state.engine, state.settings
     tools = body.tool_use(settings)
     params = body.to_sampling_params(settings, engine.default_sampling, tools)
@@ -43,8 +53,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, state:
     voice = None if audio is None else await open_voice(state, audio.voice_name, audio.speed)  # 400/501 before any work
     turns = await body.to_turns(
         partial(load_image, limits=state.image_limits, decoded=state.decoded_images),
-        max_images=settings.max_images_per_request, videos=state.videos,
-    )  # fmt: skip
+        max_images=settings.max_images_per_request,
+        videos=state.videos,
+    )
     prompt = await engine.build_prompt(
         turns, min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels, tools=tools.prompt_tools
     )
@@ -60,21 +71,34 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, state:
         generation = engine.submit(prompt, params)  # a full queue is a 503 now, before the stream starts
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         lines = chat_events(
-            reply, generation, engine.follow(generation),
-            include_usage=include_usage, timeout_s=settings.request_timeout_s, tool_names=tool_names,
-        )  # fmt: skip
+            reply,
+            generation,
+            engine.follow(generation),
+            include_usage=include_usage,
+            timeout_s=settings.request_timeout_s,
+            tool_names=tool_names,
+        )
         events = sse_stream(lines, f"streamed completion {reply.id}")
         # Starlette runs the background task after the stream ends, also when the client left. The
         # stream's own finally cancels the row; this covers a client gone before the stream's first step.
         return StreamingResponse(
-            events, media_type="text/event-stream", headers=_STREAM_HEADERS, background=BackgroundTask(engine.cancel, generation)
+            events,
+            media_type="text/event-stream",
+            headers=_STREAM_HEADERS,
+            background=BackgroundTask(engine.cancel, generation),
         )
     done = await until_disconnected(request, engine.generate(prompt, params), timeout_s=settings.request_timeout_s)
     return JSONResponse(reply.completion(done, tool_names=tool_names))
 
 
 async def _spoken_chat(
-    request: Request, state: AppState, body: ChatCompletionRequest, reply: ChatReply, generation: GenerationRequest, voice: Voice, audio_format: str
+    request: Request,
+    state: AppState,
+    body: ChatCompletionRequest,
+    reply: ChatReply,
+    generation: GenerationRequest,
+    voice: Voice,
+    audio_format: str,
 ) -> Response:
     """The answer spoken sentence by sentence while it is generated: SSE with pcm16 chunks, or one
     JSON body with the whole file once the last sentence is spoken."""
@@ -86,7 +110,10 @@ async def _spoken_chat(
         lines = chat_audio_events(reply, generation, _timed(pieces, timer), to_pcm16, include_usage=include_usage)
         events = sse_stream(lines, f"streamed audio completion {reply.id}")
         return StreamingResponse(
-            events, media_type="text/event-stream", headers=_STREAM_HEADERS, background=BackgroundTask(state.engine.cancel, generation)
+            events,
+            media_type="text/event-stream",
+            headers=_STREAM_HEADERS,
+            background=BackgroundTask(state.engine.cancel, generation),
         )
 
     async def spoken() -> tuple[str, bytes]:
@@ -137,7 +164,11 @@ async def retrieve_model(model_id: str, state: AppState = Depends(get_state)) ->
     return _model_card(state)
 
 
-@router.post("/audio/speech", summary="Speak a text (wav or pcm); long texts stream sentence by sentence", response_class=Response)
+@router.post(
+    "/audio/speech",
+    summary="Speak a text (wav or pcm); long texts stream sentence by sentence",
+    response_class=Response,
+)
 async def create_speech(body: SpeechRequest, state: AppState = Depends(get_state)) -> Response:
     body.check_supported()
     timer = AudioTimer(state)
@@ -148,4 +179,6 @@ async def create_speech(body: SpeechRequest, state: AppState = Depends(get_state
         # One sentence gains nothing from streaming: send a WAV whose header has the exact sizes.
         return Response(await complete_audio(pieces, voice, audio_format, timer), media_type="audio/wav")
     headers = {**_STREAM_HEADERS, "X-Sample-Rate": str(voice.output_rate(audio_format))}
-    return StreamingResponse(audio_stream(pieces, voice, audio_format, timer), media_type=MEDIA_TYPES[audio_format], headers=headers)
+    return StreamingResponse(
+        audio_stream(pieces, voice, audio_format, timer), media_type=MEDIA_TYPES[audio_format], headers=headers
+    )

@@ -23,11 +23,13 @@ from snark.errors import InvalidRequest
 from snark.speech.base import validate_speed
 from snark.video.load import VideoLoader
 
-
 # Options Snark cannot honour: asking for them is a 400 naming the field, never silently ignored.
 # Each test gets the field's value; "off" values (n=1, logprobs=false) pass.
 _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (lambda v: v not in (None, 1), "n > 1 is not supported: Snark returns one choice; send several requests instead."),
+    "n": (
+        lambda v: v not in (None, 1),
+        "n > 1 is not supported: Snark returns one choice; send several requests instead.",
+    ),
     "functions": (bool, "functions (OpenAI's older form) is not supported: send the same definitions as tools."),
     "function_call": (lambda v: v not in (None, "none"), "function_call is not supported: use tool_choice with tools."),
     "logprobs": (lambda v: bool(v), "logprobs are not supported by Snark: leave logprobs unset or false."),
@@ -35,7 +37,10 @@ _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logit_bias": (bool, "logit_bias is not supported by Snark: leave it unset."),
     "prediction": (lambda v: v is not None, "Predicted outputs are not supported by Snark: leave prediction unset."),
     "web_search_options": (lambda v: v is not None, "Web search is not supported by Snark."),
-    "reasoning_effort": (lambda v: v is not None, "reasoning_effort is not supported: Qwen2.5-VL is not a reasoning model."),
+    "reasoning_effort": (
+        lambda v: v is not None,
+        "reasoning_effort is not supported: Qwen2.5-VL is not a reasoning model.",
+    ),
     "verbosity": (lambda v: v is not None, "verbosity is not supported by Snark: bound the answer with max_tokens."),
 }
 
@@ -44,7 +49,9 @@ CHAT_AUDIO_FORMATS = ("wav", "pcm16")
 
 
 class ChatAudio(Lenient):
-    voice: str | dict | None = Field(None, description="OpenAI voice names speak with the default voice; or a SNARK_TTS_VOICES name.")
+    voice: str | dict | None = Field(
+        None, description="OpenAI voice names speak with the default voice; or a SNARK_TTS_VOICES name."
+    )
     format: str = Field("wav", description="wav (whole file) or pcm16 (24 kHz 16-bit mono; the one streamed format).")
     speed: float = Field(1.0, description="0.25 to 4.0 (a Snark extension); 1.0 is normal.")
 
@@ -106,9 +113,12 @@ class ChatCompletionRequest(Lenient):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     ignore_eos: bool = Field(False, description="Run to max_tokens past end-of-turn (vLLM extension, for benchmarks).")
     cache_salt: str | None = Field(
-        None, min_length=1, max_length=256,
-        description="Requests with different salts share no cached prompt prefix (vLLM extension: keeps tenants apart).",
-    )  # fmt: skip
+        None,
+        min_length=1,
+        max_length=256,
+        description="Requests with different salts share no cached prompt prefix "
+        "(vLLM extension: keeps tenants apart).",
+    )
     mm_processor_kwargs: VideoOptions | None = Field(
         None, description="How every video of the request is sampled (vLLM extension); a part's own fields win."
     )
@@ -116,7 +126,9 @@ class ChatCompletionRequest(Lenient):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema with a schema.")
     tools: list[ToolDefinition] | None = Field(None, description="Functions the model may call.")
-    tool_choice: ToolChoice | None = Field(None, description="none | auto (default with tools) | required | a named function.")
+    tool_choice: ToolChoice | None = Field(
+        None, description="none | auto (default with tools) | required | a named function."
+    )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer.")
     # Refused when they ask for something (see _REFUSED):
     n: int | None = None
@@ -136,7 +148,9 @@ class ChatCompletionRequest(Lenient):
         """The request's tools, checked: what the prompt shows and what the answer may be."""
         return ToolUse(self.tools, self.tool_choice, self.parallel_tool_calls, settings)
 
-    def to_sampling_params(self, settings: Settings, defaults: SamplingParams, tools: ToolUse | None = None) -> SamplingParams:
+    def to_sampling_params(
+        self, settings: Settings, defaults: SamplingParams, tools: ToolUse | None = None
+    ) -> SamplingParams:
         """Engine parameters; where the request is silent, ``defaults`` (the model's generation config).
         ``tools``: this request's ``tool_use`` when the caller has it already."""
         tools = tools or self.tool_use(settings)
@@ -215,19 +229,22 @@ class ChatCompletionRequest(Lenient):
             )
         if self.stream and self.audio.format != "pcm16":
             raise InvalidRequest(
-                'stream=true sends audio as pcm16 chunks (as OpenAI does): use "format": "pcm16", or stream=false for wav.',
+                'stream=true sends audio as pcm16 chunks (as OpenAI does): use "format": "pcm16", '
+                "or stream=false for wav.",
                 param="audio.format",
             )
         validate_speed(self.audio.speed)
         return self.audio
 
-    async def to_turns(self, load_image: Callable[[str], Awaitable[Image.Image]], *, max_images: int,
-                       videos: VideoLoader | None = None) -> list[ChatTurn]:  # fmt: skip
+    async def to_turns(
+        self, load_image: Callable[[str], Awaitable[Image.Image]], *, max_images: int, videos: VideoLoader | None = None
+    ) -> list[ChatTurn]:
         """Messages -> chat turns, images fetched concurrently with ``load_image`` and videos with
         ``videos``. Every message is checked before anything is fetched, so a malformed request costs
         no downloads."""
-        return await messages_to_turns(self.messages, load_image, max_images=max_images, videos=videos,
-                                       video_options=self.mm_processor_kwargs)  # fmt: skip
+        return await messages_to_turns(
+            self.messages, load_image, max_images=max_images, videos=videos, video_options=self.mm_processor_kwargs
+        )
 
 
 # --- speech ---------------------------------------------------------------------------------------
@@ -245,7 +262,8 @@ class SpeechRequest(Lenient):
     model: str | None = Field(None, description="Accepted for compatibility (tts-1, ...); Snark has one TTS.")
     input: str = Field(description=f"The text to speak, at most {MAX_SPEECH_INPUT_CHARS} characters.")
     voice: str | SpeechVoice | None = Field(
-        None, description="A SNARK_TTS_VOICES name; OpenAI's voice names (alloy, echo, ...) speak with the default voice."
+        None,
+        description="A SNARK_TTS_VOICES name; OpenAI's voice names (alloy, echo, ...) speak with the default voice.",
     )
     response_format: str = Field("wav", description="wav (default) or pcm (raw 24 kHz 16-bit mono).")
     speed: float = Field(1.0, description="0.25 to 4.0; 1.0 is normal.")
@@ -269,10 +287,15 @@ class SpeechRequest(Lenient):
             raise InvalidRequest("input is empty: send the text to speak.", param="input")
         if len(self.input) > MAX_SPEECH_INPUT_CHARS:
             raise InvalidRequest(
-                f"input is {len(self.input)} characters; send at most {MAX_SPEECH_INPUT_CHARS} per request.", param="input"
+                f"input is {len(self.input)} characters; send at most {MAX_SPEECH_INPUT_CHARS} per request.",
+                param="input",
             )
         validate_speed(self.speed)
         if self.instructions:
-            raise InvalidRequest("instructions (voice style prompts) are not supported by Snark's TTS.", param="instructions")
+            raise InvalidRequest(
+                "instructions (voice style prompts) are not supported by Snark's TTS.", param="instructions"
+            )
         if self.stream_format not in (None, "audio"):
-            raise InvalidRequest("stream_format must be 'audio': Snark streams the audio bytes, not SSE.", param="stream_format")
+            raise InvalidRequest(
+                "stream_format must be 'audio': Snark streams the audio bytes, not SSE.", param="stream_format"
+            )

@@ -172,5 +172,11 @@ async def sse_stream(lines: AsyncIterator[str], what: str) -> AsyncIterator[str]
         yield sse_line(error_body(exc.message, type_=exc.type, code=exc.code, param=exc.param))
     except Exception:  # a bug: the client still gets the one error shape
         log.exception("%s failed", what)
-        yield sse_line(error_body("Internal server error (a bug in Snark; see the server log).", type_="server_error", code="internal_error"))
+        yield sse_line(
+            error_body(
+                "Internal server error (a bug in Snark; see the server log).",
+                type_="server_error",
+                code="internal_error",
+            )
+        )
     yield sse_line("[DONE]")

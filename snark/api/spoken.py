@@ -98,7 +98,9 @@ class AudioTimer:
         self.metrics.tts_seconds.observe(time.perf_counter() - self.arrived_at)
 
 
-async def pcm_chunks(pieces: AsyncIterator[SpokenPiece], voice: Voice, audio_format: AudioFormat) -> AsyncIterator[bytes]:
+async def pcm_chunks(
+    pieces: AsyncIterator[SpokenPiece], voice: Voice, audio_format: AudioFormat
+) -> AsyncIterator[bytes]:
     """The audio of ``pieces`` at the format's rate; a short silence when there was nothing to say."""
     spoke = False
     async for piece in pieces:
@@ -131,7 +133,9 @@ async def audio_stream(
             log.warning("spoken reply ended early: %s", message)
 
 
-async def complete_audio(pieces: AsyncIterator[SpokenPiece], voice: Voice, audio_format: AudioFormat, timer: AudioTimer) -> bytes:
+async def complete_audio(
+    pieces: AsyncIterator[SpokenPiece], voice: Voice, audio_format: AudioFormat, timer: AudioTimer
+) -> bytes:
     """The whole reply as one body: a WAV with exact sizes in its header, or all the PCM."""
     pcm = b"".join([chunk async for chunk in pcm_chunks(pieces, voice, audio_format)])
     timer.audio_sent()

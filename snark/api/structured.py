@@ -31,7 +31,9 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function 
 class JsonSchemaFormat(Lenient):
     name: str = Field("response", description="A name for the schema (OpenAI requires one; Snark only reports it).")
     description: str | None = None
-    schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="The JSON Schema the answer follows.")
+    schema_: dict[str, Any] | bool | None = Field(
+        None, alias="schema", description="The JSON Schema the answer follows."
+    )
     strict: bool | None = Field(None, description="Accepted: Snark always enforces the schema.")
 
 
@@ -115,8 +117,12 @@ def form_schema_output(text: str, settings: Settings) -> StructuredOutput:
         parsed = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         reason = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
-        raise InvalidRequest(f"json_schema is not valid JSON ({reason}): send a JSON Schema object.", param="json_schema") from None
-    schema = check_schema(parsed, param="json_schema", max_bytes=settings.max_schema_bytes, max_depth=settings.max_schema_depth)
+        raise InvalidRequest(
+            f"json_schema is not valid JSON ({reason}): send a JSON Schema object.", param="json_schema"
+        ) from None
+    schema = check_schema(
+        parsed, param="json_schema", max_bytes=settings.max_schema_bytes, max_depth=settings.max_schema_depth
+    )
     return json_schema_output(schema)
 
 
@@ -133,7 +139,9 @@ class ToolUse:
         tools = tools or []
         self.choice = _tool_choice(tool_choice, bool(tools))
         if self.choice != "none" and not tools:
-            raise InvalidRequest("tool_choice needs tools: send the functions the model may call in tools.", param="tool_choice")
+            raise InvalidRequest(
+                "tool_choice needs tools: send the functions the model may call in tools.", param="tool_choice"
+            )
         self.specs = _tool_specs(tools, settings)
         self.parallel = True if parallel_tool_calls is None else parallel_tool_calls
         if isinstance(self.choice, NamedToolChoice):
@@ -172,17 +180,23 @@ def _tool_specs(tools: list[ToolDefinition], settings: Settings) -> list[ToolSpe
         function, where = tool.function, f"tools[{i}].function"
         if not _TOOL_NAME.match(function.name):
             raise InvalidRequest(
-                f"{where}.name {function.name!r} is not a valid function name: use 1 to 64 letters, digits, '_' or '-'.",
+                f"{where}.name {function.name!r} is not a valid function name: "
+                "use 1 to 64 letters, digits, '_' or '-'.",
                 param=f"{where}.name",
             )
         if any(spec.name == function.name for spec in specs):
-            raise InvalidRequest(f"{where}.name {function.name!r} is given twice: tool names must be unique.", param=f"{where}.name")
+            raise InvalidRequest(
+                f"{where}.name {function.name!r} is given twice: tool names must be unique.", param=f"{where}.name"
+            )
         parameters = None
         if function.parameters is not None:
             parameters = check_schema(
-                function.parameters, param=f"{where}.parameters", max_bytes=settings.max_schema_bytes,
-                max_depth=settings.max_schema_depth, budget=lengths,
-            )  # fmt: skip
+                function.parameters,
+                param=f"{where}.parameters",
+                max_bytes=settings.max_schema_bytes,
+                max_depth=settings.max_schema_depth,
+                budget=lengths,
+            )
             if parameters.get("type", "object") != "object":
                 raise InvalidRequest(
                     f"{where}.parameters must describe an object (the call's arguments): use "

@@ -79,8 +79,17 @@ def raw_measures(loaded, prompts, pad_token_id: int, args) -> list[Measure]:
         reset_peak_memory(loaded.device)
         seconds = raw_generate(loaded, prompts[:batch], max_new_tokens=args.max_tokens, pad_token_id=pad_token_id)
         memory, kind = peak_memory(loaded.device)
-        return Row("raw generate", batch, batch, seconds, batch * args.max_tokens, e2e_p50_s=seconds,
-                   peak_memory_bytes=memory, memory_kind=kind, note=f"batch {batch}")  # fmt: skip
+        return Row(
+            "raw generate",
+            batch,
+            batch,
+            seconds,
+            batch * args.max_tokens,
+            e2e_p50_s=seconds,
+            peak_memory_bytes=memory,
+            memory_kind=kind,
+            note=f"batch {batch}",
+        )
 
     batches = sorted({1, len(prompts)})
     for batch in batches:  # untimed warm-up

@@ -163,9 +163,13 @@ async def http_chat_sender(target: HttpTarget) -> AsyncIterator[ChatSend]:
             sent = time.perf_counter()
             reader = await stream_chat(client, target.url, body)
             timing = RequestTiming(
-                sent, reader.first_content_at, time.perf_counter(), reader.completion_tokens, reader.content_times,
+                sent,
+                reader.first_content_at,
+                time.perf_counter(),
+                reader.completion_tokens,
+                reader.content_times,
                 max_tokens=max_tokens,
-            )  # fmt: skip
+            )
             return Reply(reader.text, timing, reader.usage_prompt_tokens)
 
         yield send

@@ -17,7 +17,6 @@ from fractions import Fraction
 import av
 import numpy as np
 
-
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 

@@ -140,8 +140,13 @@ async def measure_image_chats(
     summary = first_and_repeats_summary(results, first=names[0], repeats=names[1], planned=count)
     origin = min(replies[0].timing.sent_at for replies in results)
     records = [
-        {"round": round_index + 1, "turn" if workload == "conversation" else "question": index + 1,
-         "prompt_tokens": reply.prompt_tokens, **reply.timing.record(origin)}
-        for round_index, replies in enumerate(results) for index, reply in enumerate(replies)
-    ]  # fmt: skip
+        {
+            "round": round_index + 1,
+            "turn" if workload == "conversation" else "question": index + 1,
+            "prompt_tokens": reply.prompt_tokens,
+            **reply.timing.record(origin),
+        }
+        for round_index, replies in enumerate(results)
+        for index, reply in enumerate(replies)
+    ]
     return Measured(summary, records)

@@ -44,19 +44,36 @@ def clip_spec(args: argparse.Namespace) -> ClipSpec:
 async def measure_chat(args: argparse.Namespace, send: ChatSend) -> Measured:
     if args.workload == "long-short":
         return await measure_long_short(
-            send, reuse=args.reuse_inputs, long_prompt_tokens=args.long_prompt_tokens, long_tokens=args.long_tokens,
-            short_requests=args.short_requests, short_tokens=args.short_tokens, delay_s=args.short_delay_s,
-        )  # fmt: skip
+            send,
+            reuse=args.reuse_inputs,
+            long_prompt_tokens=args.long_prompt_tokens,
+            long_tokens=args.long_tokens,
+            short_requests=args.short_requests,
+            short_tokens=args.short_tokens,
+            delay_s=args.short_delay_s,
+        )
     if args.workload == "video":
         return await measure_video(
-            send, spec=clip_spec(args), sample_fps=args.video_sample_fps, seed=args.seed, reuse=args.reuse_inputs,
-            clients=args.levels[0], questions=args.questions, max_tokens=args.max_tokens, rounds=args.repeats,
-        )  # fmt: skip
+            send,
+            spec=clip_spec(args),
+            sample_fps=args.video_sample_fps,
+            seed=args.seed,
+            reuse=args.reuse_inputs,
+            clients=args.levels[0],
+            questions=args.questions,
+            max_tokens=args.max_tokens,
+            rounds=args.repeats,
+        )
     return await measure_image_chats(
-        send, workload=args.workload, image_option=args.image, seed=args.seed, reuse=args.reuse_inputs,
-        count=args.turns if args.workload == "conversation" else args.questions, max_tokens=args.max_tokens,
+        send,
+        workload=args.workload,
+        image_option=args.image,
+        seed=args.seed,
+        reuse=args.reuse_inputs,
+        count=args.turns if args.workload == "conversation" else args.questions,
+        max_tokens=args.max_tokens,
         rounds=args.repeats,
-    )  # fmt: skip
+    )
 
 
 async def measure(args: argparse.Namespace, send: Send) -> Measured:
@@ -74,7 +91,10 @@ async def measure(args: argparse.Namespace, send: Send) -> Measured:
 
 
 def measure_on_engine(
-    args: argparse.Namespace, engine: Engine, workload: Workload, pixels: tuple[int, int],
+    args: argparse.Namespace,
+    engine: Engine,
+    workload: Workload,
+    pixels: tuple[int, int],
     videos: VideoLoader | None = None,
 ) -> Measured:
     """``videos``: the server's video limits and sampled-clip cache, for the chats that send videos."""

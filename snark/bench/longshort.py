@@ -18,8 +18,16 @@ from snark.bench.report import RequestTiming, latency_percentiles
 from snark.bench.runs import Measured
 
 WARM_UP_TOKENS = 8
-SUBJECTS = ("the harbour crane", "a night train", "the old mill", "a glass bridge", "the river delta",
-            "a wind farm", "the city library", "a mountain hut")  # fmt: skip
+SUBJECTS = (
+    "the harbour crane",
+    "a night train",
+    "the old mill",
+    "a glass bridge",
+    "the river delta",
+    "a wind farm",
+    "the city library",
+    "a mountain hut",
+)
 ACTIONS = ("was inspected by", "was painted by", "was photographed by", "was measured by")
 PEOPLE = ("two engineers", "a careful student", "the night guard", "a visiting architect")
 # Qwen2's tokenizer gives the notes below about this many tokens each (16 to 19: a word is one token,
@@ -66,9 +74,11 @@ async def run_long_short(
     )
     await asyncio.sleep(max(0.0, started + delay_s - time.perf_counter()))
     shorts = await asyncio.gather(
-        *(send_or_record_failure(send, [Message("user", short_prompt(i, tag))], short_tokens)
-          for i in range(short_requests))
-    )  # fmt: skip
+        *(
+            send_or_record_failure(send, [Message("user", short_prompt(i, tag))], short_tokens)
+            for i in range(short_requests)
+        )
+    )
     long_reply = await long
     return long_reply, list(shorts), time.perf_counter() - started
 
@@ -112,9 +122,14 @@ async def measure_long_short(
 ) -> Measured:
     tag = "" if reuse else f"{time.time_ns():x}"
     long, shorts, wall_s = await run_long_short(
-        send, tag=tag, long_prompt_tokens=long_prompt_tokens, long_tokens=long_tokens, short_requests=short_requests,
-        short_tokens=short_tokens, delay_s=delay_s,
-    )  # fmt: skip
+        send,
+        tag=tag,
+        long_prompt_tokens=long_prompt_tokens,
+        long_tokens=long_tokens,
+        short_requests=short_requests,
+        short_tokens=short_tokens,
+        delay_s=delay_s,
+    )
     origin = long.timing.sent_at
     records = [{"role": "long", "prompt_tokens": long.prompt_tokens, **long.timing.record(origin)}] + [
         {"role": "short", "prompt_tokens": r.prompt_tokens, **r.timing.record(origin)} for r in shorts

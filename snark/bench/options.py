@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
         "and video: rounds one after another, each on an image or clip of its own",
     )
 
-    structured = p.add_argument_group(
+    p.add_argument_group(  # a heading in --help: the structured workload uses the general options
         "structured",
         "JSON-schema-constrained answers against free ones of the same lengths, at each --concurrency (one schema "
         "per client: a receipt, renamed per index); uses --requests, --max-tokens and --repeats",
@@ -153,12 +153,8 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
         default=0.5,
         help="long-short: seconds from the long request to the short ones (default 0.5)",
     )
-    chats.add_argument(
-        "--video-seconds", type=float, default=4.0, help="video: the clip's length, seconds (default 4)"
-    )
-    chats.add_argument(
-        "--video-fps", type=float, default=10.0, help="video: the clip's own frame rate (default 10)"
-    )
+    chats.add_argument("--video-seconds", type=float, default=4.0, help="video: the clip's length, seconds (default 4)")
+    chats.add_argument("--video-fps", type=float, default=10.0, help="video: the clip's own frame rate (default 10)")
     chats.add_argument(
         "--video-size", default="640x360", help="video: the clip's frame size, WxH, even sides (default 640x360)"
     )
@@ -176,9 +172,10 @@ def parse_args(argv: list[str] | None, *, description: str) -> argparse.Namespac
 
     engine = p.add_argument_group("in-process engine")
     engine.add_argument(
-        "--engine", choices=("transformers", "vllm"),
+        "--engine",
+        choices=("transformers", "vllm"),
         help="default: SNARK_ENGINE, or vllm when a VLLM_* setting is given (as for the server)",
-    )  # fmt: skip
+    )
     engine.add_argument("--max-batch-size", type=int, help="default: SNARK_MAX_BATCH_SIZE (16)")
     engine.add_argument("--batch-wait-ms", type=float, help="default: SNARK_BATCH_WAIT_MS (0)")
     engine.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's own choice)")
@@ -198,8 +195,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         concurrency = {"structured": STRUCTURED_CONCURRENCY, "video": VIDEO_CONCURRENCY}
         args.concurrency = concurrency.get(args.workload, CONCURRENCY)
     if args.max_tokens is None:
-        max_tokens = {"structured": STRUCTURED_MAX_TOKENS, "image-repeat": IMAGE_REPEAT_MAX_TOKENS,
-                      "video": VIDEO_MAX_TOKENS}  # fmt: skip
+        max_tokens = {
+            "structured": STRUCTURED_MAX_TOKENS,
+            "image-repeat": IMAGE_REPEAT_MAX_TOKENS,
+            "video": VIDEO_MAX_TOKENS,
+        }
         args.max_tokens = max_tokens.get(args.workload, MAX_TOKENS)
     if args.questions is None:
         args.questions = VIDEO_QUESTIONS if args.workload == "video" else IMAGE_REPEAT_QUESTIONS

@@ -39,8 +39,14 @@ def add_ratios(report: Report, *, top: int, with_goals: bool) -> None:
         ("HTTP JSON c=1 vs raw generate at batch 1", find_row(rows, "HTTP JSON", 1), raw_1, "%", "http_vs_raw"),
         ("HTTP streamed c=1 vs raw generate at batch 1", find_row(rows, "HTTP", 1), raw_1, "%", None),
         (f"raw generate batch {top} vs batch 1 (the ceiling's gain)", raw_top, raw_1, "x", None),
-        (f"transformers CB vs {best} c={top}", find_row(rows, "transformers CB", top), find_row(rows, best, top), "%", None),
-    ]  # fmt: skip
+        (
+            f"transformers CB vs {best} c={top}",
+            find_row(rows, "transformers CB", top),
+            find_row(rows, best, top),
+            "%",
+            None,
+        ),
+    ]
     seen: set[tuple[int, int]] = set()
     for name, numerator, denominator, unit, goal in pairs:
         if not numerator or not denominator or numerator is denominator:

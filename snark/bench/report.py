@@ -146,9 +146,19 @@ def _memory(row: Row) -> str:
 
 
 COLUMNS = (
-    "mode", "conc", "reqs", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p95 ms", "TPOT ms",
-    "e2e p50 ms", "e2e p95 ms", "peak mem", "vs serial",
-)  # fmt: skip
+    "mode",
+    "conc",
+    "reqs",
+    "req/s",
+    "out tok/s",
+    "TTFT p50 ms",
+    "TTFT p95 ms",
+    "TPOT ms",
+    "e2e p50 ms",
+    "e2e p95 ms",
+    "peak mem",
+    "vs serial",
+)
 
 
 def format_table(rows: list[Row]) -> str:

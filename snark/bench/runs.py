@@ -35,11 +35,26 @@ SHOWN_SETTINGS = {
     "structured": ("concurrency", "requests", "max_tokens", "repeats"),
     "conversation": ("turns", "max_tokens", "image", "repeats", "reuse_inputs"),
     "image-repeat": ("questions", "max_tokens", "image", "repeats", "reuse_inputs"),
-    "video": ("concurrency", "questions", "max_tokens", "video_seconds", "video_fps", "video_size", "video_sample_fps",
-              "repeats", "reuse_inputs"),
-    "long-short": ("long_prompt_tokens", "long_tokens", "short_requests", "short_tokens", "short_delay_s",
-                   "reuse_inputs"),
-}  # fmt: skip
+    "video": (
+        "concurrency",
+        "questions",
+        "max_tokens",
+        "video_seconds",
+        "video_fps",
+        "video_size",
+        "video_sample_fps",
+        "repeats",
+        "reuse_inputs",
+    ),
+    "long-short": (
+        "long_prompt_tokens",
+        "long_tokens",
+        "short_requests",
+        "short_tokens",
+        "short_delay_s",
+        "reuse_inputs",
+    ),
+}
 
 
 @dataclass

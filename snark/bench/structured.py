@@ -126,8 +126,9 @@ async def http_sender(target: HttpTarget, workload: Workload, concurrency: int) 
             }
             if schema is not None:
                 body["response_format"] = {
-                    "type": "json_schema", "json_schema": {"name": "receipt", "schema": schema, "strict": True},
-                }  # fmt: skip
+                    "type": "json_schema",
+                    "json_schema": {"name": "receipt", "schema": schema, "strict": True},
+                }
             sent = time.perf_counter()
             reply = await client.post(f"{target.url}/v1/chat/completions", json=body)
             raise_for_status(reply)
@@ -140,8 +141,12 @@ async def http_sender(target: HttpTarget, workload: Workload, concurrency: int) 
 
 
 def run_structured(
-    args, open_sender: Callable[[Workload], contextlib.AbstractAsyncContextManager[Send]], *, report: Report,
-    endpoint: str, model: str,
+    args,
+    open_sender: Callable[[Workload], contextlib.AbstractAsyncContextManager[Send]],
+    *,
+    report: Report,
+    endpoint: str,
+    model: str,
 ) -> int:
     """Measure with the sender ``open_sender`` gives, print the table, ratios, notes and any invalid
     answer, and save the run (``--save``)."""
@@ -161,10 +166,15 @@ def run_structured(
     print("\n\n".join(part for part in (report.text(), invalid_answers_text(result)) if part))
     if args.save:
         record = run_record(
-            workload="structured", label=args.label or args.url or "in-process", endpoint=endpoint, model=model,
-            settings=report.settings, machine=report.machine, measured=Measured(structured_summary(result), []),
+            workload="structured",
+            label=args.label or args.url or "in-process",
+            endpoint=endpoint,
+            model=model,
+            settings=report.settings,
+            machine=report.machine,
+            measured=Measured(structured_summary(result), []),
             **report.details_json(),
-        )  # fmt: skip
+        )
         save_run(args.save, record)
     return 0
 

@@ -111,7 +111,7 @@ def video_summary(rounds: list[VideoRound], *, clip_bytes: float) -> dict:
         "round duration s": statistics.median(rnd.wall_s for rnd in rounds),
         "prompt tokens, question 1": first_prompts[0] if first_prompts else None,  # the server's count: mostly the clip
         "clip KB": clip_bytes / 1024,
-    }  # fmt: skip
+    }
 
 
 async def measure_video(
@@ -147,9 +147,15 @@ async def measure_video(
     summary = video_summary(results, clip_bytes=statistics.median(clip_bytes))
     origin = min(r.timing.sent_at for rnd in results for replies in rnd.clients for r in replies)
     records = [
-        {"round": round_index + 1, "client": client + 1, "question": index + 1, "prompt_tokens": reply.prompt_tokens,
-         **reply.timing.record(origin)}
-        for round_index, rnd in enumerate(results) for client, replies in enumerate(rnd.clients)
+        {
+            "round": round_index + 1,
+            "client": client + 1,
+            "question": index + 1,
+            "prompt_tokens": reply.prompt_tokens,
+            **reply.timing.record(origin),
+        }
+        for round_index, rnd in enumerate(results)
+        for client, replies in enumerate(rnd.clients)
         for index, reply in enumerate(replies)
-    ]  # fmt: skip
+    ]
     return Measured(summary, records)

@@ -17,7 +17,8 @@ import functools
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-# messages: [{"role", "content": [{"type": "text", "text"} | {"type": "image"} | {"type": "video"}], "tool_calls": [{"name",
+# messages: [{"role", "content": [{"type": "text", "text"} | {"type": "image"} | {"type": "video"}],
+#             "tool_calls": [{"name",
 # "arguments"}]}]; tools: one JSON text per tool ({"type": "function", "function": {...}}).
 TOOLS_TEMPLATE = r"""
 {%- macro render_content(message) -%}

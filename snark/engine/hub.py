@@ -61,7 +61,9 @@ def cached_snapshot(hub: Hub, repo_id: str) -> Path | None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(repo_id, cache_dir=hub.cache_dir, local_files_only=True, allow_patterns=CHECKPOINT_FILES)
+        folder = snapshot_download(
+            repo_id, cache_dir=hub.cache_dir, local_files_only=True, allow_patterns=CHECKPOINT_FILES
+        )
     except (LocalEntryNotFoundError, ValueError, OSError):
         return None
     return Path(folder)
@@ -86,11 +88,17 @@ def resolve_checkpoint(repo_id: str, hub: Hub | None = None) -> Path:
                 f"to a local checkpoint folder, {_TRY_OFFLINE}."
             )
         if not hub.offline:
-            log.warning("the hub at %s cannot be reached (%s): loading the cached copy of %s", hub.endpoint, problem, repo_id)
+            log.warning(
+                "the hub at %s cannot be reached (%s): loading the cached copy of %s", hub.endpoint, problem, repo_id
+            )
         return cached
     try:
         folder = snapshot_download(
-            repo_id, cache_dir=hub.cache_dir, endpoint=hub.endpoint, allow_patterns=CHECKPOINT_FILES, tqdm_class=progress_class()
+            repo_id,
+            cache_dir=hub.cache_dir,
+            endpoint=hub.endpoint,
+            allow_patterns=CHECKPOINT_FILES,
+            tqdm_class=progress_class(),
         )
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ConfigError(

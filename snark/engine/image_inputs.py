@@ -119,12 +119,17 @@ class VideoInputs:
             # resize keeps them: any bounds that hold every frame's area do.
             largest = max(videos[i].height * videos[i].width for i in missing)
             out = self.video_processor(
-                videos=[videos[i].frames for i in missing], size={"shortest_edge": PIXEL_FACTOR**2, "longest_edge": largest},
-                do_sample_frames=False, cap_pixels_per_frame=False, return_tensors="pt",
-            )  # fmt: skip
+                videos=[videos[i].frames for i in missing],
+                size={"shortest_edge": PIXEL_FACTOR**2, "longest_edge": largest},
+                do_sample_frames=False,
+                cap_pixels_per_frame=False,
+                return_tensors="pt",
+            )
             if out["video_grid_thw"].tolist() != grids[missing].tolist():
-                raise RuntimeError(f"the video processor gave grids {out['video_grid_thw'].tolist()} for frames "
-                                   f"sized {grids[missing].tolist()}")  # fmt: skip
+                raise RuntimeError(
+                    f"the video processor gave grids {out['video_grid_thw'].tolist()} for frames "
+                    f"sized {grids[missing].tolist()}"
+                )
             patches = out["pixel_values_videos"].split(out["video_grid_thw"].prod(-1).tolist())
             with self._lock:
                 for i, values in zip(missing, patches):

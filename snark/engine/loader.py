@@ -23,6 +23,8 @@ TINY_MODEL_NAME = "snark-tiny-random-qwen2.5-vl"
 def random_model_name(size: str) -> str:
     """What the API calls a random-weight checkpoint of ``size`` (the toy: ``TINY_MODEL_NAME``)."""
     return TINY_MODEL_NAME.replace("tiny", size, 1)
+
+
 LARGE_ON_CPU_BYTES = 4 * 10**9  # float32 weights past this: warn (the 3B already needs about 15 GB)
 
 
@@ -64,8 +66,9 @@ def warn_if_large_on_cpu(model_id: str, folder: Path) -> None:
     log.warning(
         "%s will take about %.0f GB of memory in float32 on CPU, and each answer minutes: it is meant for a GPU "
         "(SNARK_DEVICE=cuda). On CPU, try VLM_SIZE=3B, or `snark serve --tiny` to try every endpoint.",
-        model_id, in_float32 / 1e9,
-    )  # fmt: skip
+        model_id,
+        in_float32 / 1e9,
+    )
 
 
 def load_model(model_id: str, *, device: str = "auto", hub: Hub | None = None) -> LoadedModel:

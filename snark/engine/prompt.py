@@ -40,8 +40,9 @@ class PromptBuilder:
         self.image_processor = processor.image_processor
         self.merge_size = int(self.image_processor.merge_size)
         self.image_inputs = ImageInputs(self.image_processor)
-        self.video_inputs = VideoInputs(getattr(processor, "video_processor", None),
-                                        patch_size=int(self.image_processor.patch_size))  # fmt: skip
+        self.video_inputs = VideoInputs(
+            getattr(processor, "video_processor", None), patch_size=int(self.image_processor.patch_size)
+        )
         self.max_prompt_tokens = max_prompt_tokens
         backend = self.tokenizer.backend_tokenizer
         self._added_ids = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()}
@@ -49,7 +50,9 @@ class PromptBuilder:
         self._added_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
         self._plain = _without_added_tokens(backend)
 
-    def build(self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()) -> PromptInputs:
+    def build(
+        self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()
+    ) -> PromptInputs:
         """Tokenize ``turns`` with the generation prompt appended. CPU work: call it off the loop."""
         texts: list[str] = []  # client text, in placeholder order
 
@@ -113,8 +116,9 @@ class PromptBuilder:
             prompt.second_per_grid_ts, prompt.video_keys = video.second_per_grid_ts, video.keys
         return prompt
 
-    def _tokenize(self, rendered: str, texts: list[str], image_token_counts: list[int],
-                  video_token_counts: list[int]) -> list[int]:  # fmt: skip
+    def _tokenize(
+        self, rendered: str, texts: list[str], image_token_counts: list[int], video_token_counts: list[int]
+    ) -> list[int]:
         counts = {IMAGE_PAD: iter(image_token_counts), VIDEO_PAD: iter(video_token_counts)}
         ids: list[int] = []
         stretch: list[str] = []  # plain text since the last added token: template and client text

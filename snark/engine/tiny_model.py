@@ -27,21 +27,36 @@ SMALL_VERSION = 1
 SIZES = ("tiny", "small")  # ``snark tiny-model --size``
 
 # Qwen2's pre-tokenizer split (note \p{N} one digit at a time, unlike cl100k's \p{N}{1,3}).
-QWEN2_SPLIT_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 # Special tokens of Qwen2.5-VL, in id order from 151643 (right after the 151,643 BPE ranks).
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # Added but not "special" in the published tokenizer: they survive skip_special_tokens.
 EXTRA_TOKENS = [
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-]  # fmt: skip
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
 
 # The chat template published with Qwen/Qwen2.5-VL-*-Instruct (chat_template.json).
 CHAT_TEMPLATE = (
@@ -196,13 +211,23 @@ def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny") 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-    )  # fmt: skip
+        min_pixels=3136,
+        max_pixels=12845056,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
     video_processor = Qwen2VLVideoProcessor(
-        min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
-        image_mean=image_processor.image_mean, image_std=image_processor.image_std,
-    )  # fmt: skip
+        min_pixels=3136,
+        max_pixels=12845056,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+    )
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

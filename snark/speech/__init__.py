@@ -1,9 +1,9 @@
 """Text-to-speech behind one small protocol (``Speaker``); engines are imported only when loaded.
 
-    speaker = build_speaker(settings)                      # nothing loaded yet
-    voices = build_voices(settings, speaker)               # named voices and the synthesis pool
-    async for piece in speak_deltas(deltas, partial(voices.pool.speak, speaker)):
-        ...                                                # transcript deltas and PCM per sentence
+speaker = build_speaker(settings)                      # nothing loaded yet
+voices = build_voices(settings, speaker)               # named voices and the synthesis pool
+async for piece in speak_deltas(deltas, partial(voices.pool.speak, speaker)):
+    ...                                                # transcript deltas and PCM per sentence
 """
 
 from snark.speech.base import MAX_SPEED, MIN_SPEED, Speaker, SpeechUnavailable, validate_speed

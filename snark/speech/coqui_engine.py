@@ -14,8 +14,7 @@ from snark.speech.text import clean_for_speech, split_sentences
 from snark.speech.wav import float_to_pcm16, silence
 
 COQUI_INSTALL_HINT = (
-    "Coqui TTS is not installed: `uv sync --extra coqui` (or pip install coqui-tts), "
-    "or set SNARK_TTS_ENGINE=piper"
+    "Coqui TTS is not installed: `uv sync --extra coqui` (or pip install coqui-tts), or set SNARK_TTS_ENGINE=piper"
 )
 
 

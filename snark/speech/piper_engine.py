@@ -13,7 +13,6 @@ from snark.speech.base import SpeechUnavailable, validate_speed
 from snark.speech.text import clean_for_speech, split_sentences
 from snark.speech.wav import float_to_pcm16, silence
 
-
 # espeak-ng, which turns text into phonemes for most Piper voices, keeps process-wide state (the
 # selected language, its buffers): phonemizing is serialised across every voice and thread. It is a
 # small share of the time; the ONNX run, most of it, runs in parallel.
@@ -51,7 +50,9 @@ class PiperSpeaker:
         options.inter_op_num_threads = 1
         with open(config_path, encoding="utf-8") as config_file:
             config = PiperConfig.from_dict(json.load(config_file))
-        session = onnxruntime.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         self._voice = PiperVoice(session=session, config=config)
         self._default_length_scale = config.length_scale
 

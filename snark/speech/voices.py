@@ -18,9 +18,7 @@ from snark.speech.pool import SynthesisPool, default_workers
 if TYPE_CHECKING:
     from snark.config import Settings
 
-OPENAI_VOICES = frozenset(
-    "alloy ash ballad coral echo fable nova onyx sage shimmer verse marin cedar".split()
-)
+OPENAI_VOICES = frozenset("alloy ash ballad coral echo fable nova onyx sage shimmer verse marin cedar".split())
 DEFAULT_VOICE = "default"
 
 

@@ -14,9 +14,7 @@ WAV_HEADER_BYTES = 44
 UNKNOWN_SIZE = 0xFFFFFFFF
 
 
-def wav_header(
-    sample_rate: int, num_samples: int | None = None, channels: int = 1, sample_width: int = 2
-) -> bytes:
+def wav_header(sample_rate: int, num_samples: int | None = None, channels: int = 1, sample_width: int = 2) -> bytes:
     """The 44-byte RIFF/WAVE/fmt/data header for PCM.
 
     ``num_samples`` is frames per channel. ``None`` means a stream of unknown length: the RIFF and
@@ -33,10 +31,20 @@ def wav_header(
             raise ValueError(f"{num_samples} samples do not fit a 32-bit WAV file.")
     return struct.pack(
         "<4sI4s4sIHHIIHH4sI",
-        b"RIFF", riff_size, b"WAVE",
-        b"fmt ", 16, 1, channels, sample_rate, sample_rate * block_align, block_align, 8 * sample_width,
-        b"data", data_size,
-    )  # fmt: skip
+        b"RIFF",
+        riff_size,
+        b"WAVE",
+        b"fmt ",
+        16,
+        1,
+        channels,
+        sample_rate,
+        sample_rate * block_align,
+        block_align,
+        8 * sample_width,
+        b"data",
+        data_size,
+    )
 
 
 def pcm_to_wav(pcm: bytes, sample_rate: int) -> bytes:

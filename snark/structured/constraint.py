@@ -19,7 +19,6 @@ whole answer one or more calls (one with ``parallel_tool_calls: false``) and not
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 
 from snark.engine.request import StructuredOutput, ToolSpec
@@ -105,7 +104,9 @@ def _lengths_as_patterns(schema):
     low, high = out.get("minLength"), out.get("maxLength")
     if (type(low) is int or type(high) is int) and "pattern" not in out and "format" not in out:
         out.pop("minLength", None), out.pop("maxLength", None)
-        out["pattern"] = _BOUNDED_STRING.format(low=low if type(low) is int else 0, high=high if type(high) is int else "")
+        out["pattern"] = _BOUNDED_STRING.format(
+            low=low if type(low) is int else 0, high=high if type(high) is int else ""
+        )
     return out
 
 

@@ -37,30 +37,70 @@ import re
 
 from snark.errors import InvalidRequest
 
-ANNOTATIONS = frozenset({
-    "title", "description", "examples", "default", "$comment", "$schema", "$id", "deprecated",
-    "readOnly", "writeOnly", "contentEncoding", "contentMediaType",
-})
+ANNOTATIONS = frozenset(
+    {
+        "title",
+        "description",
+        "examples",
+        "default",
+        "$comment",
+        "$schema",
+        "$id",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "contentEncoding",
+        "contentMediaType",
+    }
+)
 STRING_KEYWORDS = frozenset({"minLength", "maxLength", "pattern", "format"})
 NUMBER_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"})
 ARRAY_KEYWORDS = frozenset({"items", "prefixItems", "minItems", "maxItems"})
-OBJECT_KEYWORDS = frozenset({
-    "properties", "required", "additionalProperties", "patternProperties", "minProperties", "maxProperties",
-})
+OBJECT_KEYWORDS = frozenset(
+    {
+        "properties",
+        "required",
+        "additionalProperties",
+        "patternProperties",
+        "minProperties",
+        "maxProperties",
+    }
+)
 # Keywords that win over everything beside them (see the module docstring), in xgrammar's order.
 LEADING = ("$ref", "const", "enum", "anyOf", "allOf")
-ALLOWED = STRING_KEYWORDS | NUMBER_KEYWORDS | ARRAY_KEYWORDS | OBJECT_KEYWORDS | {
-    "type", *LEADING, "$defs", "definitions",
-}
+ALLOWED = (
+    STRING_KEYWORDS
+    | NUMBER_KEYWORDS
+    | ARRAY_KEYWORDS
+    | OBJECT_KEYWORDS
+    | {
+        "type",
+        *LEADING,
+        "$defs",
+        "definitions",
+    }
+)
 TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
 # Formats whose regex xgrammar 0.2.8 builds in (others are silently ignored).
-FORMATS = frozenset({
-    "date", "time", "date-time", "duration", "email", "hostname", "uuid", "uri", "uri-reference",
-})  # not ipv4/ipv6: xgrammar lets through leading zeros ("4.08.43.19"), which the format forbids
+FORMATS = frozenset(
+    {
+        "date",
+        "time",
+        "date-time",
+        "duration",
+        "email",
+        "hostname",
+        "uuid",
+        "uri",
+        "uri-reference",
+    }
+)  # not ipv4/ipv6: xgrammar lets through leading zeros ("4.08.43.19"), which the format forbids
 HINTS = {
     "oneOf": "use anyOf: outputs could match several branches, which oneOf forbids",
     "not": "describe the allowed values directly",
-    "if": "use anyOf over the cases", "then": "use anyOf over the cases", "else": "use anyOf over the cases",
+    "if": "use anyOf over the cases",
+    "then": "use anyOf over the cases",
+    "else": "use anyOf over the cases",
     "uniqueItems": "remove it and de-duplicate after parsing",
     "unevaluatedProperties": "use additionalProperties",
     "propertyNames": "list the names in properties with additionalProperties: false",
@@ -103,7 +143,11 @@ class _Checker:
         if not isinstance(node, dict):
             self.fail(where, "a schema must be a JSON object (or true)", "invalid_schema")
         if depth > self.max_depth:
-            self.fail(where, f"the schema nests deeper than {self.max_depth} levels (SNARK_MAX_SCHEMA_DEPTH); flatten it", "schema_too_large")
+            self.fail(
+                where,
+                f"the schema nests deeper than {self.max_depth} levels (SNARK_MAX_SCHEMA_DEPTH); flatten it",
+                "schema_too_large",
+            )
         for key in node:
             if key not in ALLOWED and key not in ANNOTATIONS:
                 hint = HINTS.get(key, "remove it, or check the value after parsing")
@@ -112,11 +156,15 @@ class _Checker:
         leading = [k for k in LEADING if k in node]
         if leading:
             self.check_leading(node, where, depth, leading[0], leading, types)
-        for group, wanted in ((STRING_KEYWORDS, {"string"}), (NUMBER_KEYWORDS, {"integer", "number"}),
-                              (ARRAY_KEYWORDS, {"array"}), (OBJECT_KEYWORDS, {"object"})):
+        for group, wanted in (
+            (STRING_KEYWORDS, {"string"}),
+            (NUMBER_KEYWORDS, {"integer", "number"}),
+            (ARRAY_KEYWORDS, {"array"}),
+            (OBJECT_KEYWORDS, {"object"}),
+        ):
             present = sorted(group & node.keys())
             if present and not types & wanted:
-                self.fail(where, f"{present[0]!r} needs \"type\": \"{sorted(wanted)[0]}\" beside it")
+                self.fail(where, f'{present[0]!r} needs "type": "{sorted(wanted)[0]}" beside it')
         for key in ("$defs", "definitions"):
             if key in node:
                 self.subschemas(node[key], f"{where}/{key}", depth + 1, key)
@@ -132,19 +180,28 @@ class _Checker:
     def types(self, node: dict, where: str) -> set[str]:
         declared = node.get("type")
         if declared is None:  # xgrammar infers only these two
-            return {"object"} if {"properties", "additionalProperties"} & node.keys() else \
-                {"array"} if {"items", "prefixItems"} & node.keys() else set()
+            return (
+                {"object"}
+                if {"properties", "additionalProperties"} & node.keys()
+                else {"array"}
+                if {"items", "prefixItems"} & node.keys()
+                else set()
+            )
         listed = declared if isinstance(declared, list) else [declared]
         if not listed or any(t not in TYPES for t in listed) or len(set(listed)) != len(listed):
             self.fail(f"{where}/type", f"type must be one of {', '.join(TYPES)} or a list of them", "invalid_schema")
         return set(listed)
 
     def check_leading(self, node, where, depth, key, leading, types) -> None:
-        others = sorted(k for k in node.keys() - ANNOTATIONS - {"$defs", "definitions", key}
-                        if not (k == "type" and key in ("enum", "const")))
+        others = sorted(
+            k
+            for k in node.keys() - ANNOTATIONS - {"$defs", "definitions", key}
+            if not (k == "type" and key in ("enum", "const"))
+        )
         if others:
-            self.fail(where, f"{others[0]!r} beside {key!r} would be ignored; move it into the referenced "
-                      f"or listed schemas")
+            self.fail(
+                where, f"{others[0]!r} beside {key!r} would be ignored; move it into the referenced or listed schemas"
+            )
         value = node[key]
         if key == "$ref":
             self.check_ref(value, f"{where}/$ref")
@@ -153,7 +210,7 @@ class _Checker:
             if key == "enum" and (not isinstance(value, list) or not value):
                 self.fail(f"{where}/enum", "enum must be a non-empty list", "invalid_schema")
             if "type" in node and not all(any(_is_type(v, t) for t in types) for v in values):
-                self.fail(f"{where}/{key}", f"every {key} value must match \"type\"", "invalid_schema")
+                self.fail(f"{where}/{key}", f'every {key} value must match "type"', "invalid_schema")
         else:
             if not isinstance(value, list) or not value:
                 self.fail(f"{where}/{key}", f"{key} must be a non-empty list of schemas", "invalid_schema")
@@ -164,7 +221,7 @@ class _Checker:
 
     def check_ref(self, ref: object, where: str) -> None:
         if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
-            self.fail(where, "only local $ref like \"#/$defs/Name\" are supported; inline remote schemas")
+            self.fail(where, 'only local $ref like "#/$defs/Name" are supported; inline remote schemas')
         target: object = self.root
         for part in ref[2:].split("/") if ref != "#" else []:
             part = part.replace("~1", "/").replace("~0", "~")
@@ -179,15 +236,19 @@ class _Checker:
             self.spend(node[key], f"{where}/{key}")
         if "format" in node:
             if node["format"] not in FORMATS:
-                self.fail(f"{where}/format", f"format {node['format']!r} is not enforced; use one of "
-                          f"{', '.join(sorted(FORMATS))} or a pattern")
+                self.fail(
+                    f"{where}/format",
+                    f"format {node['format']!r} is not enforced; use one of {', '.join(sorted(FORMATS))} or a pattern",
+                )
             if "pattern" in node or lengths:
-                self.fail(where, "format cannot be combined with pattern/minLength/maxLength (they would be "
-                          "ignored)")
+                self.fail(where, "format cannot be combined with pattern/minLength/maxLength (they would be ignored)")
         if "pattern" in node:
             if lengths:
-                self.fail(where, f"pattern cannot be combined with {lengths[0]} (it would be ignored); put the "
-                          "length into the pattern, e.g. ^[a-z]{1,20}$")
+                self.fail(
+                    where,
+                    f"pattern cannot be combined with {lengths[0]} (it would be ignored); put the "
+                    "length into the pattern, e.g. ^[a-z]{1,20}$",
+                )
             self.check_pattern(node["pattern"], f"{where}/pattern")
 
     def check_pattern(self, pattern: object, where: str) -> None:
@@ -224,9 +285,13 @@ class _Checker:
     def spend(self, units: int, where: str) -> None:
         self.budget.units += min(units, 256)
         if self.budget.units > MAX_STRING_LENGTH_UNITS:
-            self.fail(where, f"string length limits (minLength, maxLength, pattern counts) add up to more than "
-                      f"{MAX_STRING_LENGTH_UNITS} characters over the schema (all tools' schemas together); use "
-                      "smaller limits or drop some and check lengths after parsing", "schema_too_large")
+            self.fail(
+                where,
+                f"string length limits (minLength, maxLength, pattern counts) add up to more than "
+                f"{MAX_STRING_LENGTH_UNITS} characters over the schema (all tools' schemas together); use "
+                "smaller limits or drop some and check lengths after parsing",
+                "schema_too_large",
+            )
 
     def check_number(self, node: dict, where: str, types: set[str]) -> None:
         for key in sorted(NUMBER_KEYWORDS & node.keys()):
@@ -235,18 +300,23 @@ class _Checker:
                 self.fail(f"{where}/{key}", f"{key} must be a finite number", "invalid_schema")
             if "integer" in types and key != "multipleOf":
                 if value != int(value) or abs(value) > MAX_INTEGER_BOUND:
-                    self.fail(f"{where}/{key}", f"{key} for an integer must be a whole number within "
-                              f"+-{MAX_INTEGER_BOUND:.0e}", "schema_too_large" if value == int(value) else "invalid_schema")
+                    self.fail(
+                        f"{where}/{key}",
+                        f"{key} for an integer must be a whole number within +-{MAX_INTEGER_BOUND:.0e}",
+                        "schema_too_large" if value == int(value) else "invalid_schema",
+                    )
         if "multipleOf" in node:
             step = node["multipleOf"]
             lows = [node[k] for k in ("minimum", "exclusiveMinimum") if k in node]
             highs = [node[k] for k in ("maximum", "exclusiveMaximum") if k in node]
-            bounded = not lows and not highs or (
-                lows and highs and min(highs) - max(lows) <= MAX_MULTIPLE_OF_RANGE)
+            bounded = not lows and not highs or (lows and highs and min(highs) - max(lows) <= MAX_MULTIPLE_OF_RANGE)
             if types != {"integer"} or step != int(step) or not 1 <= step <= MAX_MULTIPLE_OF or not bounded:
-                self.fail(f"{where}/multipleOf", f"multipleOf is enforced only for \"type\": \"integer\", as a whole "
-                          f"number up to {MAX_MULTIPLE_OF}, with no bounds or with minimum and maximum at most "
-                          f"{MAX_MULTIPLE_OF_RANGE} apart")
+                self.fail(
+                    f"{where}/multipleOf",
+                    f'multipleOf is enforced only for "type": "integer", as a whole '
+                    f"number up to {MAX_MULTIPLE_OF}, with no bounds or with minimum and maximum at most "
+                    f"{MAX_MULTIPLE_OF_RANGE} apart",
+                )
 
     def check_array(self, node: dict, where: str, depth: int) -> None:
         for key in ("minItems", "maxItems"):
@@ -266,8 +336,11 @@ class _Checker:
         listed = node.get("properties") if isinstance(node.get("properties"), dict) else {}
         for name in required:
             if name not in listed:  # xgrammar would drop the requirement and let an answer without it through
-                self.fail(f"{where}/required", f"required names {name!r}, which is not in properties: describe it "
-                          f'there (any value: "{name}": {{}})')
+                self.fail(
+                    f"{where}/required",
+                    f"required names {name!r}, which is not in properties: describe it "
+                    f'there (any value: "{name}": {{}})',
+                )
         extra = node.get("additionalProperties", False)
         if extra is not False:
             self.walk(extra, f"{where}/additionalProperties", depth + 1)
@@ -301,8 +374,14 @@ class _Checker:
 def _is_type(value: object, name: str) -> bool:
     if name == "integer":
         return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
-    python = {"string": str, "number": (int, float), "boolean": bool, "array": list, "object": dict,
-              "null": type(None)}[name]
+    python = {
+        "string": str,
+        "number": (int, float),
+        "boolean": bool,
+        "array": list,
+        "object": dict,
+        "null": type(None),
+    }[name]
     return isinstance(value, python) and not (name == "number" and isinstance(value, bool))
 
 
@@ -319,7 +398,9 @@ def check_schema(
     if size > max_bytes:
         raise InvalidRequest(
             f"the schema is {size} bytes, over this server's limit of {max_bytes} (SNARK_MAX_SCHEMA_BYTES): send a "
-            "smaller schema", param=param, code="schema_too_large",
-        )  # fmt: skip
+            "smaller schema",
+            param=param,
+            code="schema_too_large",
+        )
     _Checker(schema, param, max_depth, budget or LengthBudget()).walk(schema, "", 0)
     return schema

@@ -55,6 +55,7 @@ def new_call_id() -> str:
 
 # --- matching a fixed token sequence against text that may still be growing -------------------------
 
+
 class _Match(enum.Enum):
     FULL = "full"
     PARTIAL = "partial"  # the text ended before the sequence did: more text may still complete it
@@ -66,8 +67,24 @@ _STRING = object()  # one JSON string, decoded
 _JSON_SPACE = " \t\r\n"
 
 # Up to and including the "{" that opens the arguments object.
-_HEADER = (_SPACE, "{", _SPACE, '"name"', _SPACE, ":", _SPACE, _STRING, _SPACE, ",", _SPACE,
-           '"arguments"', _SPACE, ":", _SPACE, "{")
+_HEADER = (
+    _SPACE,
+    "{",
+    _SPACE,
+    '"name"',
+    _SPACE,
+    ":",
+    _SPACE,
+    _STRING,
+    _SPACE,
+    ",",
+    _SPACE,
+    '"arguments"',
+    _SPACE,
+    ":",
+    _SPACE,
+    "{",
+)
 # What follows the arguments object: the call object's "}" and the closing tag.
 _ENVELOPE = (_SPACE, "}", _SPACE, CLOSE_TAG)
 
@@ -94,7 +111,7 @@ def _match_sequence(text: str, pos: int, tokens: tuple) -> tuple[_Match, int, li
                 return _Match.FAILED, pos, strings
             pos = end
         else:
-            available = text[pos:pos + len(token)]
+            available = text[pos : pos + len(token)]
             if available == token:
                 pos += len(token)
             elif token.startswith(available) and pos + len(available) == len(text):
@@ -153,6 +170,7 @@ def _is_offered(name: str, known: set[str] | None) -> bool:
 
 # --- the whole text at once ---------------------------------------------------------------------
 
+
 def parse_tool_calls(
     text: str, *, known: set[str] | None = None, make_id: Callable[[], str] = new_call_id
 ) -> tuple[str | None, list[ToolCall]]:
@@ -182,7 +200,7 @@ def _call_after_tag(text: str, start: int, known: set[str] | None) -> tuple[str,
     length = _ObjectEndFinder().feed(text[args_start:])
     if length is None:
         return None
-    arguments = text[args_start:args_start + length]
+    arguments = text[args_start : args_start + length]
     try:
         json.loads(arguments)
     except (ValueError, RecursionError):  # not JSON, or nested deeper than a parser goes: not a call
@@ -192,6 +210,7 @@ def _call_after_tag(text: str, start: int, known: set[str] | None) -> tuple[str,
 
 
 # --- streamed, as OpenAI's chat.completion.chunk deltas -------------------------------------------
+
 
 @dataclass(frozen=True)
 class ToolCallDelta:
@@ -206,8 +225,12 @@ class ToolCallDelta:
     def to_openai(self) -> dict:
         if self.id is None:
             return {"index": self.index, "function": {"arguments": self.arguments}}
-        return {"index": self.index, "id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+        return {
+            "index": self.index,
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 Piece = str | ToolCallDelta  # content text, or a tool-call delta
@@ -265,11 +288,11 @@ class ToolCallStream:
             tag = self._pending.find(OPEN_TAG)
             if tag == -1:
                 keep = 0 if at_end else _partial_tag_length(self._pending)
-                self._send_content(self._pending[:len(self._pending) - keep], out)
-                self._pending = self._pending[len(self._pending) - keep:]
+                self._send_content(self._pending[: len(self._pending) - keep], out)
+                self._pending = self._pending[len(self._pending) - keep :]
                 return False
             self._send_content(self._pending[:tag], out)
-            self._pending = self._pending[tag + len(OPEN_TAG):]
+            self._pending = self._pending[tag + len(OPEN_TAG) :]
             self._state = _State.HEADER
             return True
 
@@ -282,7 +305,7 @@ class ToolCallStream:
                 out.append(ToolCallDelta(self._announced, "", id=self._call[0], name=self._call[1]))
                 self._announced += 1
                 self._arguments, self._object_end = "", _ObjectEndFinder()
-                self._pending = self._pending[end - 1:]  # from the arguments' "{"
+                self._pending = self._pending[end - 1 :]  # from the arguments' "{"
                 self._state = _State.ARGUMENTS
             else:  # not a call: the tag is text, and what follows it is read as text again
                 self._send_content(OPEN_TAG, out)
@@ -295,7 +318,7 @@ class ToolCallStream:
             if piece:
                 self._arguments += piece
                 out.append(ToolCallDelta(self._announced - 1, piece))
-            self._pending = self._pending[len(piece):]
+            self._pending = self._pending[len(piece) :]
             if length is None:
                 return False  # at the end, the call stays unfinished
             call_id, name = self._call
@@ -318,7 +341,7 @@ class ToolCallStream:
             self._content_started = bool(text)
         text = self._held_space + text
         body = text.rstrip()
-        self._held_space = text[len(body):]
+        self._held_space = text[len(body) :]
         if body:
             out.append(body)
 

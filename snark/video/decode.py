@@ -55,14 +55,16 @@ def decode_video(data: bytes, sampling: VideoSampling, limits: DecodeLimits, lab
     try:
         container = av.open(io.BytesIO(data), options={"format_whitelist": CONTAINERS})
     except (av.FFmpegError, ValueError, OSError) as exc:
-        raise VideoError(f"{label} is not a video file this server reads ({FORMAT_HINT}); send one of those.",
-                         code="invalid_video") from exc  # fmt: skip
+        raise VideoError(
+            f"{label} is not a video file this server reads ({FORMAT_HINT}); send one of those.", code="invalid_video"
+        ) from exc
     with container:
         try:
             return _sample(container, data, sampling, limits, label, deadline)
         except av.FFmpegError as exc:
-            raise VideoError(f"{label} is corrupt or truncated ({exc}); send the complete file.",
-                             code="invalid_video") from exc  # fmt: skip
+            raise VideoError(
+                f"{label} is corrupt or truncated ({exc}); send the complete file.", code="invalid_video"
+            ) from exc
 
 
 @dataclass
@@ -75,7 +77,9 @@ class _Probe:
     keyframes: list[float]  # keyframe times from the container's index (empty: no index)
 
 
-def _sample(container, data: bytes, sampling: VideoSampling, limits: DecodeLimits, label: str, deadline: float) -> Video:
+def _sample(
+    container, data: bytes, sampling: VideoSampling, limits: DecodeLimits, label: str, deadline: float
+) -> Video:
     if not container.streams.video:
         raise VideoError(f"{label} has no video track (an audio file?); send a video.", code="invalid_video")
     stream = container.streams.video[0]
@@ -83,8 +87,11 @@ def _sample(container, data: bytes, sampling: VideoSampling, limits: DecodeLimit
     start = probe.start + min(max(sampling.start_s or 0.0, 0.0), probe.duration)
     end = probe.start + min(max(sampling.end_s if sampling.end_s is not None else probe.duration, 0.0), probe.duration)
     if end <= start:
-        raise VideoError(f"video_start ({sampling.start_s}) must come before video_end ({sampling.end_s}) and "
-                         f"inside the video ({probe.duration:.2f} s).", code="invalid_video")  # fmt: skip
+        raise VideoError(
+            f"video_start ({sampling.start_s}) must come before video_end ({sampling.end_s}) and "
+            f"inside the video ({probe.duration:.2f} s).",
+            code="invalid_video",
+        )
     span = end - start
     if span > limits.max_seconds:
         part = "is" if span == probe.duration else "has a part to sample (video_start/video_end) that is"
@@ -118,8 +125,10 @@ def _probe(container, stream, limits: DecodeLimits, label: str, deadline: float)
     codec = stream.codec_context
     width, height = (int(codec.width or 0), int(codec.height or 0)) if codec is not None else (0, 0)
     if width <= 0 or height <= 0:
-        raise VideoError(f"{label} has no picture size in its header ({width}x{height}); send a playable video.",
-                         code="invalid_video")  # fmt: skip
+        raise VideoError(
+            f"{label} has no picture size in its header ({width}x{height}); send a playable video.",
+            code="invalid_video",
+        )
     if width * height > limits.max_source_pixels:
         raise PayloadTooLarge(
             f"{label} is {width}x{height} = {width * height} pixels a frame; the limit is "
@@ -127,8 +136,11 @@ def _probe(container, stream, limits: DecodeLimits, label: str, deadline: float)
             code="video_too_many_pixels",
         )
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise VideoError(f"{label} is {width}x{height}; the model accepts aspect ratios up to "
-                         f"{MAX_ASPECT_RATIO}:1. Crop or pad the video.", code="invalid_video")  # fmt: skip
+        raise VideoError(
+            f"{label} is {width}x{height}; the model accepts aspect ratios up to "
+            f"{MAX_ASPECT_RATIO}:1. Crop or pad the video.",
+            code="invalid_video",
+        )
     time_base = stream.time_base
     start = float(stream.start_time * time_base) if stream.start_time is not None and time_base else 0.0
     duration = float(stream.duration * time_base) if stream.duration and time_base else 0.0
@@ -179,9 +191,16 @@ def _check_deadline(deadline: float, limits: DecodeLimits, label: str) -> None:
         )
 
 
-def _decode_nearest(container, stream, targets: list[float], probe: _Probe,
-                    frame_size: Callable[[int, int], tuple[int, int]], deadline: float, limits: DecodeLimits,
-                    label: str) -> list[tuple[float, np.ndarray]]:  # fmt: skip
+def _decode_nearest(
+    container,
+    stream,
+    targets: list[float],
+    probe: _Probe,
+    frame_size: Callable[[int, int], tuple[int, int]],
+    deadline: float,
+    limits: DecodeLimits,
+    label: str,
+) -> list[tuple[float, np.ndarray]]:
     """For each target time, the decoded frame nearest it, as (time, RGB array). Every frame gets the
     size ``frame_size`` gives for the first one's displayed height and width."""
     stream.thread_type = "AUTO"
@@ -194,7 +213,9 @@ def _decode_nearest(container, stream, targets: list[float], probe: _Probe,
             rotation = _rotation(frame)
             if not size:
                 turned = rotation % 180 != 0
-                size.append(frame_size(frame.width if turned else frame.height, frame.height if turned else frame.width))
+                size.append(
+                    frame_size(frame.width if turned else frame.height, frame.height if turned else frame.width)
+                )
             converted[frame_time] = _rgb(frame, size[0], rotation)
         picked.append((frame_time, converted[frame_time]))
 
@@ -225,8 +246,9 @@ def _decode_nearest(container, stream, targets: list[float], probe: _Probe,
         previous = (frame_time, frame)
     if index < len(targets):
         if previous is None and not picked:
-            raise VideoError(f"{label} has no frames that could be decoded; send a playable video.",
-                             code="invalid_video")  # fmt: skip
+            raise VideoError(
+                f"{label} has no frames that could be decoded; send a playable video.", code="invalid_video"
+            )
         last_time = previous[0] if previous is not None else picked[-1][0]
         if targets[-1] - last_time > TRUNCATED_SLACK_S:
             raise VideoError(

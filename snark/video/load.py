@@ -71,10 +71,16 @@ class VideoLimits:
     @property
     def download(self) -> Download:
         return Download(
-            noun="video", error=VideoError, max_bytes=self.max_bytes, bytes_setting="SNARK_MAX_VIDEO_BYTES",
-            timeout_s=self.url_timeout_s, timeout_setting="SNARK_VIDEO_URL_TIMEOUT_S",
-            max_redirects=self.max_redirects, allow_private_urls=self.allow_private_urls, accept="video/*",
-        )  # fmt: skip
+            noun="video",
+            error=VideoError,
+            max_bytes=self.max_bytes,
+            bytes_setting="SNARK_MAX_VIDEO_BYTES",
+            timeout_s=self.url_timeout_s,
+            timeout_setting="SNARK_VIDEO_URL_TIMEOUT_S",
+            max_redirects=self.max_redirects,
+            allow_private_urls=self.allow_private_urls,
+            accept="video/*",
+        )
 
 
 class DecodedVideos:
@@ -121,8 +127,9 @@ class VideoLoader:
         return await asyncio.to_thread(frames_to_video, images, sampling, self.limits)
 
 
-async def load_video(source: str, sampling: VideoSampling, limits: VideoLimits, *,
-                     decoded: DecodedVideos | None = None) -> Video:  # fmt: skip
+async def load_video(
+    source: str, sampling: VideoSampling, limits: VideoLimits, *, decoded: DecodedVideos | None = None
+) -> Video:
     """Fetch an http(s) URL or decode a ``data:video/...;base64,`` URI, then sample it."""
     if source[:5].lower() == "data:":  # base64 of tens of megabytes: decoded in the thread too
         return await asyncio.to_thread(
@@ -132,8 +139,14 @@ async def load_video(source: str, sampling: VideoSampling, limits: VideoLimits, 
     return await asyncio.to_thread(_decode_once, data, sampling, limits, f"The video at {short(source)}", decoded)
 
 
-async def decode_video_upload(data: bytes, sampling: VideoSampling, limits: VideoLimits, *, filename: str | None = None,
-                              decoded: DecodedVideos | None = None) -> Video:  # fmt: skip
+async def decode_video_upload(
+    data: bytes,
+    sampling: VideoSampling,
+    limits: VideoLimits,
+    *,
+    filename: str | None = None,
+    decoded: DecodedVideos | None = None,
+) -> Video:
     """Sample an uploaded file's bytes; ``filename`` only makes error messages clearer."""
     label = f"The uploaded file {short(filename)!r}" if filename else "The uploaded file"
     limits.download.check_byte_count(len(data), label)
@@ -147,8 +160,11 @@ def frames_to_video(images: list[Image.Image], sampling: VideoSampling, limits: 
     if not images:
         raise VideoError("A video given as frames needs at least one image.")
     if len(images) > limits.caps.max_frames:
-        raise VideoError(f"The video has {len(images)} frames; this server takes at most {limits.caps.max_frames} "
-                         "(SNARK_MAX_VIDEO_FRAMES): send fewer frames.", code="video_too_many_frames")  # fmt: skip
+        raise VideoError(
+            f"The video has {len(images)} frames; this server takes at most {limits.caps.max_frames} "
+            "(SNARK_MAX_VIDEO_FRAMES): send fewer frames.",
+            code="video_too_many_frames",
+        )
     count = -(-len(images) // FRAME_FACTOR) * FRAME_FACTOR
     height, width = sampling.frame_size(images[0].height, images[0].width, count)
     key = hashlib.sha256(repr((sampling, count, height, width)).encode())
@@ -159,16 +175,22 @@ def frames_to_video(images: list[Image.Image], sampling: VideoSampling, limits: 
         frames.append(np.asarray(resized.convert("RGB")))
     frames += [frames[-1]] * (count - len(frames))
     step = 1 / sampling.fps
-    return Video(frames=np.stack(frames), timestamps=tuple(i * step for i in range(count)),
-                 second_per_grid_t=FRAME_FACTOR / sampling.fps, key=key.digest())  # fmt: skip
+    return Video(
+        frames=np.stack(frames),
+        timestamps=tuple(i * step for i in range(count)),
+        second_per_grid_t=FRAME_FACTOR / sampling.fps,
+        key=key.digest(),
+    )
 
 
 def _data_uri_bytes(uri: str, limits: VideoLimits) -> bytes:
     match = _DATA_URI.match(uri)
     if match is None:
-        raise VideoError("data: URIs must carry base64 video data, like data:video/mp4;base64,AAAAIGZ0eXA... "
-                         "(no other media types, no percent-encoded data).")  # fmt: skip
-    payload = uri[match.end():]
+        raise VideoError(
+            "data: URIs must carry base64 video data, like data:video/mp4;base64,AAAAIGZ0eXA... "
+            "(no other media types, no percent-encoded data)."
+        )
+    payload = uri[match.end() :]
     label = "The data: URI video"
     limits.download.check_byte_count(len(payload) * 3 // 4 - 2, label)  # before allocating the decoded bytes
     try:
@@ -177,8 +199,9 @@ def _data_uri_bytes(uri: str, limits: VideoLimits) -> bytes:
         raise VideoError(f"{label} is not valid base64 ({exc}); encode the file with standard base64.") from exc
 
 
-def _decode_once(data: bytes, sampling: VideoSampling, limits: VideoLimits, label: str,
-                 decoded: DecodedVideos | None) -> Video:  # fmt: skip
+def _decode_once(
+    data: bytes, sampling: VideoSampling, limits: VideoLimits, label: str, decoded: DecodedVideos | None
+) -> Video:
     limits.download.check_byte_count(len(data), label)
     if decoded is None:
         return decode_video(data, sampling, limits.decode, label)

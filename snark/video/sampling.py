@@ -78,13 +78,27 @@ class VideoCaps:
 
     @property
     def default(self) -> VideoSampling:
-        return VideoSampling(fps=self.fps, max_frames=self.max_frames, min_pixels=self.min_pixels,
-                             max_pixels=self.max_pixels, total_pixels=self.total_pixels)  # fmt: skip
+        return VideoSampling(
+            fps=self.fps,
+            max_frames=self.max_frames,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            total_pixels=self.total_pixels,
+        )
 
-    def clamp(self, *, fps: float | None = None, nframes: int | None = None, min_frames: int | None = None,
-              max_frames: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
-              total_pixels: int | None = None, start_s: float | None = None,
-              end_s: float | None = None) -> VideoSampling:  # fmt: skip
+    def clamp(
+        self,
+        *,
+        fps: float | None = None,
+        nframes: int | None = None,
+        min_frames: int | None = None,
+        max_frames: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        total_pixels: int | None = None,
+        start_s: float | None = None,
+        end_s: float | None = None,
+    ) -> VideoSampling:
         """A request's fields (None: the server's default) within the caps: frames and pixels may be
         lowered, never raised above the server's settings."""
         base = self.default
@@ -105,8 +119,9 @@ class VideoCaps:
         )
 
 
-def smart_resize(height: int, width: int, *, min_pixels: int, max_pixels: int,
-                 factor: int = PIXEL_FACTOR) -> tuple[int, int]:  # fmt: skip
+def smart_resize(
+    height: int, width: int, *, min_pixels: int, max_pixels: int, factor: int = PIXEL_FACTOR
+) -> tuple[int, int]:
     """Each side a multiple of ``factor``, the area within [min_pixels, max_pixels], the aspect
     ratio kept as closely as that allows (Qwen's ``smart_resize``)."""
     h_bar = max(factor, _round_by(height, factor))

@@ -52,8 +52,15 @@ def padded_table(blocks: list[int], width: int) -> list[int]:
     return blocks[:width] + [NULL_BLOCK] * (width - len(blocks[:width]))
 
 
-def block_keys(tokens: Sequence[int], block_size: int, *, images: Sequence[ImageSpan] = (), salt: str | None = None,
-               first: int = 0, parent: bytes = b"") -> list[bytes]:  # fmt: skip
+def block_keys(
+    tokens: Sequence[int],
+    block_size: int,
+    *,
+    images: Sequence[ImageSpan] = (),
+    salt: str | None = None,
+    first: int = 0,
+    parent: bytes = b"",
+) -> list[bytes]:
     """The keys of the full blocks ``first, first + 1, ...`` of a row whose tokens (from its start)
     are ``tokens``, each chained to the one before (block ``first`` to ``parent``, the key of block
     ``first - 1``)."""

@@ -32,7 +32,15 @@ from PIL import Image
 from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
 from snark.engine.loader import LoadedModel
 from snark.engine.prompt import PromptBuilder
-from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, SamplingParams, ToolSpec
+from snark.engine.request import (
+    ChatTurn,
+    FinishReason,
+    GenerationRequest,
+    Outbox,
+    PromptInputs,
+    SamplingParams,
+    ToolSpec,
+)
 from snark.engine.transformers.blocks import BlockPool
 from snark.engine.transformers.encoder_cache import EncoderCache
 from snark.engine.transformers.grammar import Grammars, StepMasks
@@ -181,7 +189,9 @@ class TransformersEngine(Engine):
         with self._cond:
             self._preparing += 1
         try:
-            return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
+            return await asyncio.to_thread(
+                prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools
+            )
         finally:
             with self._cond:
                 self._preparing -= 1
@@ -253,9 +263,12 @@ class TransformersEngine(Engine):
         self.cache = self._build_cache(loaded, block_size)
         self.pool = BlockPool(self.cache.num_blocks, enable_caching=self.prefix_caching)
         self.scheduler = Scheduler(
-            max_rows=self.max_batch_size, max_waiting=self.max_waiting_requests,
-            max_prefill_tokens=self.max_prefill_tokens, pool=self.pool, block_size=block_size,
-        )  # fmt: skip
+            max_rows=self.max_batch_size,
+            max_waiting=self.max_waiting_requests,
+            max_prefill_tokens=self.max_prefill_tokens,
+            pool=self.pool,
+            block_size=block_size,
+        )
         self.runner = Runner(loaded, self.cache, self.encoder_cache, flash=flash)
         vocab_size = loaded.model.config.text_config.vocab_size
         self.grammars = Grammars(
@@ -268,26 +281,37 @@ class TransformersEngine(Engine):
         log.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB), up to %d rows; prefix caching %s; "
             "linear layers on %s; attention: %s",
-            self.cache.num_blocks - 1, block_size, self.scheduler.capacity_tokens,
-            self.cache.num_blocks * self.cache.block_bytes / 1024**3, self.max_batch_size,
-            "on" if self.prefix_caching else "off", "oneDNN (packed weights)" if self.runner.packed else "PyTorch",
+            self.cache.num_blocks - 1,
+            block_size,
+            self.scheduler.capacity_tokens,
+            self.cache.num_blocks * self.cache.block_bytes / 1024**3,
+            self.max_batch_size,
+            "on" if self.prefix_caching else "off",
+            "oneDNN (packed weights)" if self.runner.packed else "PyTorch",
             "flash-attn paged" if flash else "PyTorch SDPA over gathered blocks",
-        )  # fmt: skip
+        )
 
     def capture_decode_graphs(self, capture: Capture) -> None:
         """Capture decode steps for every batch size up to the row limit (see ``graphs.py``), for rows
         as long as the longest prompt (a row that grows past that decodes eagerly)."""
         self.runner.graphs = DecodeGraphs(
-            self.runner.model, self.cache, max_rows=self.max_batch_size,
-            max_blocks=min(self.cache.num_blocks - 1, self.scheduler.blocks_for(self.max_prompt_tokens)), capture=capture,
-        )  # fmt: skip
+            self.runner.model,
+            self.cache,
+            max_rows=self.max_batch_size,
+            max_blocks=min(self.cache.num_blocks - 1, self.scheduler.blocks_for(self.max_prompt_tokens)),
+            capture=capture,
+        )
         self.runner.graphs.capture_all()
 
     def _build_cache(self, loaded: LoadedModel, block_size: int) -> KVCache:
         text = loaded.model.config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        shape = {"num_layers": text.num_hidden_layers, "block_size": block_size,
-                 "kv_heads": text.num_key_value_heads, "head_dim": head_dim}  # fmt: skip
+        shape = {
+            "num_layers": text.num_hidden_layers,
+            "block_size": block_size,
+            "kv_heads": text.num_key_value_heads,
+            "head_dim": head_dim,
+        }
         block_bytes = KVCache.bytes_per_block(**shape, dtype=loaded.dtype)
         budget = self.kv_cache_bytes
         if budget is None and loaded.device.type == "cuda":
@@ -366,11 +390,14 @@ class TransformersEngine(Engine):
 
     def _row(self, request: GenerationRequest) -> Row:
         return Row(
-            request, tokenizer=self.loaded.processor.tokenizer, eos_token_ids=self.eos_token_ids,
-            vocab_size=self.loaded.model.config.text_config.vocab_size, device=self.loaded.device,
+            request,
+            tokenizer=self.loaded.processor.tokenizer,
+            eos_token_ids=self.eos_token_ids,
+            vocab_size=self.loaded.model.config.text_config.vocab_size,
+            device=self.loaded.device,
             image_token_id=self.loaded.model.config.image_token_id,
             video_token_id=self.loaded.model.config.video_token_id,
-        )  # fmt: skip
+        )
 
     def _run(self, plan: StepPlan) -> None:
         """Run the plan and sample; a failure (a bug, an out-of-memory) fails the plan's rows, and the

@@ -148,7 +148,9 @@ class StepMasks:
         if not rows:
             return
         if self._bitmask.shape[0] < len(grammars):  # bitmask rows line up with logits rows
-            self._bitmask = xgrammar.allocate_token_bitmask(max(len(grammars), 2 * self._bitmask.shape[0]), self.vocab_size)
+            self._bitmask = xgrammar.allocate_token_bitmask(
+                max(len(grammars), 2 * self._bitmask.shape[0]), self.vocab_size
+            )
         bitmask = self._bitmask[: len(grammars)]
         self._batch.batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], bitmask, indices=rows)
         if logits.device.type == "cpu":

@@ -66,8 +66,9 @@ class DecodeGraphs:
     """Captured decode steps of ``model`` over ``cache``, for up to ``max_rows`` rows of at most
     ``max_blocks`` KV blocks each."""
 
-    def __init__(self, model: FlatLanguageModel, cache: KVCache, *, max_rows: int, max_blocks: int,
-                 capture: Capture) -> None:  # fmt: skip
+    def __init__(
+        self, model: FlatLanguageModel, cache: KVCache, *, max_rows: int, max_blocks: int, capture: Capture
+    ) -> None:
         self.model, self.cache = model, cache
         self.sizes = graph_sizes(max_rows)
         rows, device = self.sizes[-1], cache.keys[0].device
@@ -96,8 +97,14 @@ class DecodeGraphs:
             self._replays[size] = self._capture(lambda size=size: self._forward(size))
         log.info("captured decode steps for %s rows in %.1f s", self.sizes, time.perf_counter() - started)
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, lengths: list[int],
-            tables: list[list[int]]) -> torch.Tensor:  # fmt: skip
+    def run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        lengths: list[int],
+        tables: list[list[int]],
+    ) -> torch.Tensor:
         """One decode step of ``len(ids)`` rows -> their ``[rows, vocab]`` float32 logits."""
         rows = ids.shape[0]
         size = next(s for s in self.sizes if s >= rows)

@@ -15,15 +15,25 @@ ZERO_CHUNK_BLOCKS = 256  # blocks zeroed at a time as new ones come into use
 
 
 class KVCache:
-    def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.kv_heads, self.head_dim = kv_heads, head_dim
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.block_bytes = self.bytes_per_block(num_layers=num_layers, block_size=block_size, kv_heads=kv_heads,
-                                                head_dim=head_dim, dtype=dtype)  # fmt: skip
+        self.block_bytes = self.bytes_per_block(
+            num_layers=num_layers, block_size=block_size, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype
+        )
         self.zeroed = 0  # blocks [0, zeroed) have been zeroed
         self.ensure_zeroed(1)  # the null block
 

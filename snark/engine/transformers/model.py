@@ -57,7 +57,9 @@ class PackedLinear(nn.Module):
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, *, packed: bool) -> nn.Module:
     if packed:
         return PackedLinear(weight, bias)
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    linear = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
     linear.weight.data = weight.detach()
     if bias is not None:
         linear.bias.data = bias.detach()
@@ -194,7 +196,9 @@ class FlatLanguageModel:
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan, cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan, cache: KVCache
+    ) -> torch.Tensor:
         """``embeds`` [tokens, hidden] -> the final hidden states [tokens, hidden] (normed)."""
         cos, sin = self.rope(positions, embeds.dtype)
         hidden = embeds
@@ -217,25 +221,36 @@ class FlatLanguageModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
-                cache: KVCache) -> torch.Tensor:  # fmt: skip
+    def _attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, cache: KVCache
+    ) -> torch.Tensor:
         tokens = q.shape[0]
         if plan.paged_decode is not None:
             from flash_attn import flash_attn_with_kvcache
 
             out = flash_attn_with_kvcache(
-                q[:, None], cache.keys[layer], cache.values[layer], cache_seqlens=plan.paged_decode.lengths,
-                block_table=plan.paged_decode.tables, causal=True,
-            )  # fmt: skip  # [rows, 1, heads, head_dim]
+                q[:, None],
+                cache.keys[layer],
+                cache.values[layer],
+                cache_seqlens=plan.paged_decode.lengths,
+                block_table=plan.paged_decode.tables,
+                causal=True,
+            )  # [rows, 1, heads, head_dim]
             return out.reshape(tokens, -1)
         if plan.flash is not None:
             from flash_attn import flash_attn_varlen_func
 
             out = flash_attn_varlen_func(
-                q, cache.keys[layer], cache.values[layer], causal=True, block_table=plan.flash["tables"],
-                cu_seqlens_q=plan.flash["cu_q"], cu_seqlens_k=plan.flash["cu_k"],
-                max_seqlen_q=plan.flash["max_q"], max_seqlen_k=plan.flash["max_k"],
-            )  # fmt: skip
+                q,
+                cache.keys[layer],
+                cache.values[layer],
+                causal=True,
+                block_table=plan.flash["tables"],
+                cu_seqlens_q=plan.flash["cu_q"],
+                cu_seqlens_k=plan.flash["cu_k"],
+                max_seqlen_q=plan.flash["max_q"],
+                max_seqlen_k=plan.flash["max_k"],
+            )
             return out.reshape(tokens, -1)
         out = q.new_empty(tokens, self.num_heads, self.head_dim)
         group = self.num_heads // self.kv_heads
@@ -261,9 +276,9 @@ class FlatLanguageModel:
             out[p.start : p.end] = result[0].transpose(0, 1)
         return out.view(tokens, -1)
 
-
-    def _attend_after_context(self, layer: int, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillChunk,
-                              cache: KVCache) -> torch.Tensor:  # fmt: skip
+    def _attend_after_context(
+        self, layer: int, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillChunk, cache: KVCache
+    ) -> torch.Tensor:
         """A chunk's attention over the tokens cached before it and over itself, as two unmasked /
         plain-causal flash calls merged by their log-sum-exp: on CPU, PyTorch's masked attention
         is the slow path (about 1.6x at a 1024-token chunk after 2048 cached tokens).

@@ -24,8 +24,17 @@ from snark.engine.transformers.sampler import RowSampler
 
 
 class Row:
-    def __init__(self, request: GenerationRequest, *, tokenizer, eos_token_ids: frozenset[int], vocab_size: int,
-                 device, image_token_id: int, video_token_id: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        request: GenerationRequest,
+        *,
+        tokenizer,
+        eos_token_ids: frozenset[int],
+        vocab_size: int,
+        device,
+        image_token_id: int,
+        video_token_id: int,
+    ) -> None:
         self.request = request
         self.eos_token_ids = eos_token_ids
         self.detokenizer = IncrementalDetokenizer(tokenizer)
@@ -104,8 +113,10 @@ class Row:
 
 def media_spans(prompt, image_token_id: int, video_token_id: int) -> list[ImageSpan]:
     """Each image's and video's run of placeholder tokens in a prompt, in order, with its key."""
-    keys = {image_token_id: _keys(prompt.image_keys, prompt.pixel_values, prompt.image_grid_thw),
-            video_token_id: _keys(prompt.video_keys, prompt.pixel_values_videos, prompt.video_grid_thw)}  # fmt: skip
+    keys = {
+        image_token_id: _keys(prompt.image_keys, prompt.pixel_values, prompt.image_grid_thw),
+        video_token_id: _keys(prompt.video_keys, prompt.pixel_values_videos, prompt.video_grid_thw),
+    }
     seen = {image_token_id: 0, video_token_id: 0}
     ids, spans, index, n = prompt.input_ids, [], 0, len(prompt.input_ids)
     while index < n:
@@ -117,8 +128,15 @@ def media_spans(prompt, image_token_id: int, video_token_id: int) -> list[ImageS
         while end < n and ids[end] == token:
             end += 1
         ordinal = seen[token]
-        spans.append(ImageSpan(start=index, length=end - index, key=keys[token][ordinal],
-                               video=token == video_token_id, ordinal=ordinal))  # fmt: skip
+        spans.append(
+            ImageSpan(
+                start=index,
+                length=end - index,
+                key=keys[token][ordinal],
+                video=token == video_token_id,
+                ordinal=ordinal,
+            )
+        )
         seen[token] += 1
         index = end
     return spans

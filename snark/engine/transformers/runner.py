@@ -43,7 +43,9 @@ from snark.engine.transformers.scheduler import Scheduled, StepPlan
 
 
 class Runner:
-    def __init__(self, loaded: LoadedModel, cache: KVCache, encoder_cache: EncoderCache, *, flash: bool = False) -> None:
+    def __init__(
+        self, loaded: LoadedModel, cache: KVCache, encoder_cache: EncoderCache, *, flash: bool = False
+    ) -> None:
         self.hf = loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
         self.cache, self.encoder_cache = cache, encoder_cache
@@ -70,14 +72,17 @@ class Runner:
             row.rope_delta = 0
             return
         ids = torch.tensor([prompt.input_ids], device=self.device)
-        kinds = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()  # text 0, image 1, video 2
+        kinds = (ids == self.image_token_id).long() + 2 * (
+            ids == self.video_token_id
+        ).long()  # text 0, image 1, video 2
         videos = prompt.video_grid_thw
         positions, deltas = self.hf.model.get_rope_index(
-            ids, kinds,
+            ids,
+            kinds,
             prompt.image_grid_thw.to(self.device) if prompt.image_grid_thw is not None else None,
             videos.to(self.device) if videos is not None else None,
             second_per_grid_ts=torch.tensor(prompt.second_per_grid_ts) if videos is not None else None,
-        )  # [3, 1, prompt], [1, 1]  # fmt: skip
+        )  # [3, 1, prompt], [1, 1]
         row.positions, row.rope_delta = positions[:, 0], int(deltas[0, 0])
 
     # --- one step -------------------------------------------------------------------------------
@@ -131,9 +136,11 @@ class Runner:
         blocks fit the captured block tables."""
         graphs = self.graphs
         return (
-            graphs is not None and not embeds_from and len(ordered) <= graphs.max_rows
+            graphs is not None
+            and not embeds_from
+            and len(ordered) <= graphs.max_rows
             and all(s.tokens == 1 and s.samples and len(s.row.blocks) <= graphs.max_blocks for s in ordered)
-        )  # fmt: skip
+        )
 
     def _positions(self, ordered: Sequence[Scheduled]) -> torch.Tensor:
         """``[3, tokens]`` rope positions of the step's tokens: a prompt's from its row, a generated
@@ -149,7 +156,9 @@ class Runner:
                     parts[-1].extend(generated)
                 else:
                     parts.append(generated)
-        tensors = [p if isinstance(p, torch.Tensor) else torch.tensor(p, device=self.device).expand(3, -1) for p in parts]
+        tensors = [
+            p if isinstance(p, torch.Tensor) else torch.tensor(p, device=self.device).expand(3, -1) for p in parts
+        ]
         return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
     def _slots(self, row: Row, start: int, end: int) -> list[int]:
@@ -180,13 +189,20 @@ class Runner:
         lengths_q = [s.tokens for s in ordered]
         lengths_k = [s.row.computed + s.tokens for s in ordered]
         width = blocks_for(max(lengths_k), self.block_size)
-        tables = torch.tensor([padded_table(s.row.blocks, width) for s in ordered], dtype=torch.int32, device=self.device)
+        tables = torch.tensor(
+            [padded_table(s.row.blocks, width) for s in ordered], dtype=torch.int32, device=self.device
+        )
 
         def cumulative(lengths: list[int]) -> torch.Tensor:
             return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=self.device)
 
-        return {"tables": tables, "cu_q": cumulative(lengths_q), "cu_k": cumulative(lengths_k),
-                "max_q": max(lengths_q), "max_k": max(lengths_k)}  # fmt: skip
+        return {
+            "tables": tables,
+            "cu_q": cumulative(lengths_q),
+            "cu_k": cumulative(lengths_k),
+            "max_q": max(lengths_q),
+            "max_k": max(lengths_k),
+        }
 
     # --- images ---------------------------------------------------------------------------------
     def _encode_images(self, scheduled: Sequence[Scheduled]) -> None:

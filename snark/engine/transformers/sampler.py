@@ -20,7 +20,9 @@ from snark.engine.request import SamplingParams
 
 
 class RowSampler:
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], *, vocab_size: int, device: torch.device) -> None:
+    def __init__(
+        self, params: SamplingParams, prompt_ids: Sequence[int], *, vocab_size: int, device: torch.device
+    ) -> None:
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.is_greedy:
@@ -67,7 +69,9 @@ def apply_penalties(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> tor
     repeat = [row for row, s in enumerate(samplers) if s.seen is not None]
     if repeat:
         seen = torch.stack([samplers[row].seen for row in repeat])  # [penalised, vocab]
-        factor = torch.tensor([samplers[row].params.repetition_penalty for row in repeat], device=logits.device)[:, None]
+        factor = torch.tensor([samplers[row].params.repetition_penalty for row in repeat], device=logits.device)[
+            :, None
+        ]
         rows = logits[repeat]
         logits[repeat] = torch.where(seen, torch.where(rows > 0, rows / factor, rows * factor), rows)
     counted = [row for row, s in enumerate(samplers) if s.counts is not None]

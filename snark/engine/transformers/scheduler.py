@@ -47,8 +47,9 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, *, max_rows: int, max_waiting: int, max_prefill_tokens: int, pool: BlockPool,
-                 block_size: int) -> None:  # fmt: skip
+    def __init__(
+        self, *, max_rows: int, max_waiting: int, max_prefill_tokens: int, pool: BlockPool, block_size: int
+    ) -> None:
         self.max_rows = max_rows
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
@@ -196,8 +197,14 @@ class Scheduler:
         full = row.computed // self.block_size
         if full > len(row.keys):
             parent = row.keys[-1] if row.keys else b""
-            new = block_keys(row.tokens[: full * self.block_size], self.block_size, images=row.images,
-                             salt=row.request.prompt.cache_salt, first=len(row.keys), parent=parent)  # fmt: skip
+            new = block_keys(
+                row.tokens[: full * self.block_size],
+                self.block_size,
+                images=row.images,
+                salt=row.request.prompt.cache_salt,
+                first=len(row.keys),
+                parent=parent,
+            )
             for block, key in zip(row.blocks[len(row.keys) : full], new):
                 self.pool.register(block, key)
             row.keys += new
