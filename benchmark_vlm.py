@@ -89,17 +89,17 @@ from pathlib import Path
 
 import torch
 
-from snark.bench import options
-from snark.bench.burst import cb_rows, engine_measures, http_measures, raw_measures, requests_at, run_rounds
-from snark.bench.ceilings import pad_token_id
-from snark.bench.engine import Engine, start_engine, start_vllm_engine
-from snark.bench.latency import measure_on_engine, measure_over_http, prompts_needed
-from snark.bench.models import load, print_roofline_only
-from snark.bench.ratios import add_ratios, add_roofline
-from snark.bench.report import Report, burst_summary, machine_info
-from snark.bench.runners import HttpTarget, chat_turns, local_server
-from snark.bench.runs import Measured, compare_table, load_run, run_record, save_run
-from snark.bench.workload import build_workload
+from bench import options
+from bench.burst import cb_rows, engine_measures, http_measures, raw_measures, requests_at, run_rounds
+from bench.ceilings import pad_token_id
+from bench.engine import Engine, start_engine, start_vllm_engine
+from bench.latency import measure_on_engine, measure_over_http, prompts_needed
+from bench.models import load, print_roofline_only
+from bench.ratios import add_ratios, add_roofline
+from bench.report import Report, burst_summary, machine_info
+from bench.runners import HttpTarget, chat_turns
+from bench.runs import Measured, compare_table, load_run, run_record, save_run
+from bench.workload import build_workload
 from snark.config import load_settings
 from snark.engine.prompt import PromptBuilder
 from snark.engine.tiny_model import is_tiny_checkpoint
@@ -170,8 +170,9 @@ def burst_over_http(args, workload) -> int:
 
 
 def burst_in_process(args, settings, loaded, workload) -> int:
+    from snark.app import create_app
     from snark.engine.random_model import decode_weight_bytes
-    from snark.server import create_app
+    from snark.serve import serve_in_thread
 
     top = max(args.levels)
     max_batch = args.max_batch_size or settings.max_batch_size
@@ -188,7 +189,9 @@ def burst_in_process(args, settings, loaded, workload) -> int:
     app_settings = settings.model_copy(
         update={"max_new_tokens_limit": max(settings.max_new_tokens_limit, args.max_tokens)}
     )
-    server = local_server(create_app(app_settings, engine=main_engine)) if args.http_check else contextlib.nullcontext()
+    server = (
+        serve_in_thread(create_app(app_settings, engine=main_engine)) if args.http_check else contextlib.nullcontext()
+    )
     try:
         with server as url:
             measures = []
@@ -267,7 +270,7 @@ def vllm_in_process(args, settings, workload) -> int:
 
 
 def structured_over_http(args) -> int:
-    from snark.bench.structured import http_sender, run_structured
+    from bench.structured import http_sender, run_structured
 
     target = HttpTarget(args.url, model=args.model_name)
     if not target.openai:
@@ -282,7 +285,7 @@ def structured_over_http(args) -> int:
 
 
 def structured_in_process(args, settings) -> int:
-    from snark.bench.structured import engine_sender, run_structured
+    from bench.structured import engine_sender, run_structured
 
     if settings.engine_name == "vllm":
         raise ConfigError(

@@ -18,14 +18,14 @@ _FLAGS = {"host": "--host", "port": "--port", "vlm_size": "--size", "vlm_model":
 
 def _serve(args: argparse.Namespace) -> int:
     from snark.config import load_settings
-    from snark.listen import bind_listener
+    from snark.serve import bind_listener
 
     given = {name: flag for name, flag in _FLAGS.items() if getattr(args, flag[2:]) is not None}
     overrides = {name: getattr(args, flag[2:]) for name, flag in given.items()}
     settings = load_settings(sources=given, **overrides)  # bad settings fail here, before the slow imports below
     listener = bind_listener(settings.host, settings.port)  # a taken port fails now, before any model work
 
-    from snark.serving import serve
+    from snark.serve import serve
 
     return serve(settings, listener, tiny=args.tiny)
 

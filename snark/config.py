@@ -16,6 +16,24 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from snark.errors import ConfigError
 
+# vLLM engine arguments Snark derives from its own settings: VLLM_ENGINE_ARGS may not set them, so
+# each has one place (the setting named here). snark.engine.vllm.args does the deriving.
+VLLM_DERIVED_ARGS = {
+    "model": "VLM_MODEL or VLM_SIZE",
+    "tokenizer": "VLM_MODEL or VLM_SIZE",
+    "tensor_parallel_size": "VLLM_TP_SIZE",
+    "pipeline_parallel_size": "VLLM_PP_SIZE",
+    "distributed_executor_backend": "VLLM_DISTRIBUTED_BACKEND",
+    "gpu_memory_utilization": "VLLM_GPU_MEM_UTILIZATION",
+    "kv_cache_memory_bytes": "SNARK_KV_CACHE_GIB",
+    "max_model_len": "VLLM_MAX_MODEL_LEN",
+    "max_num_seqs": "VLLM_MAX_NUM_SEQS (or SNARK_MAX_BATCH_SIZE)",
+    "enforce_eager": "VLLM_ENFORCE_EAGER",
+    "enable_prefix_caching": "SNARK_PREFIX_CACHING",
+    "limit_mm_per_prompt": "SNARK_MAX_IMAGES_PER_REQUEST and SNARK_MAX_VIDEOS_PER_REQUEST",
+    "mm_processor_kwargs": "SNARK_MAX_IMAGE_PIXELS and SNARK_MAX_VIDEO_FRAME_PIXELS (Snark resizes the media itself)",
+}
+
 # Published Qwen2.5-VL instruct checkpoints. There is no 14B (Qwen2.5 has a 14B text model, the VL
 # family does not), so VLM_SIZE=14B is refused with this list rather than a 404 from the hub.
 VLM_SIZES = ("3B", "7B", "32B", "72B")
@@ -179,10 +197,32 @@ class Settings(BaseSettings):
                 "unset them, or use SNARK_ENGINE=vllm (or auto)."
             )
         if self.engine_name == "vllm":
-            from snark.engine.vllm.args import check_overlaps  # the rules live beside the mapping
-
-            check_overlaps(self)
+            self._check_vllm_overlaps()
         return self
+
+    def _check_vllm_overlaps(self) -> None:
+        """Raise ``ValueError`` for settings that both size or set the same thing on the vLLM engine."""
+        s = self
+        if (
+            s.vllm_max_num_seqs is not None
+            and "max_batch_size" in s.model_fields_set
+            and s.max_batch_size != s.vllm_max_num_seqs
+        ):
+            raise ValueError(
+                f"SNARK_MAX_BATCH_SIZE={s.max_batch_size} and VLLM_MAX_NUM_SEQS={s.vllm_max_num_seqs} disagree: on the "
+                "vLLM engine both mean the rows decoded together; give one of them."
+            )
+        if s.kv_cache_gib is not None and s.vllm_gpu_mem_utilization is not None:
+            raise ValueError(
+                "SNARK_KV_CACHE_GIB (the KV cache size) and VLLM_GPU_MEM_UTILIZATION (a memory fraction) both size "
+                "vLLM's KV cache, and vLLM would ignore the fraction: give one of them."
+            )
+        clashes = sorted(set(s.vllm_extra_engine_args) & set(VLLM_DERIVED_ARGS))
+        if clashes:
+            where = "; ".join(f"{key}: {VLLM_DERIVED_ARGS[key]}" for key in clashes)
+            raise ValueError(
+                f"VLLM_ENGINE_ARGS may not set {', '.join(clashes)}: Snark sets them from its settings ({where})."
+            )
 
     @model_validator(mode="after")
     def _consistent_limits(self) -> Settings:
@@ -206,8 +246,8 @@ class Settings(BaseSettings):
     def vllm_settings_given(self) -> list[str]:
         """The env names of the VLLM_* settings that were given."""
         return [
-            field.validation_alias.choices[0]
-            for name, field in Settings.model_fields.items()
+            env_name(name)
+            for name in Settings.model_fields
             if name.startswith("vllm_") and getattr(self, name) is not None
         ]
 
@@ -266,7 +306,7 @@ def env_name(field_name: str) -> str:
 _SECRET_SETTINGS = frozenset({"api_key"})  # their values never appear in a message
 
 
-def load_settings(*, sources: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+def load_settings(*, sources: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read settings from the environment (``overrides`` win), turning validation errors into
     ``ConfigError`` naming where each bad value came from: the environment variable, or for an
     override the name in ``sources`` (the CLI passes its flags: ``{"port": "--port"}``)."""

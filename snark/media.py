@@ -168,7 +168,7 @@ def _decode(data: bytes, limits: ImageLimits, label: str) -> Image.Image:
     try:
         # Image.open reads only the header; PIL raises DecompressionBombError past 2x its own cap.
         available = set(Image.registered_extensions().values())  # Image.open raises KeyError on unknown ones
-        image = Image.open(io.BytesIO(data), formats=[f for f in _FORMATS if f in available])
+        image: Image.Image = Image.open(io.BytesIO(data), formats=[f for f in _FORMATS if f in available])
     except Image.DecompressionBombError as exc:
         raise _too_many_pixels(label, limits, str(exc)) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -212,6 +212,7 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
         return image.convert("I").point(lambda v: v * (1 / 257)).convert("RGB")
     if image.mode in ("I", "F"):
         low, high = image.getextrema()
+        assert not isinstance(low, tuple) and not isinstance(high, tuple)  # one band: its (min, max)
         if low < 0 or high > 255:  # stretch an unknown range linearly onto 0..255
             scale = 255 / ((high - low) or 1)
             image = image.point(lambda v: v * scale - low * scale)

@@ -1,125 +1,16 @@
-"""The FastAPI app. ``app = create_app()`` so ``uvicorn snark.server:app`` keeps working.
+"""The ``app`` that ``uvicorn snark.server:app`` serves, built from the environment's settings.
 
-``create_app`` takes its parts (settings, engine, speaker) so tests and embedders can pass real
-ones built their own way; nothing heavy happens at import: the model loads in the engine's worker
-thread once the app starts, and ``/health`` answers 503 until it is ready.
+It is built on first access, not at import, so importing this module reads no settings; the app
+itself comes from ``snark.app.create_app``, which tests and embedders call with their own parts.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import signal
-from collections.abc import Callable
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
-from snark.api import forms, health, index, metrics, openai
-from snark.api.auth import BearerAuth, document_bearer_auth
-from snark.api.body_limit import BodySizeLimit
-from snark.api.errors import install_error_handlers
-from snark.api.in_flight import InFlight, TrackInFlight
-from snark.api.metrics import Metrics
-from snark.api.state import AppState
-from snark.config import Settings, load_settings
-from snark.engine.base import Engine, EngineState
-from snark.engine.loader import load_model
-from snark.engine.transformers import TransformersEngine
+from snark.app import create_app
+from snark.config import load_settings
 from snark.logs import configure_logging
-from snark.media import ImageLimits
-from snark.speech import LazySpeaker, build_speaker
-from snark.video.load import VideoLimits, VideoLoader
-
-log = logging.getLogger(__name__)
-
-
-def build_engine(settings: Settings) -> Engine:
-    """The engine ``settings`` choose (SNARK_ENGINE, or auto: vLLM when a VLLM_* setting is given).
-    Raises ``ConfigError`` naming the install command when vLLM is chosen but not installed."""
-    if settings.engine_name == "vllm":
-        from snark.engine.vllm.engine import VllmEngine
-        from snark.engine.vllm.runtime import require_vllm
-
-        require_vllm()
-        return VllmEngine(settings)
-    return TransformersEngine(
-        lambda: load_model(settings.model_id, device=settings.device),
-        max_batch_size=settings.max_batch_size,
-        batch_wait_ms=settings.batch_wait_ms,
-        max_waiting_requests=settings.max_waiting_requests,
-        max_prompt_tokens=settings.max_prompt_tokens,
-        max_prefill_tokens=settings.max_prefill_tokens,
-        kv_cache_bytes=settings.kv_cache_bytes,
-        kv_block_size=settings.kv_block_size,
-        prefix_caching=settings.prefix_caching,
-        encoder_cache_bytes=settings.encoder_cache_bytes,
-        cuda_graphs=settings.cuda_graphs,
-        max_image_pixels=settings.max_image_pixels,
-    )
-
-
-def _shut_down_on_load_failure(exc: BaseException) -> None:
-    # uvicorn shuts down on SIGTERM and then re-raises it, so the process exits non-zero.
-    log.error("Snark cannot serve without a model; shutting down.")
-    signal.raise_signal(signal.SIGTERM)
-
-
-def create_app(
-    settings: Settings | None = None,
-    *,
-    engine: Engine | None = None,
-    speaker: LazySpeaker | None = None,
-    on_load_failed: Callable[[BaseException], None] | None = _shut_down_on_load_failure,
-) -> FastAPI:
-    """The app. ``on_load_failed`` runs (in the engine thread) if the model cannot load; by default
-    it stops the process so a supervisor sees the failure instead of a server that never gets ready."""
-    settings = settings or load_settings()
-    engine = engine or build_engine(settings)
-    state = AppState(
-        settings=settings,
-        engine=engine,
-        speaker=speaker or build_speaker(settings),
-        image_limits=ImageLimits.from_settings(settings),
-        metrics=Metrics(engine),
-        videos=VideoLoader(VideoLimits.from_settings(settings)),
-    )
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        owns_engine = not engine.started
-        if owns_engine:
-            engine.start(on_load_failed=on_load_failed)
-        yield
-        if owns_engine:
-            # A model still loading cannot be interrupted: waiting for it would hold the stop for as long
-            # as the load (or the hub's retries) takes.
-            engine.stop(timeout_s=0.0 if engine.state is EngineState.LOADING else 30.0)
-        # Sentences still being synthesized finish first: a voice thread inside onnxruntime when the
-        # interpreter exits aborts the process ("terminate called without an active exception").
-        await asyncio.to_thread(state.voices.pool.close, wait=True)
-
-    app = FastAPI(
-        title="Snark",
-        summary="Qwen2.5-VL over HTTP: form endpoints, an OpenAI-compatible API, metrics and spoken replies.",
-        version="0.1.0",
-        lifespan=lifespan,
-    )
-    app.state.snark = state
-    install_error_handlers(app)
-    app.include_router(index.router)
-    app.include_router(health.router)
-    app.include_router(metrics.router)
-    app.include_router(forms.router)
-    app.include_router(openai.router)
-    # The last middleware added runs first: auth refuses a stranger before any body byte is read.
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
-    if settings.api_keys:
-        app.add_middleware(BearerAuth, keys=settings.api_keys)
-        document_bearer_auth(app)
-    app.state.in_flight = in_flight = InFlight()  # what a stop past its grace period ends (snark serve)
-    app.add_middleware(TrackInFlight, in_flight=in_flight)
-    return app
 
 
 def __getattr__(name: str) -> FastAPI:

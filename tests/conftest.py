@@ -20,12 +20,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 
 from snark import cli  # noqa: E402
-from snark.bench.runners import local_server as serve  # noqa: E402,F401  (a real uvicorn in a thread)
+from snark.app import create_app  # noqa: E402
 from snark.config import Settings, load_settings  # noqa: E402
 from snark.engine.loader import load_model  # noqa: E402
 from snark.engine.tiny_model import is_tiny_checkpoint  # noqa: E402
 from snark.engine.transformers import TransformersEngine as Engine  # noqa: E402
-from snark.server import create_app  # noqa: E402
+from snark.serve import serve_in_thread as serve  # noqa: E402,F401  (a real uvicorn in a thread)
 from snark.speech import build_speaker  # noqa: E402
 
 

@@ -12,11 +12,11 @@ import jsonschema
 import pytest
 
 import benchmark_vlm
-from snark.bench.engine import start_engine
-from snark.bench.hol import hol_summary
-from snark.bench.openloop import PlannedRequest, output_lengths, poisson_arrivals, poisson_plan, run_open_loop
-from snark.bench.ratios import add_ratios, roofline_tok_s
-from snark.bench.report import (
+from bench.engine import start_engine
+from bench.hol import hol_summary
+from bench.openloop import PlannedRequest, output_lengths, poisson_arrivals, poisson_plan, run_open_loop
+from bench.ratios import add_ratios, roofline_tok_s
+from bench.report import (
     Report,
     RequestTiming,
     Row,
@@ -25,15 +25,15 @@ from snark.bench.report import (
     percentile,
     row_from_timings,
 )
-from snark.bench.runs import Measured, compare_table, run_record
-from snark.bench.sse import ChatStreamReader, StreamError
-from snark.bench.structured import PairedRequest, answer_problem, paired_free_requests
-from snark.bench.workload import build_workload, load_image_option, receipt_schema, receipt_schemas
+from bench.runs import Measured, compare_table, run_record
+from bench.sse import ChatStreamReader, StreamError
+from bench.structured import PairedRequest, answer_problem, paired_free_requests
+from bench.workload import build_workload, load_image_option, receipt_schema, receipt_schemas
 from snark.engine import random_model
 from snark.engine.random_model import published_config
-from snark.engine.request import ChatTurn, SamplingParams
 from snark.engine.tiny_model import tiny_config
 from snark.structured.constraint import json_grammar
+from snark.values import ChatTurn, SamplingParams
 
 
 def test_percentile_interpolates_like_numpy():

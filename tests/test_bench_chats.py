@@ -11,12 +11,12 @@ import pytest
 from transformers import AutoTokenizer
 
 import benchmark_vlm
-from snark.bench.chat import ChatImage, Message, Reply, openai_messages
-from snark.bench.conversation import first_and_repeats_summary, question, run_conversation, run_image_repeat
-from snark.bench.longshort import long_prompt, run_long_short
-from snark.bench.report import RequestTiming
-from snark.bench.runs import Measured, compare_table, run_record
-from snark.bench.workload import load_image_option, run_image
+from bench.chat import ChatImage, Message, Reply, openai_messages
+from bench.conversation import first_and_repeats_summary, question, run_conversation, run_image_repeat
+from bench.longshort import long_prompt, run_long_short
+from bench.report import RequestTiming
+from bench.runs import Measured, compare_table, run_record
+from bench.workload import load_image_option, run_image
 
 
 class RecordingSender:

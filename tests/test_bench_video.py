@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import benchmark_vlm
+from bench.chat import ChatVideo, Message, Reply, openai_messages
+from bench.clip import ClipSpec, frame_size, make_clip
+from bench.report import RequestTiming
+from bench.runs import Measured, compare_table, run_record
+from bench.video import measure_video, run_video_round, video_question, video_summary
 from snark.api.protocol import ChatCompletionRequest
-from snark.bench.chat import ChatVideo, Message, Reply, openai_messages
-from snark.bench.clip import ClipSpec, frame_size, make_clip
-from snark.bench.report import RequestTiming
-from snark.bench.runs import Measured, compare_table, run_record
-from snark.bench.video import measure_video, run_video_round, video_question, video_summary
 from snark.video.sampling import VideoSampling
 
 SMALL = ClipSpec(seconds=1, fps=8, width=64, height=48)
@@ -39,7 +39,10 @@ def test_the_clip_is_an_mp4_whose_frames_move_and_whose_seed_picks_the_picture()
     assert frames[0].shape == (48, 64, 3)
     changes = [np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(frames, frames[1:])]
     assert min(changes) > 1  # something moves in every frame, not one picture repeated
-    assert make_clip(SMALL, seed=3).data == clip.data and make_clip(SMALL, seed=4).data != clip.data
+    # The seed picks the picture (x264 may encode it with other bytes in another process state)
+    again, other = decoded(make_clip(SMALL, seed=3).data)[0], decoded(make_clip(SMALL, seed=4).data)[0]
+    assert max(np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(frames, again)) < 2
+    assert min(np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(frames, other)) > 5
     mvhd = clip.data.index(b"mvhd")  # the movie header: version and flags, then its creation time
     assert clip.data[mvhd + 8 : mvhd + 12] == bytes(4)  # none, so the same clip is the same bytes in any second
 

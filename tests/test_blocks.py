@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from snark.engine.request import GenerationRequest, PromptInputs, SamplingParams
+from snark.engine.request import GenerationRequest, PromptInputs
 from snark.engine.tiny_model import build_tokenizer
 from snark.engine.transformers.blocks import BlockPool, ImageSpan, block_keys
 from snark.engine.transformers.model import group_by_length
 from snark.engine.transformers.rows import Row
 from snark.engine.transformers.scheduler import Scheduler
 from snark.errors import InvalidRequest
+from snark.values import SamplingParams
 
 SIZE = 4
 

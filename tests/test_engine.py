@@ -19,20 +19,12 @@ import torch
 from PIL import Image
 
 from snark.engine.loader import load_model
-from snark.engine.request import (
-    ChatTurn,
-    FinishReason,
-    GenerationRequest,
-    Outbox,
-    PromptInputs,
-    RequestState,
-    SamplingParams,
-    StreamEvent,
-)
+from snark.engine.request import GenerationRequest, Outbox, PromptInputs, RequestState, StreamEvent
 from snark.engine.transformers import TransformersEngine as Engine
 from snark.engine.transformers.engine import PREPARING_WAIT_FACTOR
 from snark.engine.transformers.rows import Row
 from snark.errors import InvalidRequest
+from snark.values import ChatTurn, FinishReason, SamplingParams
 from tests.conftest import start_engine
 
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 16 * 28 * 28  # images of 4 to 16 tokens keep the tests fast

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from snark.engine.request import ChatTurn, SamplingParams
 from snark.engine.transformers.graphs import graph_sizes
+from snark.values import ChatTurn, SamplingParams
 from tests.conftest import start_engine
 
 CALLS: list[int] = []  # rows of each varlen call

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from snark.app import create_app
 from snark.engine.loader import load_model
 from snark.engine.transformers import TransformersEngine as Engine
-from snark.server import create_app
 from snark.speech import LazySpeaker
 from snark.speech.piper_engine import PiperSpeaker
 from tests.conftest import image_server as serve_image

@@ -9,10 +9,10 @@ import torch
 import xgrammar
 from transformers import AutoTokenizer
 
-from snark.engine.request import StructuredOutput
 from snark.engine.transformers.grammar import Grammars, _forbid_on_cpu
 from snark.errors import InvalidRequest, Overloaded
 from snark.structured.constraint import json_schema_output
+from snark.values import StructuredOutput
 
 VOCAB = 151936
 SCHEMA_A = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 12}}, "required": ["a"]}

@@ -16,9 +16,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from snark.engine.request import FinishReason, GenerationRequest, RequestState
+from snark.app import create_app
+from snark.engine.request import GenerationRequest, RequestState
 from snark.engine.transformers import TransformersEngine as Engine
-from snark.server import create_app
+from snark.values import FinishReason
 from tests.conftest import hang_up_once, serve, start_engine
 from tests.conftest import wait_until as shared_wait_until
 

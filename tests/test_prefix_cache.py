@@ -9,7 +9,8 @@ import asyncio
 import pytest
 from PIL import Image
 
-from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams
+from snark.engine.request import GenerationRequest, PromptInputs
+from snark.values import ChatTurn, SamplingParams
 from tests.conftest import start_engine, wait_until
 
 PARAMS = SamplingParams(max_new_tokens=8, ignore_eos=True)

@@ -7,8 +7,8 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from snark.engine.prompt import PromptBuilder
-from snark.engine.request import ChatTurn
 from snark.errors import InvalidRequest
+from snark.values import ChatTurn
 
 IM_START, IM_END, IMAGE_PAD, VISION_START = 151644, 151645, 151655, 151652
 PIXELS = {"min_pixels": 4 * 28 * 28, "max_pixels": 1280 * 28 * 28}

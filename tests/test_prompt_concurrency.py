@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from snark.engine.prompt import PromptBuilder
-from snark.engine.request import ChatTurn
+from snark.values import ChatTurn
 
 IM_START, IMAGE_PAD = 151644, 151655
 PIXELS = {"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28}

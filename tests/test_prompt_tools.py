@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from snark.engine.request import ChatTurn, ToolCall, ToolSpec
 from snark.errors import InvalidRequest
+from snark.values import ChatTurn, ToolCall, ToolSpec
 from tests.test_prompt import builder, processor  # noqa: F401  (the same fixtures: the tiny model's processor)
 
 IM_START, IM_END, IMAGE_PAD, VISION_START = 151644, 151645, 151655, 151652

@@ -18,10 +18,10 @@ from PIL import Image
 from snark.api.auth import key_matches
 from snark.api.protocol import ChatCompletionRequest, SpeechRequest
 from snark.config import Settings
-from snark.engine.request import SamplingParams
 from snark.errors import InvalidRequest
 from snark.media import ImageLimits, load_image
 from snark.speech.resample import resample_pcm16
+from snark.values import SamplingParams
 
 SETTINGS = Settings(default_max_new_tokens=100, max_new_tokens_limit=500, max_images_per_request=2)
 MODEL_DEFAULTS = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
@@ -315,3 +315,18 @@ def test_the_templated_content_chunk_equals_the_plain_one(text: str, usage_field
     assert reply.content_sse(text, usage_field=usage_field) == sse_line(
         reply.chunk({"content": text}, usage_field=usage_field)
     )
+
+
+def test_a_finished_row_has_a_finish_reason_and_a_row_stopped_by_shutdown_raises() -> None:
+    from snark.api.streaming import finish_reason_of, raise_if_shut_down
+    from snark.errors import ShuttingDown
+    from snark.values import FinishReason
+
+    assert finish_reason_of(FinishReason.STOP) == "stop" and finish_reason_of(FinishReason.LENGTH) == "length"
+    raise_if_shut_down(FinishReason.LENGTH)  # an answer that finished passes
+    for reason in (FinishReason.CANCELLED, None):
+        with pytest.raises(ShuttingDown) as info:
+            raise_if_shut_down(reason)
+        assert info.value.status_code == 503
+        with pytest.raises(ShuttingDown):
+            finish_reason_of(reason)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from snark.engine.request import SamplingParams
 from snark.engine.transformers.sampler import RowSampler, apply_penalties, next_tokens
+from snark.values import SamplingParams
 
 VOCAB = 50
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from snark.serving import REPEAT_WINDOW_S, SignalAction, StopSignals
+from snark.serve import REPEAT_WINDOW_S, SignalAction, StopSignals
 from tests.conftest import image_server
 from tests.server_process import ServerProcess, assert_no_traceback
 

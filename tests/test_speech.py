@@ -27,6 +27,7 @@ from snark.speech import (
     pcm_to_wav,
     single_text,
     speak_deltas,
+    speakable_sentences,
     split_sentences,
     wav_header,
 )
@@ -128,6 +129,12 @@ def test_split_sentences_bounds_every_piece_and_loses_no_words(max_chars: int) -
     assert "".join("".join(pieces).split()) == "".join(text.split())
 
 
+def test_speakable_sentences_split_then_clean_and_drop_what_has_nothing_to_say() -> None:
+    text = "# Title\n**Bold.** Then *more* 🎉.\n```\n🎉"
+    assert speakable_sentences(text) == ["Title", "Bold.", "Then more."]
+    assert speakable_sentences("🎉 **") == []
+
+
 def test_split_sentences_prefers_commas_over_spaces() -> None:
     assert split_sentences("one two three, four five six seven", max_chars=20) == [
         "one two three,",
@@ -191,7 +198,7 @@ def test_speed_out_of_range_is_a_400(piper: PiperSpeaker, speed: float) -> None:
 
 @pytest.mark.parametrize("text", ["", "   ", "🎉🔥 👍🏽", "...", "**"])
 def test_nothing_speakable_gives_short_silence(piper: PiperSpeaker, text: str) -> None:
-    wav_bytes = speak_wav(piper, text)
+    wav_bytes = speak_wav(piper, clean_for_speech(text))  # a Speaker is handed clean text (stream.py cleans it)
     reader, frames = read_wav(wav_bytes)
     assert reader.getframerate() == 22050 and 0 < seconds(wav_bytes) <= 0.5
     assert frames == bytes(len(frames))
@@ -218,6 +225,7 @@ class ThreadRecordingSpeaker:
 
     def __init__(self, inner: Speaker) -> None:
         self.inner, self.threads, self.sentences = inner, set[int](), 0
+        self.texts: list[str] = []
         self.started = threading.Event()
 
     @property
@@ -227,6 +235,7 @@ class ThreadRecordingSpeaker:
     def synthesize(self, text: str, *, speed: float = 1.0) -> Iterator[bytes]:
         self.threads.add(threading.get_ident())
         self.sentences += 1
+        self.texts.append(text)
         self.started.set()
         return self.inner.synthesize(text, speed=speed)
 
@@ -243,6 +252,24 @@ def test_synthesis_never_runs_on_the_event_loop(piper: PiperSpeaker) -> None:
 
     assert asyncio.run(collect()) == 3
     assert speaker.threads and loop_threads[0] not in speaker.threads
+
+
+def test_the_speaker_is_handed_each_sentence_split_and_cleaned_once(piper: PiperSpeaker) -> None:
+    speaker = ThreadRecordingSpeaker(piper)
+    written = ["# Ti", "tle\n**Bold.** Then *mo", "re* 🎉.\n```\n🎉"]
+
+    async def deltas():  # type: ignore[no-untyped-def]
+        for delta in written:
+            yield delta
+
+    async def collect() -> list:
+        pieces = speak_deltas(deltas(), partial(SynthesisPool(2).speak, speaker))
+        return [piece async for piece in pieces]
+
+    pieces = asyncio.run(collect())
+    assert speaker.texts == ["Title", "Bold.", "Then more."]  # the fence and the lone emoji: nothing to say
+    assert "".join(piece.text for piece in pieces) == "".join(written)  # the transcript keeps the markdown
+    assert len([piece for piece in pieces if piece.pcm]) == 3
 
 
 def test_leaving_the_stream_stops_synthesis(piper: PiperSpeaker) -> None:

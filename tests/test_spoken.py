@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from snark.server import create_app
-from snark.speech import LazySpeaker, SentenceSplitter, Speaker, split_sentences
+from snark.app import create_app
+from snark.speech import LazySpeaker, SentenceSplitter, Speaker, speakable_sentences, split_sentences
 from snark.speech.piper_engine import PiperSpeaker
 from snark.speech.resample import resample_pcm16
 from tests.conftest import serve
@@ -204,6 +204,24 @@ def test_a_short_request_is_not_queued_behind_a_long_one(spoken_server, counting
     assert finished_first and "Hi." in spoken_meanwhile
     assert len(spoken_meanwhile) <= 1 + 3 + state.voices.pool.workers
     assert counting.sentences.count("Hi.") == 1 and len(counting.sentences) >= spoken_before + 40 - 3
+
+
+def test_speech_speaks_the_sentences_that_decided_whether_to_stream(spoken_server, counting):
+    url, state = spoken_server
+    assert state.voices.pool.wait_idle(60)
+    one = "A single sentence, longer than the first piece of a streamed answer would be."
+    before = len(counting.sentences)
+    whole = httpx.post(f"{url}/v1/audio/speech", json={"input": one}, timeout=60)
+    assert whole.headers["content-length"] == str(len(whole.content))  # one sentence: one exact WAV
+    assert struct.unpack_from("<I", whole.content, 40)[0] == len(whole.content) - 44
+    assert counting.sentences[before:] == [one]
+
+    two = "**Two** sentences here. The second one ends with an emoji 🎉."
+    before = len(counting.sentences)
+    streamed = httpx.post(f"{url}/v1/audio/speech", json={"input": two}, timeout=60)
+    assert struct.unpack_from("<I", streamed.content, 40)[0] == 0xFFFFFFFF  # several: streamed
+    assert counting.sentences[before:] == speakable_sentences(two)
+    assert speakable_sentences(two) == ["Two sentences here.", "The second one ends with an emoji."]
 
 
 # --- chat with audio output, through the official client ----------------------------------------

@@ -13,7 +13,7 @@ from snark import cli
 from snark.config import load_settings, model_id_for_size
 from snark.engine.loader import load_model
 from snark.errors import ConfigError
-from snark.listen import bind_listener
+from snark.serve import bind_listener
 from tests.conftest import free_port
 
 

@@ -18,8 +18,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from snark.engine.request import ChatTurn, SamplingParams
 from snark.structured.constraint import json_schema_output
+from snark.values import ChatTurn, SamplingParams
 
 GREEDY = {"model": "snark", "temperature": 0}
 ASK = [{"role": "user", "content": "Read the receipt and answer in JSON."}]

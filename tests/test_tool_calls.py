@@ -10,8 +10,8 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
-from snark.engine.request import ToolCall
 from snark.structured.tool_calls import ToolCallDelta, ToolCallStream, new_call_id, parse_tool_calls
+from snark.values import ToolCall
 
 
 def counting_ids():

@@ -13,7 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
-from snark.engine.request import ChatTurn
+from snark.values import ChatTurn
 from snark.video.decode import decode_video
 from snark.video.load import VideoLimits
 from tests.conftest import image_server

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor
 
-from snark.engine.request import ChatTurn, PromptInputs, SamplingParams
+from snark.engine.request import PromptInputs
+from snark.values import ChatTurn, SamplingParams
 from snark.video.decode import DecodeLimits, decode_video
 from snark.video.sampling import VideoSampling
 from tests.conftest import start_engine

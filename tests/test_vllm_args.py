@@ -15,17 +15,28 @@ from pathlib import Path
 
 import pytest
 
-from snark.config import load_settings
-from snark.engine.request import SamplingParams
-from snark.engine.vllm.args import DERIVED, engine_args, max_num_seqs, prompt_token_limit
+from snark.config import VLLM_DERIVED_ARGS, load_settings
+from snark.engine.vllm.args import engine_args, max_num_seqs, prompt_token_limit
 from snark.engine.vllm.sampling import vllm_sampling_fields
 from snark.errors import ConfigError
+from snark.values import SamplingParams
 
 VLLM_ENV = (
-    "VLLM_TP_SIZE", "VLLM_PP_SIZE", "VLLM_GPU_MEM_UTILIZATION", "VLLM_MAX_MODEL_LEN", "VLLM_MAX_NUM_SEQS",
-    "VLLM_ENFORCE_EAGER", "VLLM_DISTRIBUTED_BACKEND", "VLLM_ENGINE_ARGS", "SNARK_ENGINE", "SNARK_MAX_BATCH_SIZE",
-    "SNARK_KV_CACHE_GIB", "VLM_SIZE", "VLM_MODEL", "VLLM_CPU_KVCACHE_SPACE",
-)  # fmt: skip
+    "VLLM_TP_SIZE",
+    "VLLM_PP_SIZE",
+    "VLLM_GPU_MEM_UTILIZATION",
+    "VLLM_MAX_MODEL_LEN",
+    "VLLM_MAX_NUM_SEQS",
+    "VLLM_ENFORCE_EAGER",
+    "VLLM_DISTRIBUTED_BACKEND",
+    "VLLM_ENGINE_ARGS",
+    "SNARK_ENGINE",
+    "SNARK_MAX_BATCH_SIZE",
+    "SNARK_KV_CACHE_GIB",
+    "VLM_SIZE",
+    "VLM_MODEL",
+    "VLLM_CPU_KVCACHE_SPACE",
+)
 
 
 @pytest.fixture
@@ -66,8 +77,15 @@ def test_vllm_without_vllm_settings_uses_snark_defaults(env):
         "model": "Qwen/Qwen2.5-VL-7B-Instruct",
         "max_model_len": 32768 + 2048,
         "max_num_seqs": 16,
-        "limit_mm_per_prompt": {"image": 8, "video": 0},
-        "mm_processor_kwargs": {"size": {"shortest_edge": 28 * 28, "longest_edge": 1003520}},
+        "limit_mm_per_prompt": {"image": 8, "video": 2},
+        "mm_processor_kwargs": {
+            "images_kwargs": {"size": {"shortest_edge": 28 * 28, "longest_edge": 1003520}},
+            "videos_kwargs": {
+                "size": {"shortest_edge": 28 * 28, "longest_edge": 768 * 28 * 28},
+                "do_sample_frames": False,
+                "cap_pixels_per_frame": False,
+            },
+        },
     }
 
 
@@ -91,7 +109,12 @@ def test_ray_multi_node_maps_tp_within_and_pp_across_nodes(env):
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("VLLM_DISTRIBUTED_BACKEND", "nccl"), ("VLLM_TP_SIZE", "0"), ("VLLM_GPU_MEM_UTILIZATION", "1.5"), ("VLLM_PP_SIZE", "two")],
+    [
+        ("VLLM_DISTRIBUTED_BACKEND", "nccl"),
+        ("VLLM_TP_SIZE", "0"),
+        ("VLLM_GPU_MEM_UTILIZATION", "1.5"),
+        ("VLLM_PP_SIZE", "two"),
+    ],
 )
 def test_bad_vllm_settings_stop_start_up_with_their_name(env, name, value):
     with pytest.raises(ConfigError, match=name):
@@ -104,7 +127,9 @@ def test_enforce_eager_is_passed_through(env):
 
 # --- the escape hatch ------------------------------------------------------------------------------
 def test_engine_args_json_reaches_vllm_as_given(env):
-    args = engine_args(env(VLLM_ENGINE_ARGS='{"dtype": "float16", "max_num_batched_tokens": 8192, "quantization": null}'))
+    args = engine_args(
+        env(VLLM_ENGINE_ARGS='{"dtype": "float16", "max_num_batched_tokens": 8192, "quantization": null}')
+    )
     assert args["dtype"] == "float16" and args["max_num_batched_tokens"] == 8192 and args["quantization"] is None
 
 
@@ -118,7 +143,7 @@ def test_engine_args_must_be_a_json_object(env, value):
         env(VLLM_ENGINE_ARGS=value)
 
 
-@pytest.mark.parametrize("key", sorted(DERIVED))
+@pytest.mark.parametrize("key", sorted(VLLM_DERIVED_ARGS))
 def test_engine_args_may_not_set_what_a_setting_sets(env, key):
     with pytest.raises(ConfigError, match=f"may not set {key}"):
         env(VLLM_ENGINE_ARGS=f'{{"{key}": 1}}')
@@ -165,13 +190,26 @@ def test_kv_cache_gib_and_memory_fraction_are_refused_together(env):
         env(SNARK_KV_CACHE_GIB="2", VLLM_GPU_MEM_UTILIZATION="0.5")
 
 
-def test_media_limits_become_vllms_image_bounds(env, monkeypatch):
+def test_media_limits_become_vllms_image_and_video_bounds(env, monkeypatch):
     monkeypatch.setenv("SNARK_MAX_IMAGE_PIXELS", str(256 * 28 * 28))
     monkeypatch.setenv("SNARK_MIN_IMAGE_PIXELS", str(8 * 28 * 28))
     monkeypatch.setenv("SNARK_MAX_IMAGES_PER_REQUEST", "2")
+    monkeypatch.setenv("SNARK_MAX_VIDEO_FRAME_PIXELS", str(64 * 28 * 28))
+    monkeypatch.setenv("SNARK_MIN_VIDEO_FRAME_PIXELS", str(16 * 28 * 28))
+    monkeypatch.setenv("SNARK_MAX_VIDEOS_PER_REQUEST", "3")
     args = engine_args(env(SNARK_ENGINE="vllm"))
-    assert args["mm_processor_kwargs"] == {"size": {"shortest_edge": 28 * 28, "longest_edge": 256 * 28 * 28}}
-    assert args["limit_mm_per_prompt"] == {"image": 2, "video": 0}
+    kwargs = args["mm_processor_kwargs"]
+    # Per modality: a flat size would reach the image and the video processor alike.
+    assert kwargs["images_kwargs"] == {"size": {"shortest_edge": 28 * 28, "longest_edge": 256 * 28 * 28}}
+    # Snark has sampled and resized the frames: vLLM samples none, and its bounds are only its profiling's
+    # (each request brings bounds that hold its own frames).
+    assert kwargs["videos_kwargs"]["size"] == {"shortest_edge": 28 * 28, "longest_edge": 64 * 28 * 28}
+    assert (
+        kwargs["videos_kwargs"]["do_sample_frames"] is False
+        and kwargs["videos_kwargs"]["cap_pixels_per_frame"] is False
+    )
+    assert set(kwargs) == {"images_kwargs", "videos_kwargs"}
+    assert args["limit_mm_per_prompt"] == {"image": 2, "video": 3}
 
 
 # --- sampling --------------------------------------------------------------------------------------
@@ -184,18 +222,34 @@ def test_every_sampling_field_is_mapped():
 
 def test_sampled_request_keeps_every_field():
     params = SamplingParams(
-        max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=20, seed=3, stop=("\n\n", "END"),
-        repetition_penalty=1.05, frequency_penalty=0.5, presence_penalty=-0.5, ignore_eos=True,
-    )  # fmt: skip
+        max_new_tokens=7,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=20,
+        seed=3,
+        stop=("\n\n", "END"),
+        repetition_penalty=1.05,
+        frequency_penalty=0.5,
+        presence_penalty=-0.5,
+        ignore_eos=True,
+    )
     fields = vllm_sampling_fields(params)
-    assert fields["max_tokens"] == 7 and fields["temperature"] == 0.7 and fields["top_p"] == 0.9 and fields["top_k"] == 20
+    assert (
+        fields["max_tokens"] == 7 and fields["temperature"] == 0.7 and fields["top_p"] == 0.9 and fields["top_k"] == 20
+    )
     assert fields["seed"] == 3 and fields["stop"] == ["\n\n", "END"] and fields["ignore_eos"] is True
     assert (fields["repetition_penalty"], fields["frequency_penalty"], fields["presence_penalty"]) == (1.05, 0.5, -0.5)
     assert fields["n"] == 1 and fields["skip_special_tokens"] is True and fields["include_stop_str_in_output"] is False
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0), SamplingParams(temperature=1e-6, top_p=0.5),
-                                    SamplingParams(temperature=0.8, top_k=1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1e-6, top_p=0.5),
+        SamplingParams(temperature=0.8, top_k=1),
+    ],
+)
 def test_greedy_requests_are_greedy_on_vllm(params):
     fields = vllm_sampling_fields(params)
     assert (fields["temperature"], fields["top_p"], fields["top_k"]) == (0.0, 1.0, 0)
@@ -206,7 +260,8 @@ def test_no_top_k_cut_is_vllms_zero():
 
 
 def test_the_mappings_do_not_import_vllm():
-    code = "import sys, snark.config, snark.engine.vllm.args, snark.engine.vllm.sampling, snark.server; print('vllm' in sys.modules)"
+    modules = "snark.config, snark.engine.vllm.args, snark.engine.vllm.sampling, snark.server"
+    code = f"import sys, {modules}; print('vllm' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -216,18 +271,31 @@ def test_asking_for_vllm_without_it_names_the_install_command(tmp_path, tiny_mod
     assert importlib.util.find_spec("vllm") is None
     env = {"SNARK_ENGINE": "vllm", "VLM_MODEL": tiny_model_dir, "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
-        [sys.executable, "-m", "snark.cli", "serve", "--port", "1"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "snark.cli", "serve", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "uv sync --extra vllm" in result.stderr
 
 
 def test_benchmark_on_vllm_without_it_names_the_install_command(tmp_path):
-    env = {"VLLM_TP_SIZE": "2", "SNARK_TINY_DIR": str(tmp_path / "unbuilt"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = {
+        "VLLM_TP_SIZE": "2",
+        "SNARK_TINY_DIR": str(tmp_path / "unbuilt"),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+    }
     result = subprocess.run(
-        [sys.executable, "benchmark_vlm.py", "--tiny", "--concurrency", "1"], env=env, capture_output=True, text=True,
-        timeout=120, cwd=Path(__file__).resolve().parent.parent,
-    )  # fmt: skip
+        [sys.executable, "benchmark_vlm.py", "--tiny", "--concurrency", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert result.returncode == 2 and "uv sync --extra vllm" in result.stderr
     assert not (tmp_path / "unbuilt").exists()  # refused before building anything
 

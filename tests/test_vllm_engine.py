@@ -16,6 +16,7 @@ The dead-engine test kills vLLM's engine process, so it runs last.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -29,9 +30,11 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from PIL import Image
 
 from tests.conftest import free_port, hang_up_once, wait_until
 from tests.test_structured_outputs import ASK, CODES, RECEIPT, TIME, WEATHER, check_calls, schema_format
+from tests.videos import make_video
 
 pytestmark = pytest.mark.vllm
 
@@ -65,9 +68,13 @@ def vllm_python() -> str:
         pytest.fail(f"no vLLM environment at {python}: {BUILD_HINT}", pytrace=False)
     where = subprocess.run([python, "-c", "import vllm, snark; print(snark.__file__)"], capture_output=True, text=True)
     if where.returncode != 0:
-        pytest.fail(f"{python} cannot import vllm and snark ({where.stderr.strip()[-300:]}): {BUILD_HINT}", pytrace=False)
+        pytest.fail(
+            f"{python} cannot import vllm and snark ({where.stderr.strip()[-300:]}): {BUILD_HINT}", pytrace=False
+        )
     if not Path(where.stdout.strip()).resolve().is_relative_to(ROOT):
-        pytest.fail(f"{python} imports snark from {where.stdout.strip()}, not this checkout: {BUILD_HINT}", pytrace=False)
+        pytest.fail(
+            f"{python} imports snark from {where.stdout.strip()}, not this checkout: {BUILD_HINT}", pytrace=False
+        )
     return python
 
 
@@ -95,18 +102,26 @@ def server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
     }
     with log.open("w") as out:
         process = subprocess.Popen(
-            [python, "-m", "snark.cli", "serve"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            [python, "-m", "snark.cli", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # vLLM's engine and worker processes go with it at the end
-        )  # fmt: skip
+        )
     url = f"http://127.0.0.1:{port}"
     started = Server(url, process, log)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"snark serve exited with {process.returncode}:\n{started.log_text()[-4000:]}", pytrace=False)
+                pytest.fail(
+                    f"snark serve exited with {process.returncode}:\n{started.log_text()[-4000:]}", pytrace=False
+                )
             if time.monotonic() > deadline:
-                pytest.fail(f"vLLM did not get ready in {START_TIMEOUT_S} s:\n{started.log_text()[-4000:]}", pytrace=False)
+                pytest.fail(
+                    f"vLLM did not get ready in {START_TIMEOUT_S} s:\n{started.log_text()[-4000:]}", pytrace=False
+                )
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
@@ -173,6 +188,14 @@ def test_vllm_does_not_warn_about_snarks_vllm_settings(server):
     assert "Unknown vLLM environment variable" not in log
 
 
+def test_start_up_says_how_large_a_video_vllm_takes(server):
+    """vLLM keeps one item's vision features whole in its encoder cache; Snark refuses larger ones itself.
+    Here prompts stop at 2048 tokens, well under that cache (vLLM sizes it for its largest item), so no warning."""
+    log = server.log_text()
+    cap = int(log.split("vLLM takes up to ", 1)[1].split(" tokens of one image or video", 1)[0])
+    assert cap >= 2048 and "larger ones are refused" not in log
+
+
 def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list()] == ["snark-tiny-random-qwen2.5-vl"]
 
@@ -186,12 +209,21 @@ def test_form_text_json_text_and_stream(http):
     assert 1 <= body["usage"]["completion_tokens"] <= 6 and body["usage"]["prompt_tokens"] > 5
     plain = ask(http, prompt="Hello there", max_new_tokens=6, temperature=0, response_format="text")
     assert plain.headers["content-type"].startswith("text/plain") and plain.text == body["text"]  # greedy: the same
-    with http.stream("POST", "/infer/text", data={"prompt": "Hello there", "max_new_tokens": "6", "temperature": "0", "stream": "true"}) as streamed:
+    with http.stream(
+        "POST",
+        "/infer/text",
+        data={"prompt": "Hello there", "max_new_tokens": "6", "temperature": "0", "stream": "true"},
+    ) as streamed:
         assert "".join(streamed.iter_text()) == body["text"]
 
 
 def test_form_image_upload_and_data_uri(http):
-    upload = ask(http, "/infer/image", files={"image_file": ("sample.jpeg", SAMPLE.read_bytes(), "image/jpeg")}, prompt="What is this?")
+    upload = ask(
+        http,
+        "/infer/image",
+        files={"image_file": ("sample.jpeg", SAMPLE.read_bytes(), "image/jpeg")},
+        prompt="What is this?",
+    )
     assert upload.status_code == 200, upload.text
     by_data = ask(http, "/infer/image", prompt="What is this?", image_url=image_data_uri())
     assert by_data.status_code == 200, by_data.text
@@ -227,9 +259,11 @@ def test_chat_plain_and_streamed_agree(client):
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Count to ten"}]
     plain = client.chat.completions.create(messages=messages, max_tokens=12, **GREEDY)
     assert plain.choices[0].finish_reason in ("stop", "length") and plain.usage.completion_tokens <= 12
-    chunks = list(client.chat.completions.create(
-        messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}, **GREEDY
-    ))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
@@ -237,9 +271,15 @@ def test_chat_plain_and_streamed_agree(client):
 
 def test_chat_with_an_image_streams(client):
     content = [{"type": "image_url", "image_url": {"url": image_data_uri()}}, {"type": "text", "text": "What is it?"}]
-    chunks = list(client.chat.completions.create(
-        messages=[{"role": "user", "content": content}], max_tokens=4, stream=True, stream_options={"include_usage": True}, **GREEDY
-    ))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            messages=[{"role": "user", "content": content}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     assert chunks[-1].usage.prompt_tokens > 100 and chunks[-1].usage.completion_tokens >= 1
 
 
@@ -253,7 +293,9 @@ def test_max_tokens_with_ignore_eos_is_exact(client):
 def test_stop_sequence_cuts_the_answer_right_before_it(client):
     messages = [{"role": "user", "content": "Stop here"}]
     full = client.chat.completions.create(messages=messages, max_tokens=16, **GREEDY).choices[0].message.content
-    cut_at = next(i for i in range(len(full) // 3, len(full) - 1) if full.find(full[i : i + 2]) == i and full[i : i + 2].strip())
+    cut_at = next(
+        i for i in range(len(full) // 3, len(full) - 1) if full.find(full[i : i + 2]) == i and full[i : i + 2].strip()
+    )
     stop = full[cut_at : cut_at + 2]
     reply = client.chat.completions.create(messages=messages, max_tokens=16, stop=["never-there", stop], **GREEDY)
     assert reply.choices[0].message.content == full[:cut_at] and reply.choices[0].finish_reason == "stop"
@@ -265,9 +307,16 @@ def test_stop_sequence_cuts_the_answer_right_before_it(client):
 def test_seeded_sampling_is_reproducible(client):
     def sample(seed: int) -> str:
         reply = client.chat.completions.create(
-            model="snark", messages=[{"role": "user", "content": "Hello"}], temperature=1.0, top_p=0.9, seed=seed,
-            max_tokens=8, frequency_penalty=0.5, presence_penalty=0.2, extra_body={"top_k": 50, "repetition_penalty": 1.1},
-        )  # fmt: skip
+            model="snark",
+            messages=[{"role": "user", "content": "Hello"}],
+            temperature=1.0,
+            top_p=0.9,
+            seed=seed,
+            max_tokens=8,
+            frequency_penalty=0.5,
+            presence_penalty=0.2,
+            extra_body={"top_k": 50, "repetition_penalty": 1.1},
+        )
         return reply.choices[0].message.content
 
     assert sample(7) == sample(7)
@@ -292,21 +341,180 @@ def test_json_schema_answers_validate_on_vllm(client, sampling):
 
 
 def test_required_tool_calls_on_vllm_whole_and_streamed(client):
-    call = {"messages": ASK, "max_tokens": 200, "tools": [WEATHER, TIME], "tool_choice": "required", "parallel_tool_calls": False}
+    call = {
+        "messages": ASK,
+        "max_tokens": 200,
+        "tools": [WEATHER, TIME],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+    }
     whole = client.chat.completions.create(**call, **GREEDY)
     assert whole.choices[0].finish_reason == "tool_calls"
     check_calls(whole.choices[0].message.tool_calls, {"get_weather", "get_time"})
     with client.beta.chat.completions.stream(**call, **GREEDY) as stream:
         final = stream.get_final_completion()
-    assert final.choices[0].message.tool_calls[0].function.arguments == whole.choices[0].message.tool_calls[0].function.arguments
-    named = client.chat.completions.create(**{**call, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, **GREEDY)
+    assert (
+        final.choices[0].message.tool_calls[0].function.arguments
+        == whole.choices[0].message.tool_calls[0].function.arguments
+    )
+    named = client.chat.completions.create(
+        **{**call, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, **GREEDY
+    )
     check_calls(named.choices[0].message.tool_calls, {"get_time"})
+
+
+# --- videos: vLLM gets Snark's frames and their timing ---------------------------------------------
+CLIP = make_video(48, fps=8)  # 6 s: 12 frames at the default 2 a second
+
+
+def video_part(data: bytes, **fields) -> dict:
+    return {
+        "type": "video_url",
+        "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()},
+        **fields,
+    }
+
+
+def png_uri(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_on(http: httpx.Client, *parts: dict, text: str = "What happens?", **body) -> dict:
+    payload = {
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}],
+        "max_tokens": 4,
+        **GREEDY,
+        **body,
+    }
+    reply = http.post("/v1/chat/completions", json=payload)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+@pytest.fixture(scope="module")
+def snarks_engine(base_url) -> Iterator[httpx.Client]:
+    """Snark's own engine (transformers) on the same tiny checkpoint, for the token counts it makes."""
+    with httpx.Client(base_url=base_url, timeout=120) as transformers_http:
+        yield transformers_http
+
+
+def test_a_video_url_costs_the_tokens_snarks_own_engine_counts(http, snarks_engine):
+    """With the server's default sampling and with a part's own fields (fewer, smaller frames). The engine
+    also checks vLLM's own expansion against Snark's count on every request."""
+    counts = []
+    for fields in ({}, {"fps": 1.0, "max_pixels": 64 * 28 * 28}):
+        on_vllm = chat_on(http, video_part(CLIP, **fields))
+        assert (
+            on_vllm["usage"]["prompt_tokens"]
+            == chat_on(snarks_engine, video_part(CLIP, **fields))["usage"]["prompt_tokens"]
+        )
+        assert on_vllm["usage"]["completion_tokens"] == 4 or on_vllm["choices"][0]["finish_reason"] == "stop"
+        counts.append(on_vllm["usage"]["prompt_tokens"])
+    text_only = chat_on(http)["usage"]["prompt_tokens"]
+    assert counts[0] > counts[1] > text_only + 3 * 64  # 6 frame pairs at >= 128 tokens, then 3 at >= 64
+
+
+def test_two_videos_and_an_image_in_one_request(http, snarks_engine):
+    image = {"type": "image_url", "image_url": {"url": png_uri((10, 200, 30))}}
+    parts = (video_part(make_video(16, fps=8, width=96, height=64)), image, video_part(CLIP, fps=1.0))
+    on_vllm = chat_on(http, *parts)
+    assert on_vllm["usage"]["prompt_tokens"] == chat_on(snarks_engine, *parts)["usage"]["prompt_tokens"]
+
+
+def test_a_video_given_as_frames(http, snarks_engine):
+    """Qwen's {"type": "video", "video": [frame URLs]}: 3 frames (the last repeated) taken at 1 a second."""
+    part = {"type": "video", "video": [png_uri((i * 60, 90, 200), (90, 60)) for i in range(3)], "fps": 1.0}
+    on_vllm = chat_on(http, part)
+    assert on_vllm["usage"]["prompt_tokens"] == chat_on(snarks_engine, part)["usage"]["prompt_tokens"]
+
+
+def test_an_answer_about_a_video_streams(client):
+    content = [video_part(CLIP), {"type": "text", "text": "What happens?"}]
+    messages = [{"role": "user", "content": content}]
+    whole = client.chat.completions.create(messages=messages, max_tokens=6, **GREEDY)
+    chunks = list(
+        client.chat.completions.create(
+            messages=messages, max_tokens=6, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens > 300
+
+
+def test_vllms_processor_takes_snarks_videos_as_counted_and_timed(tiny_model_dir):
+    """vLLM's own Qwen2.5-VL processor, under the engine arguments Snark maps, on what Snark hands it: the
+    prompt it expands is Snark's token for token (frames neither re-sampled nor resized), and its M-RoPE
+    puts frame pair p at int(p * second_per_grid_t * tokens_per_second), as Snark's clip timing says."""
+    code = """
+import types
+from functools import partial
+import torch, vllm
+from PIL import Image
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as Qwen
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFeatureSpec
+from snark.config import load_settings
+from snark.values import ChatTurn
+from snark.engine.vllm.args import engine_args
+from snark.engine.vllm.prompt import VllmPromptBuilder
+from snark.video.decode import DecodeLimits, decode_video
+from snark.video.sampling import VideoSampling
+from tests.videos import make_video
+
+settings = load_settings()
+model_config = vllm.AsyncEngineArgs(**engine_args(settings, model_context_len=32768)).create_model_config()
+processor = MULTIMODAL_REGISTRY.create_processor(model_config)
+builder = VllmPromptBuilder(processor.info.get_hf_processor(), max_prompt_tokens=4096)
+small = VideoSampling(min_pixels=784, max_pixels=16 * 784, fps=3)
+variable_rate = make_video(6, times=[0.0, 0.1, 0.7, 1.0, 1.9, 2.2])
+videos = [decode_video(make_video(24, fps=7, width=100, height=60), small, DecodeLimits()),
+          decode_video(variable_rate, VideoSampling(fps=1.0, min_frames=4), DecodeLimits())]
+turns = [ChatTurn("user", [videos[0], "then", Image.new("RGB", (90, 60), (10, 200, 30)), videos[1], "Compare."])]
+prompt = builder.build(turns, min_pixels=3136, max_pixels=100_000)
+fields = prompt.multi_modal_fields()
+items = processor.info.parse_mm_data(fields["multi_modal_data"])
+out = processor(prompt.engine_ids, items, hf_processor_mm_kwargs=fields["mm_processor_kwargs"])
+assert out["prompt_token_ids"] == prompt.input_ids, (len(out["prompt_token_ids"]), prompt.num_tokens)
+features = [MultiModalFeatureSpec(data=item, modality=modality, identifier=f"{modality}{i}", mm_position=place)
+            for modality in ("image", "video")
+            for i, (item, place) in enumerate(zip(out["mm_kwargs"][modality], out["mm_placeholders"][modality]))]
+model = types.SimpleNamespace(config=model_config.hf_config)
+model.iter_mm_grid_thw = partial(Qwen.iter_mm_grid_thw, model)
+positions, _ = Qwen.get_mrope_input_positions(model, prompt.input_ids, features)
+tokens_per_second = model_config.hf_config.vision_config.tokens_per_second
+for video, feature in zip(videos, [f for f in features if f.modality == "video"]):
+    grid = [video.num_frames // 2, video.height // 14, video.width // 14]
+    assert feature.data["video_grid_thw"].data.tolist() == grid
+    second = torch.tensor(video.second_per_grid_t).item()  # float32, as Snark's own engine holds it
+    assert feature.data["second_per_grid_ts"].data.item() == second, (feature.data["second_per_grid_ts"].data, second)
+    start, per_pair = feature.mm_position.offset, video.height * video.width // 28 // 28
+    times = positions[0, start : start + feature.mm_position.length : per_pair] - positions[0, start]
+    assert times.tolist() == [int(pair * second * tokens_per_second) for pair in range(video.num_frames // 2)], times
+    assert len(set(times.tolist())) > 1  # the clip spans time
+print("matched")
+"""
+    env = {
+        **os.environ,
+        "VLM_MODEL": tiny_model_dir,
+        "VLLM_ENGINE_ARGS": json.dumps({"dtype": "float32"}),
+        "HF_HUB_OFFLINE": "1",
+    }
+    result = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip().endswith("matched"), result.stderr[-3000:]
 
 
 # --- cancellation and metrics ----------------------------------------------------------------------
 def long_chat(**extra) -> dict:
-    return {"model": "snark", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": LONG,
-            "temperature": 0, "ignore_eos": True, **extra}  # fmt: skip
+    return {
+        "model": "snark",
+        "messages": [{"role": "user", "content": "Go on"}],
+        "max_tokens": LONG,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
 
 
 def test_disconnect_mid_stream_aborts_the_vllm_request(server, http):
@@ -335,7 +543,10 @@ def test_disconnect_while_waiting_for_a_plain_answer_aborts_it(server, http):
 
 def test_metrics_count_vllm_requests(http):
     before = metric(http, 'snark:request_success_total{finished_reason="length"}')
-    prompt_before, generated_before = metric(http, "snark:prompt_tokens_total"), metric(http, "snark:generation_tokens_total")
+    prompt_before, generated_before = (
+        metric(http, "snark:prompt_tokens_total"),
+        metric(http, "snark:generation_tokens_total"),
+    )
     reply = ask(http, prompt="Count", max_new_tokens=5, temperature=0).json()
     text = http.get("/metrics").text
     assert "snark:time_to_first_token_seconds_bucket" in text and "snark:num_requests_running 0.0" in text
@@ -351,7 +562,7 @@ def test_vllm_accepts_the_mapped_engine_and_sampling_arguments(tiny_model_dir):
     code = """
 import os, vllm
 from snark.config import load_settings
-from snark.engine.request import SamplingParams
+from snark.values import SamplingParams
 from snark.engine.vllm.args import engine_args
 from snark.engine.vllm.sampling import vllm_sampling_fields
 settings = load_settings()
@@ -366,9 +577,14 @@ vllm.SamplingParams(**vllm_sampling_fields(SamplingParams()))
 print("accepted")
 """
     env = {
-        **os.environ, "VLM_MODEL": tiny_model_dir, "VLLM_TP_SIZE": "8", "VLLM_PP_SIZE": "2", "VLLM_DISTRIBUTED_BACKEND": "ray",
-        "SNARK_KV_CACHE_GIB": "3", "VLLM_ENGINE_ARGS": '{"max_num_batched_tokens": 4096}',
-    }  # fmt: skip
+        **os.environ,
+        "VLM_MODEL": tiny_model_dir,
+        "VLLM_TP_SIZE": "8",
+        "VLLM_PP_SIZE": "2",
+        "VLLM_DISTRIBUTED_BACKEND": "ray",
+        "SNARK_KV_CACHE_GIB": "3",
+        "VLLM_ENGINE_ARGS": '{"max_num_batched_tokens": 4096}',
+    }
     result = subprocess.run([vllm_python(), "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("accepted"), result.stderr[-3000:]
 

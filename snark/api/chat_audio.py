@@ -17,9 +17,10 @@ import base64
 import binascii
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
-from snark.api.replies import ChatReply, finish_reason_of, sse_line
+from snark.api.replies import ChatReply, sse_line
+from snark.api.streaming import finish_reason_of
 from snark.engine.request import GenerationRequest
 from snark.errors import InvalidRequest
 from snark.speech import SpokenPiece
@@ -75,21 +76,22 @@ async def chat_audio_events(
     to_pcm16: Callable[[bytes], bytes],
     *,
     include_usage: bool,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """The SSE body of a streamed audio completion: transcript deltas as the model writes them, and
     base64 PCM (``to_pcm16`` turns the voice's PCM into OpenAI's 24 kHz) as each sentence is ready.
     Wrap it in ``replies.sse_stream`` for the error event and ``[DONE]``."""
     transcript: list[str] = []
-    usage = {"usage_field": include_usage}
-    yield sse_line(reply.chunk({"role": "assistant", "content": None, "audio": {"transcript": ""}}, **usage))
+    yield sse_line(
+        reply.chunk({"role": "assistant", "content": None, "audio": {"transcript": ""}}, usage_field=include_usage)
+    )
     async for piece in pieces:
         if piece.text:
             transcript.append(piece.text)
-            yield sse_line(reply.chunk({"audio": {"transcript": piece.text}}, **usage))
+            yield sse_line(reply.chunk({"audio": {"transcript": piece.text}}, usage_field=include_usage))
         if piece.pcm:
-            yield sse_line(reply.chunk({"audio": {"data": _b64(to_pcm16(piece.pcm))}}, **usage))
+            yield sse_line(reply.chunk({"audio": {"data": _b64(to_pcm16(piece.pcm))}}, usage_field=include_usage))
     ending = {"id": audio_id("".join(transcript)), "expires_at": int(time.time()) + AUDIO_TTL_S}
-    yield sse_line(reply.chunk({"audio": ending}, **usage))
-    yield sse_line(reply.chunk({}, finish_reason_of(generation.finish_reason), **usage))
+    yield sse_line(reply.chunk({"audio": ending}, usage_field=include_usage))
+    yield sse_line(reply.chunk({}, finish_reason_of(generation.finish_reason), usage_field=include_usage))
     if include_usage:
         yield sse_line(reply.usage_chunk(generation.completion_tokens))

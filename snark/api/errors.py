@@ -10,6 +10,8 @@ in Snark and answers 500 without internals.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -97,7 +99,7 @@ def _validation_message(request: Request, exc: RequestValidationError) -> tuple[
     return "Invalid request: " + "; ".join(problems), param
 
 
-def _other_union_branch(err: dict, errors: list[dict]) -> bool:
+def _other_union_branch(err: Mapping[str, Any], errors: Sequence[Mapping[str, Any]]) -> bool:
     """A field that may be a string or a list of parts, sent as a list with a bad part, fails both
     ways: the "not a string" half only hides the real problem, deeper in the list."""
     loc = tuple(err.get("loc", ()))

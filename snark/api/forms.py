@@ -15,26 +15,27 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
-from snark.api.cancellation import until_disconnected, within
+from snark.api.cancellation import until_disconnected
 from snark.api.messages import VideoOptions, video_sampling
-from snark.api.protocol import resolve_sampling
-from snark.api.replies import finish_reason_of
+from snark.api.sampling import resolve_sampling
 from snark.api.spoken import (
     MEDIA_TYPES,
-    STREAM_HEADERS,
     AudioTimer,
+    audio_format_of,
     audio_stream,
     complete_audio,
     open_voice,
     speak_answer,
 )
 from snark.api.state import AppState, get_state
+from snark.api.streaming import finish_reason_of, text_deltas
 from snark.api.structured import form_schema_output
 from snark.config import Settings
-from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams, StreamEvent
+from snark.engine.request import GenerationRequest, PromptInputs, StreamEvent
 from snark.errors import InvalidRequest, PayloadTooLarge, SnarkError
 from snark.media import decode_upload, load_image
 from snark.speech import validate_speed
+from snark.values import ChatTurn, SamplingParams
 from snark.video.clip import Video
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,9 @@ class FormInferRequest(BaseModel):
     def spoken(self) -> bool:
         return self.response_format in ("wav", "pcm")
 
-    def check_format(self) -> None:
+    def check_supported(self) -> None:
+        """Raise ``InvalidRequest`` for a speed out of range: checked here, where the request enters,
+        so the spoken path behind the route trusts it. Other fields are bounded by their ``Field``."""
         validate_speed(self.speed)
 
     def turns(self, media=None) -> list[ChatTurn]:
@@ -122,7 +125,7 @@ VideoFormFields = Annotated[VideoFormInferRequest, Form()]
 
 @router.post("/infer/text", summary="Answer a text prompt")
 async def infer_text(request: Request, form: FormFields, state: AppState = Depends(get_state)) -> Response:
-    form.check_format()
+    form.check_supported()
     params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any image work
     prompt = await state.engine.build_prompt(
         form.turns(), min_pixels=state.settings.min_image_pixels, max_pixels=state.settings.max_image_pixels
@@ -133,7 +136,7 @@ async def infer_text(request: Request, form: FormFields, state: AppState = Depen
 @router.post("/infer/image", summary="Answer a prompt about one image (image_url or image_file)")
 async def infer_image(request: Request, form: ImageFormFields, state: AppState = Depends(get_state)) -> Response:
     image_url, image_file = form.image_url, form.image_file
-    form.check_format()
+    form.check_supported()
     params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any image work
     if (image_url is None) == (image_file is None):
         raise InvalidRequest(
@@ -148,7 +151,7 @@ async def infer_image(request: Request, form: ImageFormFields, state: AppState =
 
 @router.post("/infer/video", summary="Answer a prompt about one video (video_url or video_file)")
 async def infer_video(request: Request, form: VideoFormFields, state: AppState = Depends(get_state)) -> Response:
-    form.check_format()
+    form.check_supported()
     params = form.to_sampling_params(state.settings, state.engine.default_sampling)  # before any video work
     if (form.video_url is None) == (form.video_file is None):
         raise InvalidRequest(
@@ -171,6 +174,8 @@ async def _load_form_video(form: VideoFormInferRequest, state: AppState) -> Vide
             max_bytes = state.videos.limits.max_bytes
             data = await _read_upload(form.video_file, max_bytes, "video_file", "SNARK_MAX_VIDEO_BYTES", "video")
             return await state.videos.upload(data, sampling, filename=form.video_file.filename)
+        if form.video_url is None:
+            raise InvalidRequest("Send video_url (a URL or data: URI) or video_file (an upload).", param="video_url")
         return await state.videos.url(form.video_url, sampling)
     except SnarkError as exc:
         exc.param = exc.param or field
@@ -192,6 +197,8 @@ async def _load_form_image(image_url: str | None, image_file: UploadFile | None,
             return await decode_upload(
                 data, state.image_limits, filename=image_file.filename, decoded=state.decoded_images
             )
+        if image_url is None:
+            raise InvalidRequest("Send image_url (a URL or data: URI) or image_file (an upload).", param="image_url")
         return await load_image(image_url, state.image_limits, decoded=state.decoded_images)
     except SnarkError as exc:
         exc.param = exc.param or field
@@ -244,12 +251,12 @@ async def _spoken_answer(
 ) -> Response:
     """The answer spoken while it is generated: each sentence is synthesized as soon as the model has
     written it. Streamed by default; ``stream=false`` sends one body with exact WAV sizes."""
-    audio_format = "pcm" if form.response_format == "pcm" else "wav"
+    audio_format = audio_format_of(form.response_format)
     timer = AudioTimer(state)
     voice = await open_voice(state, form.voice, form.speed)  # a bad voice is a 400/501 before any work
     generation = state.engine.submit(prompt, params)  # now: a full queue is a 503, not a broken 200
     pieces = speak_answer(state, generation, voice)
-    headers = {**STREAM_HEADERS, "X-Sample-Rate": str(voice.output_rate(audio_format))}
+    headers = voice.response_headers(audio_format)
     if form.stream is False:
         body = await until_disconnected(
             request, complete_audio(pieces, voice, audio_format, timer), timeout_s=state.settings.request_timeout_s
@@ -267,11 +274,8 @@ async def _text_chunks(events: AsyncIterator[StreamEvent], timeout_s: float) -> 
     """Text chunks. Once the 200 is sent an error can only end the body: it ends with one line saying why
     (plain text has no error events), instead of an unexplained cut."""
     try:
-        async for event in within(events, timeout_s):
-            if event.text:
-                yield event.text
-            if event.finish_reason is not None:
-                finish_reason_of(event.finish_reason)
+        async for text in text_deltas(events, timeout_s):
+            yield text
     except SnarkError as exc:
         log.warning("form stream ended early: %s", exc.message)
         yield f"\n[snark error: {exc.message}]\n"

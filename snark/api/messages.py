@@ -23,8 +23,8 @@ from pydantic import AliasChoices, Field
 
 from snark.api.chat_audio import transcript_of
 from snark.api.lenient import Lenient
-from snark.engine.request import ChatTurn, ToolCall
 from snark.errors import InvalidRequest, SnarkError
+from snark.values import ChatTurn, ToolCall
 from snark.video.clip import Video
 from snark.video.load import VideoLoader
 from snark.video.sampling import VideoSampling
@@ -273,9 +273,11 @@ async def _load_all(
 ) -> list[Image.Image | Video]:
     async def load(item: _Media) -> Image.Image | Video:
         try:
-            if item.kind == "image":
+            if item.kind == "image" and isinstance(item.source, str):
                 return await load_image(item.source)
-            if item.kind == "video":
+            if videos is None or item.sampling is None:  # _check_counts refused these before any download
+                raise RuntimeError(f"{item.param} reached loading without a video loader or sampling")
+            if isinstance(item.source, str):
                 return await videos.url(item.source, item.sampling)
             frames = await _load_frames(item, load_image)
             return await videos.frames(frames, item.sampling)

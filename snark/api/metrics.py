@@ -1,4 +1,5 @@
-"""``GET /metrics``: Prometheus text, names in vLLM's style with a ``snark:`` prefix.
+"""Snark's Prometheus metrics (served as ``GET /metrics`` by ``operations.py``), names in vLLM's style
+with a ``snark:`` prefix.
 
 Each app owns its own ``CollectorRegistry`` (not prometheus_client's global one), so several apps in
 one process (tests, embedders) never collide. Request metrics come from the engine's listener hook,
@@ -9,17 +10,12 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from snark.api.state import AppState, get_state
 from snark.engine.base import Engine
 from snark.engine.request import GenerationRequest, RequestState
-
-router = APIRouter(tags=["operations"])
 
 # vLLM's buckets, so dashboards built for it read Snark's histograms the same way.
 _TTFT_BUCKETS = (
@@ -201,7 +197,8 @@ class Metrics:
         if request.state is RequestState.FAILED:
             self.requests_failed.inc()
             return
-        self.requests_finished.labels(finished_reason=request.finish_reason.value).inc()
+        reason = request.finish_reason.value if request.finish_reason is not None else "stop"
+        self.requests_finished.labels(finished_reason=reason).inc()
         finished_at = request.finished_at or time.perf_counter()
         self.e2e_latency.observe(finished_at - request.arrived_at)
         if request.first_token_at is not None:
@@ -227,8 +224,3 @@ class WithoutCreated:
         for family in self.registry.collect():  # each collect() builds fresh families: safe to edit
             family.samples = [sample for sample in family.samples if not sample.name.endswith("_created")]
             yield family
-
-
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(state: AppState = Depends(get_state)) -> Response:
-    return Response(generate_latest(WithoutCreated(state.metrics.registry)), media_type=CONTENT_TYPE_LATEST)

@@ -17,12 +17,14 @@ from starlette.background import BackgroundTask
 
 from snark.api.cancellation import until_disconnected
 from snark.api.chat_audio import audio_completion, chat_audio_events
-from snark.api.protocol import PCM_SAMPLE_RATE, ChatCompletionRequest, SpeechRequest
+from snark.api.protocol import ChatCompletionRequest, SpeechRequest
 from snark.api.replies import ChatReply, chat_events, sse_stream
 from snark.api.spoken import (
     MEDIA_TYPES,
+    PCM_SAMPLE_RATE,
     AudioTimer,
     Voice,
+    audio_format_of,
     audio_stream,
     complete_audio,
     open_voice,
@@ -30,16 +32,14 @@ from snark.api.spoken import (
     speak_text,
 )
 from snark.api.state import AppState, get_state
+from snark.api.streaming import STREAM_HEADERS
 from snark.engine.request import GenerationRequest
 from snark.media import load_image
-from snark.speech import SpokenPiece, clean_for_speech, split_sentences
+from snark.speech import SpokenPiece, speakable_sentences
 from snark.speech.resample import resample_pcm16
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 _STARTED = int(time.time())  # the "created" time /v1/models reports
-
-# Proxies (nginx) buffer responses by default; SSE and audio streams must reach the client as written.
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @router.post("/chat/completions", summary="Chat completion (JSON, or SSE with stream=true)", response_class=Response)
@@ -84,7 +84,7 @@ async def chat_completions(
         return StreamingResponse(
             events,
             media_type="text/event-stream",
-            headers=_STREAM_HEADERS,
+            headers=STREAM_HEADERS,
             background=BackgroundTask(engine.cancel, generation),
         )
     done = await until_disconnected(request, engine.generate(prompt, params), timeout_s=settings.request_timeout_s)
@@ -112,7 +112,7 @@ async def _spoken_chat(
         return StreamingResponse(
             events,
             media_type="text/event-stream",
-            headers=_STREAM_HEADERS,
+            headers=STREAM_HEADERS,
             background=BackgroundTask(state.engine.cancel, generation),
         )
 
@@ -122,8 +122,7 @@ async def _spoken_chat(
             transcript.append(piece.text)
             audio.append(piece.pcm)
         text = "".join(transcript)
-        sent_format = "pcm" if audio_format == "pcm16" else "wav"
-        return text, await complete_audio(_replay(audio), voice, sent_format, timer)
+        return text, await complete_audio(_replay(audio), voice, audio_format_of(audio_format), timer)
 
     transcript, data = await until_disconnected(request, spoken(), timeout_s=state.settings.request_timeout_s)
     return JSONResponse(audio_completion(reply, generation, transcript, data))
@@ -173,12 +172,14 @@ async def create_speech(body: SpeechRequest, state: AppState = Depends(get_state
     body.check_supported()
     timer = AudioTimer(state)
     voice = await open_voice(state, body.voice_name, body.speed)  # a missing voice is a 501 now, not a cut stream
-    audio_format = "pcm" if body.response_format == "pcm" else "wav"
-    pieces = speak_text(state, body.input, voice)
-    if audio_format == "wav" and len(split_sentences(clean_for_speech(body.input))) <= 1:
+    audio_format = audio_format_of(body.response_format)
+    sentences = speakable_sentences(body.input)  # split once: what is spoken also decides whether to stream
+    pieces = speak_text(state, sentences, voice)
+    if audio_format == "wav" and len(sentences) <= 1:
         # One sentence gains nothing from streaming: send a WAV whose header has the exact sizes.
-        return Response(await complete_audio(pieces, voice, audio_format, timer), media_type="audio/wav")
-    headers = {**_STREAM_HEADERS, "X-Sample-Rate": str(voice.output_rate(audio_format))}
+        return Response(await complete_audio(pieces, voice, audio_format, timer), media_type=MEDIA_TYPES["wav"])
     return StreamingResponse(
-        audio_stream(pieces, voice, audio_format, timer), media_type=MEDIA_TYPES[audio_format], headers=headers
+        audio_stream(pieces, voice, audio_format, timer),
+        media_type=MEDIA_TYPES[audio_format],
+        headers=voice.response_headers(audio_format),
     )

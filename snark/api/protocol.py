@@ -1,8 +1,10 @@
 """The OpenAI-compatible request models (chat, speech), and how a request becomes engine work.
 
 Requests convert themselves: ``ChatCompletionRequest.to_sampling_params`` (defaults in one place,
-features Snark cannot honour refused with a 400 naming the field) and ``to_turns`` (messages ->
-``ChatTurn``s through ``messages``, images fetched through the loader the route passes in).
+``sampling``, shared with the form routes; features Snark cannot honour refused with a 400 naming the
+field) and ``to_turns`` (messages -> ``ChatTurn``s through ``messages``, images fetched through the
+loader the route passes in). Requests are checked here, where they enter (``audio_output``,
+``SpeechRequest.check_supported``: the speed among the rest); the code behind the route trusts them.
 ``response_format`` and ``tools`` are modelled in ``structured``; response bodies are built in ``replies``.
 """
 
@@ -16,11 +18,12 @@ from pydantic import Field
 
 from snark.api.lenient import Lenient
 from snark.api.messages import ChatMessage, VideoOptions, messages_to_turns
+from snark.api.sampling import resolve_sampling
 from snark.api.structured import ResponseFormat, ToolChoice, ToolDefinition, ToolUse, response_format_output
 from snark.config import Settings
-from snark.engine.request import ChatTurn, SamplingParams
 from snark.errors import InvalidRequest
 from snark.speech.base import validate_speed
+from snark.values import ChatTurn, SamplingParams
 from snark.video.load import VideoLoader
 
 # Options Snark cannot honour: asking for them is a 400 naming the field, never silently ignored.
@@ -62,40 +65,6 @@ class ChatAudio(Lenient):
 
 class StreamOptions(Lenient):
     include_usage: bool = False
-
-
-def resolve_sampling(
-    settings: Settings,
-    defaults: SamplingParams,
-    *,
-    max_new_tokens: int | None,
-    param: str,
-    temperature: float | None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    repetition_penalty: float | None = None,
-    **extra,
-) -> SamplingParams:
-    """A request's sampling fields -> engine parameters, for every route: ``defaults`` (the model's
-    generation config) fill what the request left out, and the token limit is checked once here."""
-    max_new = max_new_tokens or settings.default_max_new_tokens
-    if max_new > settings.max_new_tokens_limit:
-        raise InvalidRequest(
-            f"{param}={max_new} is over this server's limit of {settings.max_new_tokens_limit} "
-            "(SNARK_MAX_NEW_TOKENS_LIMIT): ask for fewer.",
-            param=param,
-        )
-    temperature = defaults.temperature if temperature is None else temperature
-    sampled = temperature > 0  # greedy ignores top_p / top_k, so they are normalised away
-    top_k = defaults.top_k if top_k is None else max(top_k, 0)
-    return SamplingParams(
-        max_new_tokens=max_new,
-        temperature=temperature,
-        top_p=(defaults.top_p if top_p is None else top_p) if sampled else 1.0,
-        top_k=top_k if sampled else 0,
-        repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else repetition_penalty,
-        **extra,
-    )
 
 
 class ChatCompletionRequest(Lenient):
@@ -251,7 +220,6 @@ class ChatCompletionRequest(Lenient):
 
 SPEECH_FORMATS = ("wav", "pcm")
 MAX_SPEECH_INPUT_CHARS = 4096  # OpenAI's own cap; longer texts go in several requests
-PCM_SAMPLE_RATE = 24_000  # OpenAI's "pcm" is 24 kHz 16-bit mono little-endian; clients assume it
 
 
 class SpeechVoice(Lenient):

@@ -21,23 +21,18 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from snark.api.cancellation import within
 from snark.api.errors import error_body
-from snark.engine.request import FinishReason, GenerationRequest, StreamEvent, ToolCall
-from snark.errors import ShuttingDown, SnarkError
+from snark.api.streaming import finish_reason_of
+from snark.engine.request import GenerationRequest, StreamEvent
+from snark.errors import SnarkError
 from snark.structured.tool_calls import ToolCallDelta, ToolCallStream, parse_tool_calls
+from snark.values import ToolCall
 
 log = logging.getLogger(__name__)
-
-
-def finish_reason_of(reason: FinishReason | None) -> str:
-    """OpenAI's finish_reason. A row the engine cancelled on its own (shutdown) never reaches a
-    client as 'cancelled': it is an error."""
-    if reason is FinishReason.STOP or reason is FinishReason.LENGTH:
-        return reason.value
-    raise ShuttingDown("The server is shutting down and stopped this request; retry it.")
 
 
 class ChatReply:
@@ -57,7 +52,7 @@ class ChatReply:
     def completion(self, done: GenerationRequest, *, tool_names: set[str] | None = None) -> dict:
         """The JSON answer. With ``tool_names`` (the model may call these), the calls in its text become
         ``tool_calls`` and finish_reason "tool_calls"; what is not a call stays the content."""
-        message = {"role": "assistant", "content": done.text, "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": done.text, "refusal": None}
         finish_reason = finish_reason_of(done.finish_reason)
         if tool_names is not None:  # what is not a call is the content, as the stream sends it
             content, calls = parse_tool_calls(done.text, known=tool_names)
@@ -93,7 +88,8 @@ class ChatReply:
         if template is None:
             marker = "\x00"
             body = _json(self.chunk({"content": marker}, usage_field=usage_field))
-            template = self._content_templates[usage_field] = tuple(body.split(_json(marker), 1))
+            prefix, suffix = body.split(_json(marker), 1)
+            template = self._content_templates[usage_field] = (prefix, suffix)
         prefix, suffix = template
         return f"data: {prefix}{_json(text)}{suffix}\n\n"
 
@@ -125,7 +121,7 @@ async def chat_events(
     include_usage: bool,
     timeout_s: float,
     tool_names: set[str] | None = None,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """The SSE body for one streamed completion. ``events`` is the engine's stream for ``generation``;
     each text delta is sent as soon as the engine produced it (already whole characters). With
     ``tool_names``, calls in the text go out as OpenAI streams them: ``delta.tool_calls`` items, the
@@ -139,7 +135,7 @@ async def chat_events(
             pieces += calls.finish()
         for piece in pieces:
             if isinstance(piece, ToolCallDelta):
-                delta = {"tool_calls": [piece.to_openai()]}
+                delta: dict[str, Any] = {"tool_calls": [piece.to_openai()]}
                 if not role_sent:
                     role_sent, delta = True, {"role": "assistant", "content": None, **delta}
                 yield sse_line(reply.chunk(delta, usage_field=include_usage))
@@ -160,7 +156,7 @@ async def chat_events(
         yield sse_line(reply.usage_chunk(generation.completion_tokens))
 
 
-async def sse_stream(lines: AsyncIterator[str], what: str) -> AsyncIterator[str]:
+async def sse_stream(lines: AsyncGenerator[str, None], what: str) -> AsyncIterator[str]:
     """``lines`` (SSE events), then ``data: [DONE]``. The 200 has gone out by then, so an error raised
     on the way cannot change the status any more: it is sent as one ``data: {"error": {...}}`` event in
     the one error shape, which OpenAI clients raise as ``APIError``, and the stream still ends."""

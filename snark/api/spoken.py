@@ -1,12 +1,13 @@
 """Spoken replies over HTTP, shared by the form routes, chat audio and ``/v1/audio/speech``.
 
-    voice = await open_voice(state, name)                       # 400 / 501 now, before any 200
-    pieces = speak_answer(state, generation, voice, speed)      # or speak_text(state, text, ...)
-    StreamingResponse(audio_stream(pieces, ...))                # WAV header + PCM, or raw PCM
+    voice = await open_voice(state, name, speed)              # 400 / 501 now, before any 200
+    pieces = speak_answer(state, generation, voice)           # or speak_text(state, sentences, voice)
+    StreamingResponse(audio_stream(pieces, ...), media_type=MEDIA_TYPES[fmt], headers=voice.response_headers(fmt))
 
 A streamed WAV starts with the unknown-length header (sizes 0xFFFFFFFF): the length is not known
 when the first sentence goes out. ``complete_audio`` waits for the whole answer instead and sends a
-WAV whose header has the exact sizes, for tools that trust the header.
+WAV whose header has the exact sizes, for tools that trust the header. The audio formats every route
+sends (wav, pcm) and OpenAI's PCM rate live here.
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from snark.api.cancellation import within
-from snark.api.protocol import PCM_SAMPLE_RATE  # OpenAI's pcm / pcm16: 24 kHz, which its clients assume
-from snark.api.replies import finish_reason_of
 from snark.api.state import AppState
-from snark.engine.request import GenerationRequest, StreamEvent
-from snark.speech import LazySpeaker, SpokenPiece, single_text, speak_deltas, validate_speed
+from snark.api.streaming import STREAM_HEADERS, text_deltas
+from snark.engine.request import GenerationRequest
+from snark.speech import LazySpeaker, SpokenPiece, speak_deltas, speak_sentences
 from snark.speech.resample import resample_pcm16
 from snark.speech.wav import pcm_to_wav, silence, wav_header
 
@@ -33,8 +32,13 @@ log = logging.getLogger(__name__)
 
 AudioFormat = Literal["wav", "pcm"]
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm"}
-# Proxies (nginx) buffer responses by default; audio streams must reach the client as written.
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PCM_SAMPLE_RATE = 24_000  # OpenAI's "pcm" / "pcm16" is 24 kHz 16-bit mono little-endian; its clients assume it
+
+
+def audio_format_of(name: str) -> AudioFormat:
+    """The body a request's format name asks for: raw PCM for pcm (the forms, speech) and pcm16
+    (chat), else WAV. Request models have already refused the names Snark does not write."""
+    return "pcm" if name in ("pcm", "pcm16") else "wav"
 
 
 @dataclass(frozen=True)
@@ -46,39 +50,34 @@ class Voice:
     def output_rate(self, audio_format: AudioFormat) -> int:
         return PCM_SAMPLE_RATE if audio_format == "pcm" else self.sample_rate
 
+    def response_headers(self, audio_format: AudioFormat) -> dict[str, str]:
+        """An audio body's headers: no proxy buffering, and the sample rate of its PCM."""
+        return {**STREAM_HEADERS, "X-Sample-Rate": str(self.output_rate(audio_format))}
+
 
 async def open_voice(state: AppState, name: str | None, speed: float = 1.0) -> Voice:
-    """The voice ``name`` picks, loaded: an unknown name or bad speed is a 400 and a missing voice
-    file a 501 here, before the route has started a 200."""
-    validate_speed(speed)
+    """The voice ``name`` picks, loaded: an unknown name is a 400 and a missing voice file a 501
+    here, before the route has started a 200. ``speed`` was checked by the request model."""
     speaker = state.voices.pick(name)
     rate = await asyncio.to_thread(lambda: speaker.sample_rate)  # loads the voice on first use
     return Voice(speaker, rate, speed)
 
 
-async def answer_deltas(events: AsyncIterator[StreamEvent], timeout_s: float) -> AsyncIterator[str]:
-    """The answer's text deltas; a row the engine stopped on its own (shutdown) raises."""
-    async for event in within(events, timeout_s):
-        if event.text:
-            yield event.text
-        if event.finish_reason is not None:
-            finish_reason_of(event.finish_reason)
-
-
 def speak_answer(state: AppState, generation: GenerationRequest, voice: Voice) -> AsyncIterator[SpokenPiece]:
     """Transcript and audio of a submitted generation, spoken sentence by sentence as it is written."""
-    deltas = answer_deltas(state.engine.follow(generation), state.settings.request_timeout_s)
-    return _spoken(state, deltas, voice)
+    deltas = text_deltas(state.engine.follow(generation), state.settings.request_timeout_s)
+    return speak_deltas(deltas, _speak_with(state, voice), bytes_per_second=2 * voice.sample_rate)
 
 
-def speak_text(state: AppState, text: str, voice: Voice) -> AsyncIterator[SpokenPiece]:
-    """Audio of a whole ``text`` (``/v1/audio/speech``), through the same pool and pipeline."""
-    return _spoken(state, single_text(text), voice)
+def speak_text(state: AppState, sentences: list[str], voice: Voice) -> AsyncIterator[SpokenPiece]:
+    """Audio of a whole text (``/v1/audio/speech``), given as the clean sentences it is spoken as
+    (``speakable_sentences``), through the same pool and pipeline."""
+    return speak_sentences(sentences, _speak_with(state, voice), bytes_per_second=2 * voice.sample_rate)
 
 
-def _spoken(state: AppState, deltas: AsyncIterator[str], voice: Voice) -> AsyncIterator[SpokenPiece]:
-    speak = partial(state.voices.pool.speak, voice.speaker, speed=voice.speed)
-    return speak_deltas(deltas, speak, bytes_per_second=2 * voice.sample_rate)
+def _speak_with(state: AppState, voice: Voice) -> Callable[..., Awaitable[bytes]]:
+    """``speak(sentence, due_at=...)`` in this voice, at its speed, through the shared synthesis pool."""
+    return partial(state.voices.pool.speak, voice.speaker, speed=voice.speed)
 
 
 class AudioTimer:

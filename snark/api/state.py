@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from snark.api.metrics import Metrics
 from snark.config import Settings
 from snark.engine.base import Engine
 from snark.media import DecodedImages, ImageLimits
 from snark.speech import LazySpeaker, Voices, build_voices
 from snark.video.load import VideoLimits, VideoLoader
-
-if TYPE_CHECKING:
-    from snark.api.metrics import Metrics  # metrics.py imports this module for its route
 
 
 @dataclass

@@ -20,10 +20,10 @@ from pydantic import Field, ValidationError
 
 from snark.api.lenient import Lenient
 from snark.config import Settings
-from snark.engine.request import StructuredOutput, ToolSpec
 from snark.errors import InvalidRequest
 from snark.structured.constraint import json_object_output, json_schema_output, tool_call_output
 from snark.structured.schema import LengthBudget, check_schema
+from snark.values import StructuredOutput, ToolSpec
 
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 

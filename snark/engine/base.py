@@ -21,7 +21,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from snark.engine.request import ChatTurn, GenerationRequest, PromptInputs, SamplingParams, StreamEvent, ToolSpec
+from snark.engine.request import GenerationRequest, PromptInputs, StreamEvent
+from snark.values import ChatTurn, SamplingParams, ToolSpec
 
 log = logging.getLogger(__name__)
 

@@ -63,12 +63,14 @@ class ImageInputs:
             patches = pixels.split(grids.prod(-1).tolist()) if pixels is not None else [None] * len(missing)
             with self._lock:
                 for i, grid, values in zip(missing, grids, patches):
-                    found[i] = (values, grid)
-                    self._entries.put(digests[i], found[i])
+                    entry = found[i] = (values, grid)
+                    self._entries.put(digests[i], entry)
             self.processed += len(missing)
-        pixel_values = None if found[0][0] is None else torch.cat([values for values, _ in found])
-        grids = torch.stack([grid for _, grid in found])
-        keys = tuple(hashlib.sha256(d + str(g.tolist()).encode()).digest() for d, (_, g) in zip(digests, found))
+        entries = [entry for entry in found if entry is not None]  # every image's, now
+        image_pixels = [values for values, _ in entries if values is not None]
+        pixel_values = torch.cat(image_pixels) if image_pixels else None
+        grids = torch.stack([grid for _, grid in entries])
+        keys = tuple(hashlib.sha256(d + str(g.tolist()).encode()).digest() for d, (_, g) in zip(digests, entries))
         return VisionInputs(pixel_values=pixel_values, image_grid_thw=grids, keys=keys)
 
 
@@ -136,4 +138,5 @@ class VideoInputs:
                     found[i] = values
                     self._entries.put(videos[i].key, values)
             self.processed += len(missing)
-        return VideoTensors(pixel_values=torch.cat(found), grid_thw=grids, second_per_grid_ts=seconds, keys=keys)
+        pixels = [values for values in found if values is not None]  # every video's, now
+        return VideoTensors(pixel_values=torch.cat(pixels), grid_thw=grids, second_per_grid_ts=seconds, keys=keys)

@@ -8,12 +8,21 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from snark.engine.hub import Hub, resolve_checkpoint
 from snark.engine.tiny_model import random_weights_build
 from snark.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers is imported when a model loads, not at start-up
+    from transformers import (
+        ProcessorMixin,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLVisionConfig,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +39,34 @@ LARGE_ON_CPU_BYTES = 4 * 10**9  # float32 weights past this: warn (the 3B alread
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
-    processor: object
+    model: Qwen2_5_VLForConditionalGeneration
+    processor: ProcessorMixin
     name: str  # what the API reports as "model"
     device: torch.device
     dtype: torch.dtype
     attn_implementation: str
     is_tiny: bool
     load_s: float
+
+    # transformers types Qwen2_5_VLConfig's sub-configs as ``dict | PreTrainedConfig | None``: what a caller
+    # may pass in. Its ``__post_init__`` turns them into these classes, so a built model always has them.
+    @property
+    def text_config(self) -> Qwen2_5_VLTextConfig:
+        """The language model's config (vocabulary, layers, heads)."""
+        from transformers import Qwen2_5_VLTextConfig
+
+        config = self.model.config.text_config
+        assert isinstance(config, Qwen2_5_VLTextConfig), "Qwen2_5_VLConfig builds its text_config"
+        return config
+
+    @property
+    def vision_config(self) -> Qwen2_5_VLVisionConfig:
+        """The vision tower's config (patches, merge size, time steps)."""
+        from transformers import Qwen2_5_VLVisionConfig
+
+        config = self.model.config.vision_config
+        assert isinstance(config, Qwen2_5_VLVisionConfig), "Qwen2_5_VLConfig builds its vision_config"
+        return config
 
 
 def pick_device(requested: str) -> torch.device:
@@ -108,7 +137,7 @@ def load_model(model_id: str, *, device: str = "auto", hub: Hub | None = None) -
             "random-weight model."
         ) from exc
     if target.type == "cpu":
-        model.to(target)
+        model.to(target)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) types it as unbound
     model.eval()
     processor.tokenizer.padding_side = "left"
     load_s = time.perf_counter() - started

@@ -22,8 +22,9 @@ from tokenizers import Tokenizer
 
 from snark.engine.chat_template import render_with_tools
 from snark.engine.image_inputs import ImageInputs, VideoInputs
-from snark.engine.request import ChatTurn, PromptInputs, ToolCall, ToolSpec
+from snark.engine.request import PromptInputs
 from snark.errors import InvalidRequest
+from snark.values import ChatTurn, ToolCall, ToolSpec
 from snark.video.clip import Video
 
 ROLES = ("system", "user", "assistant", "tool")

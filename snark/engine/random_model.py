@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from snark.engine.loader import LoadedModel, pick_attention, pick_device
 from snark.errors import ConfigError
 
+if TYPE_CHECKING:  # transformers is imported when a model is built, not at start-up
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
 # Qwen/Qwen2.5-VL-7B-Instruct config.json (transformers 4.41 layout: rope_theta and mrope_section
 # at the top level, here under rope_parameters as transformers 5 reads them).
-PUBLISHED_CONFIGS = {
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
     "7B": {
         "text_config": {
             "vocab_size": 152064,
@@ -63,7 +67,7 @@ PUBLISHED_CONFIGS = {
 }
 
 
-def published_config(size: str):
+def published_config(size: str) -> Qwen2_5_VLConfig:
     from transformers import Qwen2_5_VLConfig
 
     key = size.strip().upper()
@@ -72,7 +76,7 @@ def published_config(size: str):
     return Qwen2_5_VLConfig(**PUBLISHED_CONFIGS[key])
 
 
-def decode_weight_bytes(model: torch.nn.Module) -> int:
+def decode_weight_bytes(model: Qwen2_5_VLForConditionalGeneration) -> int:
     """Bytes of weights one decode step reads: the language model and its head. The vision tower
     runs in the prefill only. The embedding table is counted whole, as the usual roofline does,
     though a step reads only one row of it per sequence."""
@@ -80,7 +84,7 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in vision)
 
 
-def meta_model(size: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+def meta_model(size: str, dtype: torch.dtype = torch.bfloat16) -> Qwen2_5_VLForConditionalGeneration:
     """The architecture without memory behind it: for counting bytes on any machine."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 

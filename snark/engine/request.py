@@ -17,9 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
-from snark.video.clip import Video
+from snark.values import ChatTurn, FinishReason, SamplingParams, StructuredOutput, ToolSpec  # noqa: F401  TEMPORARY
 
 
 class RequestState(enum.Enum):
@@ -28,84 +27,6 @@ class RequestState(enum.Enum):
     FINISHED = "finished"  # stop / length
     CANCELLED = "cancelled"  # the client went away or the request timed out
     FAILED = "failed"  # the batch raised; the error went to the client
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # end-of-turn token or a stop string
-    LENGTH = "length"  # max_new_tokens reached
-    CANCELLED = "cancelled"
-
-
-GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy decoding
-
-
-@dataclass(frozen=True)
-class StructuredOutput:
-    """What a request's output must follow, token by token; each engine compiles it its own way.
-
-    ``kind`` is "json_schema" (``spec``: the schema as JSON text), "json_object" (any JSON object;
-    ``spec`` empty) or "tool_calls" (``spec``: the callable tools, whether a call is required and
-    whether several may come, as JSON text; ``snark.structured.constraint`` turns it into the
-    structural tag both engines compile). ``compiled`` is what ``Engine.prepare`` made of it for its
-    engine (Snark's: an xgrammar compiled grammar; vLLM's: the arguments of its structured outputs).
-    """
-
-    kind: str
-    spec: str = ""
-    compiled: object | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding parameters. ``temperature == 0`` means greedy decoding."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    repetition_penalty: float = 1.0  # HF-style, over prompt and output tokens
-    frequency_penalty: float = 0.0  # OpenAI-style, over output tokens
-    presence_penalty: float = 0.0
-    # Run to max_new_tokens even past end-of-turn (vLLM's flag): benchmarks need fixed output lengths.
-    # A constrained row still ends where its grammar ends.
-    ignore_eos: bool = False
-    structure: StructuredOutput | None = None  # constrained decoding (JSON schema, tool calls)
-
-    @property
-    def is_greedy(self) -> bool:
-        # A temperature too small to divide by safely, or top_k=1 (Qwen2.5-VL's own default), leaves one
-        # candidate: take the argmax instead of sorting and sampling 152k logits at every step (as vLLM).
-        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One function call: what the model asked for, or an earlier call in the history."""
-
-    id: str
-    name: str
-    arguments: str  # a JSON object as text, as OpenAI sends it
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    """One function the model may call (OpenAI's ``tools[].function``)."""
-
-    name: str
-    description: str | None = None
-    parameters: dict | None = None  # a JSON Schema for the arguments object; None: any object
-
-
-@dataclass
-class ChatTurn:
-    """One chat message: a role and its parts, text, decoded RGB images or sampled videos, in order.
-    An assistant turn may carry the tool calls it made; a "tool" turn is one call's result (its text part)."""
-
-    role: str  # "system" | "user" | "assistant" | "tool"
-    parts: list[str | Image.Image | Video]
-    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass

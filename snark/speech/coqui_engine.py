@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 from snark.errors import InvalidRequest
 from snark.speech.base import SpeechUnavailable, validate_speed
-from snark.speech.text import clean_for_speech, split_sentences
 from snark.speech.wav import float_to_pcm16, silence
 
 COQUI_INSTALL_HINT = (
@@ -35,18 +34,19 @@ class CoquiSpeaker:
     def sample_rate(self) -> int:
         return int(self._tts.synthesizer.output_sample_rate)
 
-    def synthesize(self, text: str, *, speed: float = 1.0) -> Iterator[bytes]:
-        speed = validate_speed(speed)
-        return self._generate(split_sentences(clean_for_speech(text)), speed)
+    def synthesize(self, sentence: str, *, speed: float = 1.0) -> Iterator[bytes]:
+        # Checked now, not on the first next(): a bad speed must be a 400 before streaming starts.
+        return self._generate(sentence, validate_speed(speed))
 
-    def _generate(self, sentences: list[str], speed: float) -> Iterator[bytes]:
+    def _generate(self, sentence: str, speed: float) -> Iterator[bytes]:
         # `speed` goes to the model's synthesize(); only some models (XTTS) take it, so it is passed
         # only when asked for, and a model that refuses it is a clear 400 rather than silently ignored.
         extra = {} if speed == 1.0 else {"speed": speed}
-        spoke = False
-        for sentence in sentences:
+        samples = []
+        if sentence.strip():  # nothing to say never reaches the model: it is a short silence
             with self._lock:
                 try:
+                    # One sentence, already split: Coqui's own splitter would only cut it again.
                     samples = self._tts.tts(text=sentence, split_sentences=False, **extra)
                 except TypeError as exc:
                     if not extra:
@@ -55,8 +55,4 @@ class CoquiSpeaker:
                         "This Coqui model cannot change the speaking speed; use speed=1.0.",
                         param="speed",
                     ) from exc
-            if len(samples):
-                spoke = True
-                yield float_to_pcm16(samples)
-        if not spoke:
-            yield silence(self.sample_rate)
+        yield float_to_pcm16(samples) if len(samples) else silence(self.sample_rate)

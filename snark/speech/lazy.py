@@ -48,9 +48,9 @@ class LazySpeaker:
     def sample_rate(self) -> int:
         return self.load().sample_rate
 
-    def synthesize(self, text: str, *, speed: float = 1.0) -> Iterator[bytes]:
-        validate_speed(speed)  # a bad request should not cost a model load
-        return self.load().synthesize(text, speed=speed)
+    def synthesize(self, sentence: str, *, speed: float = 1.0) -> Iterator[bytes]:
+        validate_speed(speed)  # a bad speed should not cost a model load
+        return self.load().synthesize(sentence, speed=speed)
 
 
 def build_speaker(settings: Settings) -> LazySpeaker:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from snark.speech.base import SpeechUnavailable, validate_speed
-from snark.speech.text import clean_for_speech, split_sentences
 from snark.speech.wav import float_to_pcm16, silence
 
 # espeak-ng, which turns text into phonemes for most Piper voices, keeps process-wide state (the
@@ -60,29 +59,27 @@ class PiperSpeaker:
     def sample_rate(self) -> int:
         return int(self._voice.config.sample_rate)
 
-    def synthesize(self, text: str, *, speed: float = 1.0) -> Iterator[bytes]:
-        # Validate now, not on the first next(): a bad speed must be a 400 before streaming starts.
-        speed = validate_speed(speed)
-        return self._generate(split_sentences(clean_for_speech(text)), speed)
+    def synthesize(self, sentence: str, *, speed: float = 1.0) -> Iterator[bytes]:
+        # Checked now, not on the first next(): a bad speed must be a 400 before streaming starts.
+        return self._generate(sentence, validate_speed(speed))
 
-    def _generate(self, sentences: list[str], speed: float) -> Iterator[bytes]:
+    def _generate(self, sentence: str, speed: float) -> Iterator[bytes]:
         from piper.config import SynthesisConfig
 
         # Piper's length_scale is duration per phoneme, so going faster means a smaller scale.
         config = SynthesisConfig(length_scale=self._default_length_scale / speed)
+        with _ESPEAK_LOCK:
+            phonemes = self._voice.phonemize(sentence)  # a list per sentence espeak sees ("1. Open it.": two)
         spoke = False
-        for sentence in sentences:
-            with _ESPEAK_LOCK:
-                phonemes = self._voice.phonemize(sentence)
-            for sentence_phonemes in phonemes:
-                if not sentence_phonemes:
-                    continue
-                ids = self._voice.phonemes_to_ids(sentence_phonemes)
-                pcm = _to_pcm16(self._voice.phoneme_ids_to_audio(ids, config))
-                if pcm:
-                    spoke = True
-                    yield pcm
-        if not spoke:  # nothing speakable ("", "🎉", "..."): a short valid silence, not an error
+        for sentence_phonemes in phonemes:
+            if not sentence_phonemes:
+                continue
+            ids = self._voice.phonemes_to_ids(sentence_phonemes)
+            pcm = _to_pcm16(self._voice.phoneme_ids_to_audio(ids, config))
+            if pcm:
+                spoke = True
+                yield pcm
+        if not spoke:  # nothing speakable ("", "..."): a short valid silence, not an error
             yield silence(self.sample_rate)
 
 

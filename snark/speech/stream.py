@@ -1,12 +1,14 @@
 """Speak text while it is still being written: deltas in, transcript and audio pieces out.
 
-    async for piece in speak_deltas(answer_deltas, partial(pool.speak, voice)):
+    async for piece in speak_deltas(deltas, partial(pool.speak, voice)):
         piece.text   # a transcript delta, as soon as it arrives
         piece.pcm    # one sentence of audio, in order, as soon as it is synthesized
 
-Deltas go through ``SentenceSplitter``; each finished sentence, cleaned of markdown and emoji, is
-handed to ``speak`` at once, so sentence 2 is synthesized while sentence 1 plays and the model is
-still writing sentence 3. At most ``run_ahead`` sentences are synthesized or held ahead of the
+This is where text is split into sentences and cleaned for speech, once: deltas go through
+``SentenceSplitter``, and each finished sentence, cleaned of markdown and emoji, is handed to
+``speak`` at once, so sentence 2 is synthesized while sentence 1 plays and the model is still
+writing sentence 3. A text that arrives whole is split the same way by ``speakable_sentences`` and
+spoken by ``speak_sentences``. At most ``run_ahead`` sentences are synthesized or held ahead of the
 consumer: a slow client costs bounded memory, and one that leaves costs at most that much
 synthesis. Leaving the loop early cancels everything behind it, including ``deltas`` (whose own
 cleanup stops the model).
@@ -20,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from snark.speech.splitter import SentenceSplitter
+from snark.speech.splitter import SentenceSplitter, split_sentences
 from snark.speech.text import clean_for_speech
 
 RUN_AHEAD_SENTENCES = 3
@@ -63,7 +65,19 @@ class _Playback:
         return self.first_audio_at + self.synthesized_s
 
 
-async def speak_deltas(
+def speakable_sentences(text: str) -> list[str]:
+    """A whole ``text`` as a voice speaks it: its sentences (at most 400 characters each), each
+    cleaned of markdown and emoji; those with nothing to say are left out."""
+    return _cleaned(split_sentences(text))
+
+
+def _cleaned(sentences: list[str]) -> list[str]:
+    # The splitter ends a sentence at every line break, so each cleans to one line or to nothing (an
+    # emoji, a fence marker); splitlines() also parts the rarer breaks cleaning keeps apart (U+2028).
+    return [line for sentence in sentences for line in clean_for_speech(sentence).splitlines()]
+
+
+def speak_deltas(
     deltas: AsyncIterator[str],
     speak: Callable[..., Awaitable[bytes]],
     *,
@@ -73,11 +87,52 @@ async def speak_deltas(
 ) -> AsyncIterator[SpokenPiece]:
     """Transcript and audio pieces for the text ``deltas`` yield; see the module docstring.
 
-    ``speak(sentence, due_at=...)`` synthesizes one sentence; ``due_at`` is when the listener will
-    need it (None: now), known once audio has started: the first audio's time plus the seconds
+    ``speak(sentence, due_at=...)`` synthesizes one clean sentence; ``due_at`` is when the listener
+    will need it (None: now), known once audio has started: the first audio's time plus the seconds
     synthesized so far (``bytes_per_second`` of the PCM; 0 leaves every ``due_at`` None).
     """
-    splitter = splitter or SentenceSplitter()
+    written = _sentences_as_written(deltas, splitter or SentenceSplitter())
+    return _speak(written, speak, bytes_per_second=bytes_per_second, run_ahead=run_ahead)
+
+
+def speak_sentences(
+    sentences: list[str],
+    speak: Callable[..., Awaitable[bytes]],
+    *,
+    bytes_per_second: int = 0,
+    run_ahead: int = RUN_AHEAD_SENTENCES,
+) -> AsyncIterator[SpokenPiece]:
+    """Audio pieces for ``sentences`` already split and cleaned (``speakable_sentences``), with the
+    same run-ahead and scheduling as ``speak_deltas``; no transcript pieces."""
+    return _speak(_given(sentences), speak, bytes_per_second=bytes_per_second, run_ahead=run_ahead)
+
+
+async def _sentences_as_written(
+    deltas: AsyncIterator[str], splitter: SentenceSplitter
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """(delta, the clean sentences it completed) for each delta, then ("", the rest) at the end."""
+    try:
+        async for delta in deltas:
+            if delta:
+                yield delta, _cleaned(splitter.feed(delta))
+        yield "", _cleaned(splitter.flush())
+    finally:
+        with contextlib.suppress(Exception):
+            await deltas.aclose()  # type: ignore[attr-defined]
+
+
+async def _given(sentences: list[str]) -> AsyncIterator[tuple[str, list[str]]]:
+    yield "", sentences
+
+
+async def _speak(
+    written: AsyncIterator[tuple[str, list[str]]],
+    speak: Callable[..., Awaitable[bytes]],
+    *,
+    bytes_per_second: int,
+    run_ahead: int,
+) -> AsyncIterator[SpokenPiece]:
+    """Transcript deltas and the audio of each clean sentence, in the order ``written`` gives them."""
     playback = _Playback(bytes_per_second)
     slots = asyncio.Semaphore(run_ahead)
     # Text deltas and sentence jobs in the order they arose; the consumer awaits each job in turn.
@@ -85,36 +140,32 @@ async def speak_deltas(
 
     previous: list[asyncio.Future] = []  # this reply's latest job
 
-    async def speak_in_turn(spoken: str, before: asyncio.Future | None) -> bytes:
+    async def speak_in_turn(sentence: str, before: asyncio.Future | None) -> bytes:
         # One job of a reply in the pool at a time: its sentences are needed in order anyway, and a
         # reply never holds every worker, so another request always finds one soon.
         if before is not None:
             await asyncio.wait([before])
-        return await speak(spoken, due_at=playback.due_at())
+        return await speak(sentence, due_at=playback.due_at())
 
     async def submit(sentence: str) -> None:
-        spoken = clean_for_speech(sentence)
-        if spoken:
-            await slots.acquire()  # bounded run-ahead: wait for the consumer to take a sentence
-            job = asyncio.ensure_future(speak_in_turn(spoken, previous[-1] if previous else None))
-            job.add_done_callback(playback.synthesized)
-            previous[:] = [job]
-            queue.put_nowait(job)
+        await slots.acquire()  # bounded run-ahead: wait for the consumer to take a sentence
+        job = asyncio.ensure_future(speak_in_turn(sentence, previous[-1] if previous else None))
+        job.add_done_callback(playback.synthesized)
+        previous[:] = [job]
+        queue.put_nowait(job)
 
-    async def read_deltas() -> None:
+    async def read_written() -> None:
         try:
-            async for delta in deltas:
+            async for delta, sentences in written:
                 if delta:
                     queue.put_nowait(delta)
-                    for sentence in splitter.feed(delta):
-                        await submit(sentence)
-            for sentence in splitter.flush():
-                await submit(sentence)
+                for sentence in sentences:
+                    await submit(sentence)
             queue.put_nowait(_END)
         except Exception as exc:  # the consumer raises it in its own task, after the audio before it
             queue.put_nowait(_Failed(exc))
 
-    reader = asyncio.create_task(read_deltas())
+    reader = asyncio.create_task(read_written())
     try:
         while (item := await queue.get()) is not _END:
             if isinstance(item, _Failed):
@@ -135,9 +186,9 @@ async def speak_deltas(
             if isinstance(item, asyncio.Future):
                 item.cancel()
         with contextlib.suppress(Exception):
-            await deltas.aclose()  # type: ignore[attr-defined]
+            await written.aclose()  # type: ignore[attr-defined]  # closes the deltas behind it
 
 
 async def single_text(text: str) -> AsyncIterator[str]:
-    """A whole text as a one-delta stream, for requests that bring their text (``/v1/audio/speech``)."""
+    """A whole text as a one-delta stream, spoken as if it were being written (transcript included)."""
     yield text

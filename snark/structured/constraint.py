@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from snark.engine.request import StructuredOutput, ToolSpec
 from snark.errors import InvalidRequest
+from snark.values import StructuredOutput, ToolSpec
 
 TOOL_CALL_BEGIN = "<tool_call>"
 _CALL_HEAD = '<tool_call>\n{{"name": {name}, "arguments": '

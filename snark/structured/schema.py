@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import NoReturn
 
 from snark.errors import InvalidRequest
 
@@ -134,7 +135,7 @@ class _Checker:
         self.root, self.param, self.max_depth = root, param, max_depth
         self.budget = budget
 
-    def fail(self, where: str, message: str, code: str = "unsupported_schema") -> None:
+    def fail(self, where: str, message: str, code: str = "unsupported_schema") -> NoReturn:
         raise InvalidRequest(f"{message} (at {where or '/'})", param=self.param, code=code)
 
     def walk(self, node: object, where: str, depth: int) -> None:
@@ -333,7 +334,8 @@ class _Checker:
         required = node.get("required", [])
         if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
             self.fail(f"{where}/required", "required must be a list of property names", "invalid_schema")
-        listed = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        properties = node.get("properties")
+        listed = properties if isinstance(properties, dict) else {}
         for name in required:
             if name not in listed:  # xgrammar would drop the requirement and let an answer without it through
                 self.fail(
@@ -371,18 +373,20 @@ class _Checker:
             self.fail(where, f"{where.rsplit('/', 1)[-1]} is capped at {cap}", "schema_too_large")
 
 
+_PYTHON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "string": str,
+    "number": (int, float),
+    "boolean": bool,
+    "array": list,
+    "object": dict,
+    "null": type(None),
+}
+
+
 def _is_type(value: object, name: str) -> bool:
     if name == "integer":
         return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
-    python = {
-        "string": str,
-        "number": (int, float),
-        "boolean": bool,
-        "array": list,
-        "object": dict,
-        "null": type(None),
-    }[name]
-    return isinstance(value, python) and not (name == "number" and isinstance(value, bool))
+    return isinstance(value, _PYTHON_TYPES[name]) and not (name == "number" and isinstance(value, bool))
 
 
 def check_schema(

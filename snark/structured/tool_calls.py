@@ -40,7 +40,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from snark.engine.request import ToolCall
+from snark.values import ToolCall
 
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"

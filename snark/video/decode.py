@@ -240,8 +240,10 @@ def _decode_nearest(
             continue
         frame_time = float(frame.time)
         while index < len(targets) and frame_time >= targets[index]:
-            nearer_before = previous is not None and targets[index] - previous[0] <= frame_time - targets[index]
-            take(*(previous if nearer_before else (frame_time, frame)))
+            if previous is not None and targets[index] - previous[0] <= frame_time - targets[index]:
+                take(*previous)  # the frame before is nearer
+            else:
+                take(frame_time, frame)
             index += 1
         previous = (frame_time, frame)
     if index < len(targets):

@@ -120,7 +120,7 @@ class VideoCaps:
 
 
 def smart_resize(
-    height: int, width: int, *, min_pixels: int, max_pixels: int, factor: int = PIXEL_FACTOR
+    height: int, width: int, *, min_pixels: int, max_pixels: float, factor: int = PIXEL_FACTOR
 ) -> tuple[int, int]:
     """Each side a multiple of ``factor``, the area within [min_pixels, max_pixels], the aspect
     ratio kept as closely as that allows (Qwen's ``smart_resize``)."""

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -32,15 +33,7 @@ from PIL import Image
 from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
 from snark.engine.loader import LoadedModel
 from snark.engine.prompt import PromptBuilder
-from snark.engine.request import (
-    ChatTurn,
-    FinishReason,
-    GenerationRequest,
-    Outbox,
-    PromptInputs,
-    SamplingParams,
-    ToolSpec,
-)
+from snark.engine.request import GenerationRequest, Outbox, PromptInputs
 from snark.engine.transformers.blocks import BlockPool
 from snark.engine.transformers.encoder_cache import EncoderCache
 from snark.engine.transformers.grammar import Grammars, StepMasks
@@ -48,9 +41,10 @@ from snark.engine.transformers.graphs import Capture, DecodeGraphs, cuda_capture
 from snark.engine.transformers.kv_cache import KVCache
 from snark.engine.transformers.rows import Row
 from snark.engine.transformers.runner import Runner
-from snark.engine.transformers.sampler import next_tokens, sampling_defaults
+from snark.engine.transformers.sampler import next_tokens
 from snark.engine.transformers.scheduler import Scheduler, StepPlan
 from snark.errors import ModelNotReady, ShuttingDown
+from snark.values import ChatTurn, FinishReason, SamplingParams, ToolSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +58,15 @@ BLOCK_SIZE, FLASH_BLOCK_SIZE = 16, 256  # tokens a KV block (flash-attn's paged 
 CPU_PREFILL_TOKENS, CUDA_PREFILL_TOKENS = 1024, 2048
 ENCODER_CACHE_BYTES = 512 * 1024**2
 WARM_UP_MIN_PIXELS = 4 * 28 * 28  # the smallest image the model takes: 4 patches of 28x28 (one image token)
+
+T = TypeVar("T")
+
+
+def _built(part: T | None) -> T:
+    """A part of the engine that its generation thread builds when it loads the model."""
+    if part is None:
+        raise RuntimeError("the engine has not loaded its model yet: call start() and wait_ready() first")
+    return part
 
 
 class TransformersEngine(Engine):
@@ -97,13 +100,16 @@ class TransformersEngine(Engine):
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.cuda_graphs = cuda_graphs
         self.max_image_pixels = max_image_pixels  # the largest image the warm-up sends through
-        self.loaded: LoadedModel | None = None
-        self.prompts: PromptBuilder | None = None
-        self.pool: BlockPool | None = None
-        self.cache: KVCache | None = None
-        self.scheduler: Scheduler | None = None
-        self.grammars: Grammars | None = None  # constrained decoding: compiles off this engine's thread
-        self.masks: StepMasks | None = None
+        # Built by the generation thread as it loads the model (``_load``); read through the properties
+        # below, which raise a RuntimeError if that has not happened yet.
+        self._loaded_model: LoadedModel | None = None
+        self._prompts: PromptBuilder | None = None
+        self._pool: BlockPool | None = None
+        self._cache: KVCache | None = None
+        self._scheduler: Scheduler | None = None
+        self._runner: Runner | None = None
+        self._grammars: Grammars | None = None  # constrained decoding: compiles off this engine's thread
+        self._masks: StepMasks | None = None
         self._preparing = 0  # prompts being built: requests about to be submitted
         self._cond = threading.Condition()
         self._stopping = False
@@ -117,25 +123,59 @@ class TransformersEngine(Engine):
         next step), and wait for the generation thread."""
         with self._cond:
             self._stopping = True
-            waiting = []
-            if self.scheduler is not None:
-                waiting, self.scheduler.waiting = self.scheduler.waiting, []
+            waiting: list[GenerationRequest] = []
+            scheduler = self._scheduler
+            if scheduler is not None:
+                waiting, scheduler.waiting = scheduler.waiting, []
             self._cond.notify_all()
         for request in waiting:
             request.fail(ShuttingDown(SHUTTING_DOWN))
-        if self.scheduler is not None:
-            for row in [*self.scheduler.running, *self.scheduler.preempted]:
+        if scheduler is not None:
+            for row in [*scheduler.running, *scheduler.preempted]:
                 row.request.cancel()
         if self._thread is not None:
             self._thread.join(timeout_s)
-        if self.grammars is not None:
-            self.grammars.close()
+        if self._grammars is not None:
+            self._grammars.close()
         self.state = EngineState.STOPPED
+
+    # --- parts built at load time -----------------------------------------------------------------
+    @property
+    def loaded(self) -> LoadedModel:
+        return _built(self._loaded_model)
+
+    @property
+    def prompts(self) -> PromptBuilder:
+        return _built(self._prompts)
+
+    @property
+    def pool(self) -> BlockPool:
+        return _built(self._pool)
+
+    @property
+    def cache(self) -> KVCache:
+        return _built(self._cache)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return _built(self._scheduler)
+
+    @property
+    def runner(self) -> Runner:
+        return _built(self._runner)
+
+    @property
+    def grammars(self) -> Grammars:
+        return _built(self._grammars)
+
+    @property
+    def masks(self) -> StepMasks:
+        return _built(self._masks)
 
     # --- facts ------------------------------------------------------------------------------------
     @property
     def facts(self) -> ModelFacts | None:
-        loaded = self.loaded
+        loaded = self._loaded_model
         if loaded is None:
             return None
         return ModelFacts(
@@ -149,15 +189,16 @@ class TransformersEngine(Engine):
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.preempted) if self.scheduler else 0
+        scheduler = self._scheduler
+        return len(scheduler.waiting) + len(scheduler.preempted) if scheduler else 0
 
     @property
     def num_running(self) -> int:
-        return len(self.scheduler.running) if self.scheduler else 0
+        return len(self._scheduler.running) if self._scheduler else 0
 
     @property
     def kv_cache_budget_tokens(self) -> int:
-        return self.scheduler.capacity_tokens if self.scheduler else 0
+        return self._scheduler.capacity_tokens if self._scheduler else 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -166,7 +207,7 @@ class TransformersEngine(Engine):
     @property
     def prefix_cache_counts(self) -> tuple[int, int]:
         """Prompt tokens looked up in the prefix cache, and how many were found."""
-        return (self.pool.queries, self.pool.hits) if self.pool else (0, 0)
+        return (self._pool.queries, self._pool.hits) if self._pool else (0, 0)
 
     @property
     def cache_counts(self) -> dict[str, tuple[int, int]]:
@@ -176,9 +217,9 @@ class TransformersEngine(Engine):
     def _require_ready(self) -> PromptBuilder:
         if self._stopping or self.state is EngineState.STOPPED:
             raise ShuttingDown(SHUTTING_DOWN)
-        if self.state is not EngineState.READY or self.prompts is None:
+        if self.state is not EngineState.READY or self._prompts is None:
             raise ModelNotReady(STILL_LOADING)
-        return self.prompts
+        return self._prompts
 
     async def build_prompt(
         self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()
@@ -248,33 +289,33 @@ class TransformersEngine(Engine):
 
     def _load(self) -> None:
         loaded = self._loader()
-        self.loaded = loaded
-        self.prompts = PromptBuilder(loaded.processor, max_prompt_tokens=self.max_prompt_tokens)
+        self._loaded_model = loaded
+        self._prompts = PromptBuilder(loaded.processor, max_prompt_tokens=self.max_prompt_tokens)
         tokenizer = loaded.processor.tokenizer
         gen = loaded.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
-        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
-        self.default_sampling = sampling_defaults(gen)
+        self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else eos)
+        self.default_sampling = SamplingParams.model_defaults(gen)
         flash = loaded.attn_implementation == "flash_attention_2" and loaded.device.type == "cuda"
         block_size = self.kv_block_size or (FLASH_BLOCK_SIZE if flash else BLOCK_SIZE)
         flash = flash and block_size % FLASH_BLOCK_SIZE == 0 and importlib.util.find_spec("flash_attn") is not None
         if self.max_prefill_tokens is None:
             self.max_prefill_tokens = CUDA_PREFILL_TOKENS if loaded.device.type == "cuda" else CPU_PREFILL_TOKENS
-        self.cache = self._build_cache(loaded, block_size)
-        self.pool = BlockPool(self.cache.num_blocks, enable_caching=self.prefix_caching)
-        self.scheduler = Scheduler(
+        self._cache = self._build_cache(loaded, block_size)
+        self._pool = BlockPool(self.cache.num_blocks, enable_caching=self.prefix_caching)
+        self._scheduler = Scheduler(
             max_rows=self.max_batch_size,
             max_waiting=self.max_waiting_requests,
             max_prefill_tokens=self.max_prefill_tokens,
             pool=self.pool,
             block_size=block_size,
         )
-        self.runner = Runner(loaded, self.cache, self.encoder_cache, flash=flash)
-        vocab_size = loaded.model.config.text_config.vocab_size
-        self.grammars = Grammars(
+        self._runner = Runner(loaded, self.cache, self.encoder_cache, flash=flash)
+        vocab_size = loaded.text_config.vocab_size
+        self._grammars = Grammars(
             tokenizer, vocab_size=vocab_size, stop_token_ids=self.eos_token_ids, max_queued=self.max_waiting_requests
         )
-        self.masks = StepMasks(vocab_size)
+        self._masks = StepMasks(vocab_size)
         self._warm_up()
         if flash and self.cuda_graphs:
             self.capture_decode_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
@@ -294,22 +335,23 @@ class TransformersEngine(Engine):
     def capture_decode_graphs(self, capture: Capture) -> None:
         """Capture decode steps for every batch size up to the row limit (see ``graphs.py``), for rows
         as long as the longest prompt (a row that grows past that decodes eagerly)."""
-        self.runner.graphs = DecodeGraphs(
-            self.runner.model,
+        runner = self.runner
+        runner.graphs = graphs = DecodeGraphs(
+            runner.model,
             self.cache,
             max_rows=self.max_batch_size,
             max_blocks=min(self.cache.num_blocks - 1, self.scheduler.blocks_for(self.max_prompt_tokens)),
             capture=capture,
         )
-        self.runner.graphs.capture_all()
+        graphs.capture_all()
 
     def _build_cache(self, loaded: LoadedModel, block_size: int) -> KVCache:
-        text = loaded.model.config.text_config
+        text = loaded.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         shape = {
             "num_layers": text.num_hidden_layers,
             "block_size": block_size,
-            "kv_heads": text.num_key_value_heads,
+            "kv_heads": text.num_key_value_heads or text.num_attention_heads,  # as transformers fills it in
             "head_dim": head_dim,
         }
         block_bytes = KVCache.bytes_per_block(**shape, dtype=loaded.dtype)
@@ -389,29 +431,31 @@ class TransformersEngine(Engine):
         self._kv_cache_usage = self.pool.usage
 
     def _row(self, request: GenerationRequest) -> Row:
+        loaded = self.loaded
         return Row(
             request,
-            tokenizer=self.loaded.processor.tokenizer,
+            tokenizer=loaded.processor.tokenizer,
             eos_token_ids=self.eos_token_ids,
-            vocab_size=self.loaded.model.config.text_config.vocab_size,
-            device=self.loaded.device,
-            image_token_id=self.loaded.model.config.image_token_id,
-            video_token_id=self.loaded.model.config.video_token_id,
+            vocab_size=loaded.text_config.vocab_size,
+            device=loaded.device,
+            image_token_id=loaded.model.config.image_token_id,
+            video_token_id=loaded.model.config.video_token_id,
         )
 
     def _run(self, plan: StepPlan) -> None:
         """Run the plan and sample; a failure (a bug, an out-of-memory) fails the plan's rows, and the
         engine goes on serving the others."""
         now = time.perf_counter()
+        budget = self.scheduler.max_prefill_tokens
         for scheduled in plan.rows:
             row = scheduled.row
             row.start(now)
-            self.prefill_chunks_run += row.computed < row.prompt_tokens and row.prompt_tokens > self.max_prefill_tokens
+            self.prefill_chunks_run += row.computed < row.prompt_tokens and row.prompt_tokens > budget
         self.cache.ensure_zeroed(self.pool.high_water)
         try:
             logits, rows = self.runner.execute(plan)
             tokens: list[int] = []
-            if rows:
+            if logits is not None:  # some rows sample
                 grammars = [row.grammar for row in rows]
                 constrain = partial(self.masks.apply, grammars=grammars) if any(grammars) else None
                 tokens = next_tokens(logits, [row.sampler for row in rows], constrain=constrain)

@@ -20,16 +20,17 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
 import xgrammar
 
-from snark.engine.request import StructuredOutput
 from snark.errors import Overloaded
 from snark.structured.constraint import grammar_of, schema_error
+from snark.values import StructuredOutput
 
 log = logging.getLogger(__name__)
 _NEG_INF = torch.tensor(float("-inf"))
@@ -43,7 +44,7 @@ COMPILE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))  # half the cores: 
 class Grammars:
     """Compiles ``StructuredOutput``s for one tokenizer, one at a time, in its own thread."""
 
-    def __init__(self, tokenizer, *, vocab_size: int, stop_token_ids: Sequence[int], max_queued: int) -> None:
+    def __init__(self, tokenizer, *, vocab_size: int, stop_token_ids: Iterable[int], max_queued: int) -> None:
         self._tokenizer = tokenizer
         self.max_queued = max_queued  # compiles waiting for the grammar thread; past it, 503
         self.vocab_size = vocab_size  # the model's logits width (the tokenizer's size, padded)
@@ -69,14 +70,14 @@ class Grammars:
                     )
                 future = self._cache[key] = self._pool.submit(self._compile, structure)
                 self._cache.move_to_end(key)
-                future.add_done_callback(lambda done, key=key: self._settle(key, done))
+                future.add_done_callback(partial(self._settle, key))
             else:
                 self._cache.move_to_end(key)
         # Shielded: a request that gives up (client gone, shutdown) must not cancel a compile that other
         # requests with the same schema wait for.
         return await asyncio.shield(asyncio.wrap_future(future))
 
-    def _settle(self, key: tuple[str, str], done: Future) -> None:
+    def _settle(self, key: tuple[str, str], done: Future[xgrammar.CompiledGrammar]) -> None:
         """A compile ended: forget a failed one (the next request gets the same 400 anew), and keep
         the cache within its bytes."""
         with self._lock:
@@ -127,6 +128,14 @@ class RowGrammar:
     def __init__(self, compiled: xgrammar.CompiledGrammar) -> None:
         self.matcher = xgrammar.GrammarMatcher(compiled)
 
+    @classmethod
+    def of(cls, structure: StructuredOutput) -> RowGrammar:
+        """A matcher at the start of the grammar this engine's ``prepare`` compiled for ``structure``."""
+        compiled = structure.compiled
+        if not isinstance(compiled, xgrammar.CompiledGrammar):
+            raise TypeError(f"the request's output grammar was not compiled by this engine: {type(compiled).__name__}")
+        return cls(compiled)
+
     def accept(self, token: int) -> bool:
         """Move on by ``token``; False if the grammar refuses it (it came from this row's own mask,
         so only a bug gets here)."""
@@ -147,12 +156,13 @@ class StepMasks:
         rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
         if not rows:
             return
+        matchers = [grammar.matcher for grammar in grammars if grammar is not None]  # in the order of rows
         if self._bitmask.shape[0] < len(grammars):  # bitmask rows line up with logits rows
             self._bitmask = xgrammar.allocate_token_bitmask(
                 max(len(grammars), 2 * self._bitmask.shape[0]), self.vocab_size
             )
         bitmask = self._bitmask[: len(grammars)]
-        self._batch.batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], bitmask, indices=rows)
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
         if logits.device.type == "cpu":
             _forbid_on_cpu(logits, bitmask, rows)
         else:  # xgrammar's own kernel on the GPU

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -94,7 +95,7 @@ class DecodeGraphs:
         started = time.perf_counter()
         self._pad_from(0)
         for size in reversed(self.sizes):
-            self._replays[size] = self._capture(lambda size=size: self._forward(size))
+            self._replays[size] = self._capture(partial(self._forward, size))
         log.info("captured decode steps for %s rows in %.1f s", self.sizes, time.perf_counter() - started)
 
     def run(

@@ -129,11 +129,18 @@ class PrefillChunk:
     context: int
     tables: torch.Tensor | None  # [1, blocks] covering context + chunk; None: no context (plain causal)
 
+    @property
+    def context_tables(self) -> torch.Tensor:
+        """``tables`` of a chunk after cached context (the only chunks that read the cache)."""
+        if self.tables is None:
+            raise RuntimeError("a chunk without cached context has no block tables")
+        return self.tables
+
     @cached_property
     def mask(self) -> torch.Tensor:
         """``[1, 1, chunk, context + chunk]`` bool, built once a step, for the layers that need it."""
         length = self.context + self.end - self.start
-        device = self.tables.device
+        device = self.context_tables.device
         queries = torch.arange(self.context, length, device=device)[:, None]
         return (torch.arange(length, device=device)[None, :] <= queries)[None, None]
 
@@ -268,7 +275,7 @@ class FlatLanguageModel:
             elif q.device.type == "cpu" and p.end - p.start >= MERGE_MIN_CHUNK:
                 result = self._attend_after_context(layer, queries, k[p.start : p.end], v[p.start : p.end], p, cache)
             else:
-                keys, values = cache.gather(layer, p.tables)
+                keys, values = cache.gather(layer, p.context_tables)
                 length = p.context + p.end - p.start
                 result = F.scaled_dot_product_attention(
                     queries, keys[:, :, :length], values[:, :, :length], attn_mask=p.mask, enable_gqa=True
@@ -285,7 +292,7 @@ class FlatLanguageModel:
         ``queries`` [1, heads, chunk, head_dim]; ``k``, ``v`` [chunk, kv_heads, head_dim]."""
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         group, chunk = self.num_heads // self.kv_heads, queries.shape[2]
-        keys, values = cache.gather(layer, p.tables)
+        keys, values = cache.gather(layer, p.context_tables)
         # Every cached token is visible to every query: the group's queries fold into one KV head's.
         folded = queries.reshape(1, self.kv_heads, group * chunk, self.head_dim)
         old, old_lse = flash(folded, keys[:, :, : p.context], values[:, :, : p.context])

@@ -16,11 +16,12 @@ import hashlib
 
 import torch
 
-from snark.engine.request import FinishReason, GenerationRequest, Outbox, RequestState, StreamEvent
+from snark.engine.request import GenerationRequest, Outbox, PromptInputs, RequestState, StreamEvent
 from snark.engine.transformers.blocks import ImageSpan
 from snark.engine.transformers.detokenize import IncrementalDetokenizer, StopMatcher
 from snark.engine.transformers.grammar import RowGrammar
 from snark.engine.transformers.sampler import RowSampler
+from snark.values import FinishReason
 
 
 class Row:
@@ -42,7 +43,7 @@ class Row:
         prompt = request.prompt
         self.sampler = RowSampler(request.params, prompt.input_ids, vocab_size=vocab_size, device=device)
         structure = request.params.structure
-        self.grammar = RowGrammar(structure.compiled) if structure is not None else None
+        self.grammar = RowGrammar.of(structure) if structure is not None else None
         self.tokens: list[int] = list(prompt.input_ids)
         self.prompt_tokens = len(self.tokens)
         self.max_tokens = self.prompt_tokens + request.params.max_new_tokens  # the most it may ever hold
@@ -111,7 +112,7 @@ class Row:
             self.request.scheduled_at = now
 
 
-def media_spans(prompt, image_token_id: int, video_token_id: int) -> list[ImageSpan]:
+def media_spans(prompt: PromptInputs, image_token_id: int, video_token_id: int) -> list[ImageSpan]:
     """Each image's and video's run of placeholder tokens in a prompt, in order, with its key."""
     keys = {
         image_token_id: _keys(prompt.image_keys, prompt.pixel_values, prompt.image_grid_thw),
@@ -148,6 +149,8 @@ def _keys(keys: tuple[bytes, ...], pixel_values: torch.Tensor | None, grids: tor
     count = 0 if grids is None else int(grids.shape[0])
     if len(keys) == count:
         return keys
+    if grids is None or pixel_values is None:
+        raise ValueError(f"a prompt with {len(keys)} keys for {count} images or videos, and no pixels to digest")
     found, offset = [], 0
     for grid in grids.tolist():
         patches = pixel_values[offset : offset + grid[0] * grid[1] * grid[2]]

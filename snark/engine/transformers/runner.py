@@ -8,9 +8,9 @@ row's next tokens and builds what the flat model needs:
   every image and video this step needs that is not there (both are patches of 2 frames x 14 x 14
   pixels to the tower); a row keeps their features until their tokens are all computed, so a chunk
   boundary inside an image costs nothing;
-* **positions**: Qwen2.5-VL's 3-D rope (M-RoPE). A prompt's positions come once from the model's own
-  ``get_rope_index`` (image tokens get 2-D grid positions; a video's frame pairs also step in time,
-  by their ``second_per_grid_ts``); generated token ``i`` sits at
+* **positions**: Qwen2.5-VL's 3-D rope (M-RoPE). A prompt's positions are computed once (``mrope.py``:
+  image tokens get 2-D grid positions; a video's frame pairs also step in time, by their
+  ``second_per_grid_ts``); generated token ``i`` sits at
   ``i + rope_delta`` on all three axes;
 * **slots and attention**: each token's place in its row's blocks, and the ``AttentionPlan``: decode
   rows in groups of similar length (placed first and contiguously in the flat batch), then prefill
@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 
 from snark.engine.loader import LoadedModel
-from snark.engine.transformers.blocks import blocks_for, padded_table
+from snark.engine.request import PromptInputs
+from snark.engine.transformers.blocks import ImageSpan, blocks_for, padded_table
 from snark.engine.transformers.encoder_cache import EncoderCache
 from snark.engine.transformers.graphs import DecodeGraphs
 from snark.engine.transformers.kv_cache import KVCache
@@ -38,6 +39,7 @@ from snark.engine.transformers.model import (
     onednn_available,
     pack_linears,
 )
+from snark.engine.transformers.mrope import GridItem, mrope_positions
 from snark.engine.transformers.rows import Row
 from snark.engine.transformers.scheduler import Scheduled, StepPlan
 
@@ -56,9 +58,8 @@ class Runner:
         self.model = FlatLanguageModel(self.hf, packed=self.packed)
         self.flash = flash
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA with flash-attn), set by the engine
-        self.image_token_id = self.hf.config.image_token_id
-        self.video_token_id = self.hf.config.video_token_id
         self.merge = self.hf.model.visual.spatial_merge_size
+        self.tokens_per_second = loaded.vision_config.tokens_per_second
         self.images_encoded = 0  # images through the vision tower (tests and logs)
 
     # --- per row, once --------------------------------------------------------------------------
@@ -66,24 +67,17 @@ class Runner:
         """The prompt's M-RoPE positions (once per row, kept across preemptions)."""
         if row.positions is not None:
             return
-        prompt = row.request.prompt
-        if prompt.image_grid_thw is None and prompt.video_grid_thw is None:
+        if not row.images:
             row.positions = torch.arange(row.prompt_tokens, device=self.device).expand(3, -1)
             row.rope_delta = 0
             return
-        ids = torch.tensor([prompt.input_ids], device=self.device)
-        kinds = (ids == self.image_token_id).long() + 2 * (
-            ids == self.video_token_id
-        ).long()  # text 0, image 1, video 2
-        videos = prompt.video_grid_thw
-        positions, deltas = self.hf.model.get_rope_index(
-            ids,
-            kinds,
-            prompt.image_grid_thw.to(self.device) if prompt.image_grid_thw is not None else None,
-            videos.to(self.device) if videos is not None else None,
-            second_per_grid_ts=torch.tensor(prompt.second_per_grid_ts) if videos is not None else None,
-        )  # [3, 1, prompt], [1, 1]
-        row.positions, row.rope_delta = positions[:, 0], int(deltas[0, 0])
+        prompt, items = row.request.prompt, []
+        for span in row.images:
+            grid = _grids(prompt, span)[span.ordinal].tolist()
+            step = prompt.second_per_grid_ts[span.ordinal] * self.tokens_per_second if span.video else 0.0
+            items.append(GridItem(start=span.start, grid=tuple(grid), time_step=step))
+        positions, row.rope_delta = mrope_positions(row.prompt_tokens, items, merge=self.merge)
+        row.positions = positions.to(self.device)
 
     # --- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -107,9 +101,10 @@ class Runner:
             offset += s.tokens
         input_ids = torch.tensor(ids, device=self.device)
         positions = self._positions(ordered)
-        if self._replays(ordered, embeds_from):
+        graphs = self._replaying(ordered, embeds_from)
+        if graphs is not None:
             lengths, tables = [s.row.computed + 1 for s in ordered], [s.row.blocks for s in ordered]
-            logits = self.graphs.run(input_ids, positions, torch.tensor(slots, device=self.device), lengths, tables)
+            logits = graphs.run(input_ids, positions, torch.tensor(slots, device=self.device), lengths, tables)
             return logits, [s.row for s in ordered]
         embeds = self.model.embed_tokens(input_ids)  # [tokens, hidden]
         for at, row, start, end in embeds_from:
@@ -131,16 +126,18 @@ class Runner:
             return None, []
         return self.model.logits(hidden[torch.tensor(last, device=self.device)]), sampling
 
-    def _replays(self, ordered: Sequence[Scheduled], embeds_from: list) -> bool:
-        """Whether this step is a captured decode step: every row feeds one generated token, and its
+    def _replaying(self, ordered: Sequence[Scheduled], embeds_from: list) -> DecodeGraphs | None:
+        """The captured decode steps, if this step is one: every row feeds one generated token, and its
         blocks fit the captured block tables."""
         graphs = self.graphs
-        return (
+        if (
             graphs is not None
             and not embeds_from
             and len(ordered) <= graphs.max_rows
             and all(s.tokens == 1 and s.samples and len(s.row.blocks) <= graphs.max_blocks for s in ordered)
-        )
+        ):
+            return graphs
+        return None
 
     def _positions(self, ordered: Sequence[Scheduled]) -> torch.Tensor:
         """``[3, tokens]`` rope positions of the step's tokens: a prompt's from its row, a generated
@@ -149,6 +146,7 @@ class Runner:
         for s in ordered:
             row, start, end = s.row, s.row.computed, s.row.computed + s.tokens
             if start < row.prompt_tokens:
+                assert row.positions is not None  # execute() prepared every scheduled row
                 parts.append(row.positions[:, start : min(end, row.prompt_tokens)])
             if end > row.prompt_tokens:
                 generated = [i + row.rope_delta for i in range(max(start, row.prompt_tokens), end)]
@@ -178,10 +176,10 @@ class Runner:
             at += len(group)
         for s in prefills:
             context, chunk = s.row.computed, s.tokens
-            tables = None
+            context_tables = None
             if context:
-                tables = torch.tensor([s.row.blocks[: blocks_for(context + chunk, size)]], device=self.device)
-            plan.prefill.append(PrefillChunk(start=at, end=at + chunk, context=context, tables=tables))
+                context_tables = torch.tensor([s.row.blocks[: blocks_for(context + chunk, size)]], device=self.device)
+            plan.prefill.append(PrefillChunk(start=at, end=at + chunk, context=context, tables=context_tables))
             at += chunk
 
     def _flash_arguments(self, ordered: Sequence[Scheduled]) -> dict:
@@ -244,10 +242,9 @@ class Runner:
         """Span ``index``'s patches ``[patches, dim]`` and grid ``[3]`` from the row's prompt (an
         image's, or a video's: the tower reads both alike)."""
         prompt, span = row.request.prompt, row.images[index]
-        if span.video:
-            pixels, grids = prompt.pixel_values_videos, prompt.video_grid_thw
-        else:
-            pixels, grids = prompt.pixel_values, prompt.image_grid_thw
+        grids = _grids(prompt, span)
+        pixels = prompt.pixel_values_videos if span.video else prompt.pixel_values
+        assert pixels is not None  # this engine's prompts carry their pixels (vLLM's alone leave them out)
         sizes = grids.prod(-1).tolist()
         first = sum(sizes[: span.ordinal])
         return pixels[first : first + sizes[span.ordinal]], grids[span.ordinal]
@@ -267,3 +264,10 @@ class Runner:
             end = s.row.computed + s.tokens
             for index in [i for i in s.row.features if s.row.images[i].start + s.row.images[i].length <= end]:
                 del s.row.features[index]
+
+
+def _grids(prompt: PromptInputs, span: ImageSpan) -> torch.Tensor:
+    """The ``[items, 3]`` grids of the prompt's videos or images, whichever ``span`` is one of."""
+    grids = prompt.video_grid_thw if span.video else prompt.image_grid_thw
+    assert grids is not None  # spans are found from these grids (rows.media_spans)
+    return grids

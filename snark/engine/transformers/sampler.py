@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from snark.engine.request import SamplingParams
+from snark.values import SamplingParams
 
 
 class RowSampler:
@@ -44,10 +44,6 @@ class RowSampler:
         if self.counts is not None:
             self.counts[token] += 1
 
-    def draw(self, logits: torch.Tensor) -> int:
-        """This row's token from its (already penalised) ``logits`` ([vocab] float32)."""
-        return sample(logits, self.params, self.generator)
-
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
     """Draw one token from ``logits`` ([vocab]) with temperature, top-k and top-p."""
@@ -68,7 +64,7 @@ def apply_penalties(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> tor
     penalties applied, all penalised rows in one go."""
     repeat = [row for row, s in enumerate(samplers) if s.seen is not None]
     if repeat:
-        seen = torch.stack([samplers[row].seen for row in repeat])  # [penalised, vocab]
+        seen = torch.stack([s.seen for s in samplers if s.seen is not None])  # [penalised, vocab]
         factor = torch.tensor([samplers[row].params.repetition_penalty for row in repeat], device=logits.device)[
             :, None
         ]
@@ -76,7 +72,7 @@ def apply_penalties(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> tor
         logits[repeat] = torch.where(seen, torch.where(rows > 0, rows / factor, rows * factor), rows)
     counted = [row for row, s in enumerate(samplers) if s.counts is not None]
     if counted:
-        counts = torch.stack([samplers[row].counts for row in counted])  # [penalised, vocab]
+        counts = torch.stack([s.counts for s in samplers if s.counts is not None])  # [penalised, vocab]
         frequency = torch.tensor([samplers[row].params.frequency_penalty for row in counted], device=logits.device)
         presence = torch.tensor([samplers[row].params.presence_penalty for row in counted], device=logits.device)
         logits[counted] -= frequency[:, None] * counts + presence[:, None] * (counts > 0).to(logits.dtype)
@@ -94,19 +90,6 @@ def next_tokens(
         constrain(logits)
     tokens = logits.argmax(-1).tolist()
     for row, sampler in enumerate(samplers):
-        if sampler.generator is not None:
-            tokens[row] = sampler.draw(logits[row])
+        if sampler.generator is not None:  # a sampling row: its own draw from its penalised logits
+            tokens[row] = sample(logits[row], sampler.params, sampler.generator)
     return tokens
-
-
-def sampling_defaults(generation_config) -> SamplingParams:
-    """The model's own recommended sampling (generation_config.json), used where a request is silent,
-    as vLLM does. Qwen2.5-VL ships temperature 0.1 / top_k 1 (greedy in effect) and repetition 1.05."""
-    g = generation_config
-    do_sample = bool(getattr(g, "do_sample", False))
-    return SamplingParams(
-        temperature=float(g.temperature or 1.0) if do_sample else 0.0,
-        top_p=float(g.top_p or 1.0) if do_sample else 1.0,
-        top_k=int(g.top_k or 0) if do_sample else 0,
-        repetition_penalty=float(getattr(g, "repetition_penalty", None) or 1.0),
-    )

@@ -120,25 +120,25 @@ class Scheduler:
                 budget -= tokens
             plan.rows.append(Scheduled(row, tokens))
             index += 1
-        while budget > 0 and len(self.running) < self.max_rows and (row := self._head(make_row)) is not None:
-            if row in plan.preempted:
+        while budget > 0 and len(self.running) < self.max_rows and (joining := self._head(make_row)) is not None:
+            if joining in plan.preempted:
                 break  # sent back at this very step: it waits at least one step
-            if not row.looked_up:
-                self._take_cached_prefix(row)
-            tokens = min(row.remaining, budget)
-            new_blocks = self.blocks_for(row.computed + tokens) - len(row.blocks)
+            if not joining.looked_up:
+                self._take_cached_prefix(joining)
+            tokens = min(joining.remaining, budget)
+            new_blocks = self.blocks_for(joining.computed + tokens) - len(joining.blocks)
             if not self.pool.can_take(new_blocks):
-                self.pool.release(row.blocks)  # not now: let go of the cached prefix until it can join
-                row.reset()
+                self.pool.release(joining.blocks)  # not now: let go of the cached prefix until it can join
+                joining.reset()
                 break
-            row.blocks += self.pool.allocate(new_blocks)
-            self._pop_head(row)
-            if row.request.scheduled_at is None:  # its first admission (not a return after a preemption)
-                self.pool.queries += row.prompt_tokens
-                self.pool.hits += row.cached_tokens
-            self.running.append(row)
+            joining.blocks += self.pool.allocate(new_blocks)
+            self._pop_head(joining)
+            if joining.request.scheduled_at is None:  # its first admission (not a return after a preemption)
+                self.pool.queries += joining.prompt_tokens
+                self.pool.hits += joining.cached_tokens
+            self.running.append(joining)
             budget -= tokens
-            plan.rows.append(Scheduled(row, tokens))
+            plan.rows.append(Scheduled(joining, tokens))
         return plan
 
     def _reserve(self, row: Row, tokens: int, plan: StepPlan) -> bool:

@@ -1,7 +1,8 @@
 """Snark's settings -> vLLM's engine arguments, with one rule for each setting the two share.
 
 Pure functions over ``Settings``: nothing here imports vLLM, so the mapping is tested in any
-environment, and a bad combination stops start-up before minutes of loading.
+environment. The combinations with no single meaning are refused by ``Settings`` itself
+(``snark.config``, which also names the engine arguments derived here), before minutes of loading.
 
     VLLM_TP_SIZE / VLLM_PP_SIZE        tensor_parallel_size / pipeline_parallel_size
     VLLM_DISTRIBUTED_BACKEND           distributed_executor_backend ("mp" | "ray")
@@ -21,37 +22,23 @@ Overlaps, one rule each:
                             with VLLM_GPU_MEM_UTILIZATION, which vLLM would then ignore.
     compilation             vLLM compiles and captures CUDA graphs unless VLLM_ENFORCE_EAGER=1.
     images                  Snark resizes images under SNARK_MIN/MAX_IMAGE_PIXELS (and a request's own cap)
-                            itself; vLLM's resizer gets SNARK_MAX_IMAGE_PIXELS as its cap, and
-                            SNARK_MAX_IMAGES_PER_REQUEST = limit_mm_per_prompt (no video).
+                            itself; vLLM's image resizer gets SNARK_MAX_IMAGE_PIXELS as its cap, and
+                            SNARK_MAX_IMAGES_PER_REQUEST = limit_mm_per_prompt["image"].
+    videos                  Snark samples and resizes videos itself (SNARK_VIDEO_FPS, SNARK_*VIDEO_FRAME*);
+                            vLLM's video processor samples no frames (do_sample_frames=False), applies no
+                            clip-wide pixel cap of its own, and each request's bounds hold its frames
+                            (``prompt.video_size_bounds``). SNARK_MAX_VIDEO_FRAME_PIXELS bounds its profiling;
+                            SNARK_MAX_VIDEOS_PER_REQUEST = limit_mm_per_prompt["video"].
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from snark.config import Settings
+from snark.config import Settings
 
 # One merged patch (14 x 14 patches, merged 2 x 2): the smallest image Qwen2-VL's resizer ever outputs.
 SMALLEST_IMAGE_PIXELS = 28 * 28
-
-# Engine arguments Snark derives from its own settings: the escape hatch may not set them, so each
-# has one place (the setting named here).
-DERIVED = {
-    "model": "VLM_MODEL or VLM_SIZE",
-    "tokenizer": "VLM_MODEL or VLM_SIZE",
-    "tensor_parallel_size": "VLLM_TP_SIZE",
-    "pipeline_parallel_size": "VLLM_PP_SIZE",
-    "distributed_executor_backend": "VLLM_DISTRIBUTED_BACKEND",
-    "gpu_memory_utilization": "VLLM_GPU_MEM_UTILIZATION",
-    "kv_cache_memory_bytes": "SNARK_KV_CACHE_GIB",
-    "max_model_len": "VLLM_MAX_MODEL_LEN",
-    "max_num_seqs": "VLLM_MAX_NUM_SEQS (or SNARK_MAX_BATCH_SIZE)",
-    "enforce_eager": "VLLM_ENFORCE_EAGER",
-    "enable_prefix_caching": "SNARK_PREFIX_CACHING",
-    "limit_mm_per_prompt": "SNARK_MAX_IMAGES_PER_REQUEST",
-    "mm_processor_kwargs": "SNARK_MAX_IMAGE_PIXELS (Snark resizes images itself)",
-}
 
 # Settings of Snark's own engine that vLLM has no use for: start-up warns when they are given.
 TRANSFORMERS_ONLY = {
@@ -61,25 +48,6 @@ TRANSFORMERS_ONLY = {
     "kv_block_size": "SNARK_KV_BLOCK_SIZE",
     "encoder_cache_mib": "SNARK_ENCODER_CACHE_MIB",
 }
-
-
-def check_overlaps(settings: Settings) -> None:
-    """Raise ``ValueError`` (a settings error at start-up) for combinations with no single meaning."""
-    s = settings
-    if s.vllm_max_num_seqs is not None and "max_batch_size" in s.model_fields_set and s.max_batch_size != s.vllm_max_num_seqs:
-        raise ValueError(
-            f"SNARK_MAX_BATCH_SIZE={s.max_batch_size} and VLLM_MAX_NUM_SEQS={s.vllm_max_num_seqs} disagree: on the vLLM "
-            "engine both mean the rows decoded together; give one of them."
-        )
-    if s.kv_cache_gib is not None and s.vllm_gpu_mem_utilization is not None:
-        raise ValueError(
-            "SNARK_KV_CACHE_GIB (the KV cache size) and VLLM_GPU_MEM_UTILIZATION (a memory fraction) both size vLLM's "
-            "KV cache, and vLLM would ignore the fraction: give one of them."
-        )
-    clashes = sorted(set(s.vllm_extra_engine_args) & set(DERIVED))
-    if clashes:
-        where = "; ".join(f"{key}: {DERIVED[key]}" for key in clashes)
-        raise ValueError(f"VLLM_ENGINE_ARGS may not set {', '.join(clashes)}: Snark sets them from its settings ({where}).")
 
 
 def given_transformers_only(settings: Settings) -> list[str]:
@@ -104,6 +72,23 @@ def prompt_token_limit(settings: Settings, context_len: int) -> int:
     return min(settings.max_prompt_tokens, context_len - 1)
 
 
+def mm_processor_kwargs(settings: Settings) -> dict[str, Any]:
+    """vLLM's processor options, per modality: a flat ``size`` would reach both processors."""
+    return {
+        # Snark hands vLLM images already resized under each request's bounds (SNARK_MIN/MAX_IMAGE_PIXELS, a
+        # request's own cap). Between one merged patch and the server's cap, vLLM's resizer keeps every such
+        # size, and with it the token count; the cap also sizes vLLM's encoder-cache profiling.
+        "images_kwargs": {"size": {"shortest_edge": SMALLEST_IMAGE_PIXELS, "longest_edge": settings.max_image_pixels}},
+        # Snark's videos arrive sampled (every frame a sampled one) and resized (sides multiples of 28). These
+        # bounds size vLLM's profiling; each request brings bounds that hold its own frames as they are.
+        "videos_kwargs": {
+            "size": {"shortest_edge": SMALLEST_IMAGE_PIXELS, "longest_edge": settings.max_video_frame_pixels},
+            "do_sample_frames": False,
+            "cap_pixels_per_frame": False,  # Snark's clip-wide budget (SNARK_MAX_VIDEO_TOKENS) applied already
+        },
+    }
+
+
 def engine_args(settings: Settings, *, model_context_len: int | None = None) -> dict[str, Any]:
     """Keyword arguments for ``vllm.AsyncEngineArgs``. Optional settings that were not given are
     left out, so vLLM's own defaults apply to them."""
@@ -112,11 +97,8 @@ def engine_args(settings: Settings, *, model_context_len: int | None = None) -> 
         "model": s.model_id,
         "max_model_len": max_model_len(s, model_context_len),
         "max_num_seqs": max_num_seqs(s),
-        "limit_mm_per_prompt": {"image": s.max_images_per_request, "video": 0},
-        # Snark hands vLLM images already resized under each request's bounds (SNARK_MIN/MAX_IMAGE_PIXELS, a
-        # request's own cap). Between one merged patch and the server's cap, vLLM's resizer keeps every such
-        # size, and with it the token count; the cap also sizes vLLM's encoder-cache profiling.
-        "mm_processor_kwargs": {"size": {"shortest_edge": SMALLEST_IMAGE_PIXELS, "longest_edge": s.max_image_pixels}},
+        "limit_mm_per_prompt": {"image": s.max_images_per_request, "video": s.max_videos_per_request},
+        "mm_processor_kwargs": mm_processor_kwargs(s),
     }
     optional = {
         "tensor_parallel_size": s.vllm_tp_size,

@@ -1,7 +1,7 @@
 """vLLM's async engine behind Snark's engine seam: tensor/pipeline parallel, Ray multi-node.
 
     submit() ──► run_coroutine_threadsafe ──► vLLM's event loop (its own thread):
-                                               AsyncLLM.generate(ids + PIL images, SamplingParams)
+                                               AsyncLLM.generate(ids + images/videos, SamplingParams)
                                                each delta ──► GenerationRequest.push ──► Outbox
     client ◄── asyncio queue ◄── loop.call_soon_threadsafe ◄── one flush per engine step
 
@@ -27,12 +27,13 @@ from concurrent.futures import Future
 
 from snark.config import Settings
 from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
-from snark.engine.request import ChatTurn, FinishReason, GenerationRequest, Outbox, PromptInputs, SamplingParams, StreamEvent, ToolSpec
+from snark.engine.request import GenerationRequest, Outbox, PromptInputs, StreamEvent
 from snark.engine.vllm import args as vllm_args
 from snark.engine.vllm.prompt import VllmPrompt, VllmPromptBuilder
 from snark.engine.vllm.runtime import Runtime, load_runtime
 from snark.engine.vllm.sampling import vllm_sampling_fields, vllm_structured_fields
 from snark.errors import InvalidRequest, ModelNotReady, Overloaded, ShuttingDown
+from snark.values import ChatTurn, FinishReason, SamplingParams, ToolSpec
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,13 @@ class VllmEngine(Engine):
             self.load_error = ModelNotReady(ENGINE_DIED, code="engine_dead")
             self.state = EngineState.FAILED
 
+    @property
+    def _started_loop(self) -> asyncio.AbstractEventLoop:
+        """vLLM's event loop, which the engine's thread creates first thing."""
+        if self._loop is None:
+            raise RuntimeError("the vLLM engine has not been started: call start() and wait_ready() first")
+        return self._loop
+
     # --- the asyncio side (uvicorn's loop) ----------------------------------------------------------
     def _require_ready(self) -> VllmPromptBuilder:
         if self._stopping or self.state is EngineState.STOPPED:
@@ -146,7 +154,7 @@ class VllmEngine(Engine):
                     f"{len(self._live)} requests are already running or waiting (SNARK_MAX_WAITING_REQUESTS="
                     f"{self.max_waiting_requests} past the {self.max_batch_size} running): retry shortly."
                 )
-            self._live[request] = asyncio.run_coroutine_threadsafe(self._generate(request), self._loop)
+            self._live[request] = asyncio.run_coroutine_threadsafe(self._generate(request), self._started_loop)
         return request
 
     def cancel(self, request: GenerationRequest) -> None:
@@ -166,7 +174,9 @@ class VllmEngine(Engine):
             self.runtime = loop.run_until_complete(load_runtime(self.settings))
             context_len = self.runtime.max_model_len
             self.prompts = VllmPromptBuilder(
-                self.runtime.processor, max_prompt_tokens=vllm_args.prompt_token_limit(self.settings, context_len)
+                self.runtime.processor,
+                max_prompt_tokens=vllm_args.prompt_token_limit(self.settings, context_len),
+                max_item_tokens=self.runtime.max_item_tokens,
             )
             self.default_sampling = self.runtime.default_sampling
             self._facts = self.runtime.facts
@@ -184,19 +194,23 @@ class VllmEngine(Engine):
         pending = [future for future in self._live.values()]
         if pending:  # let the cancelled requests abort and end their streams first
             await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=5)
-        llm, self.runtime = self.runtime.llm, None
-        llm.shutdown()
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:  # None: an earlier stop() shut it down already
+            runtime.llm.shutdown()
         for _ in range(3):  # let vLLM's cancelled output handler finish on this loop before it stops
             await asyncio.sleep(0)
         asyncio.get_running_loop().stop()
 
     async def _generate(self, request: GenerationRequest) -> None:
         """One request's life on vLLM's loop: stream its deltas until it ends, however it ends."""
-        runtime = self.runtime
-        prompt: VllmPrompt = request.prompt  # type: ignore[assignment]
+        prompt = request.prompt
+        assert isinstance(prompt, VllmPrompt)  # submit() takes no other prompts
         handed_at = time.perf_counter()
         request.scheduled_at = handed_at
         try:
+            runtime = self.runtime
+            if runtime is None:  # stop() has shut vLLM down
+                raise ShuttingDown(SHUTTING_DOWN)
             stream = runtime.llm.generate(
                 runtime.tokens_prompt(prompt), runtime.sampling_params(vllm_sampling_fields(request.params)), request.id
             )
@@ -240,7 +254,7 @@ class VllmEngine(Engine):
         # so uvicorn's loop wakes once per step, not once per request.
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._started_loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -261,13 +275,13 @@ class VllmEngine(Engine):
 
 
 def _check_prompt_length(prompt: VllmPrompt, output) -> None:
-    """vLLM expands the image pads itself: its count must be Snark's, or the usage, the limits and the
-    resolution cap Snark enforced were not what vLLM ran."""
+    """vLLM expands the image and video pads itself: its count must be Snark's, or the usage, the limits
+    and the resolution caps Snark enforced were not what vLLM ran."""
     expanded = output.prompt_token_ids
     if expanded is not None and len(expanded) != prompt.num_tokens:
         raise RuntimeError(
             f"vLLM expanded the prompt to {len(expanded)} tokens where Snark counted {prompt.num_tokens} "
-            "(a bug in Snark's image resizing for vLLM)"
+            "(a bug in how Snark hands images or videos to vLLM)"
         )
 
 
@@ -278,4 +292,3 @@ def _queued_s(output) -> float:
     if isinstance(queued, float) and isinstance(scheduled, float) and scheduled >= queued:
         return scheduled - queued
     return 0.0
-

@@ -3,7 +3,9 @@
 Only the async engine's stable surface is used, the same in vLLM 0.32 (the CPU build tested here)
 and 0.33 (CUDA): ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``, ``generate(TokensPrompt,
 SamplingParams(output_kind=DELTA), request_id)``, ``errored`` and ``shutdown()``; aborting is
-``generate``'s own reaction to being cancelled.
+``generate``'s own reaction to being cancelled. One internal is read where it exists: the size of
+vLLM's encoder cache (``input_processor.mm_encoder_cache_size``), the most tokens one image or video
+may have, so that Snark refuses larger ones with its own advice.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from snark.config import Settings
+from snark.config import Settings, env_name
 from snark.engine.base import ModelFacts
 from snark.engine.loader import TINY_MODEL_NAME
-from snark.engine.request import SamplingParams
 from snark.engine.tiny_model import tiny_checkpoint_version
 from snark.engine.vllm import args as vllm_args
 from snark.engine.vllm.prompt import VllmPrompt
 from snark.errors import ConfigError
+from snark.values import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,7 @@ INSTALL_HINT = (
 )
 # Snark's settings that share vLLM's prefix. vLLM warns about VLLM_* variables it does not know;
 # these are Snark's own, so they are registered with it as known ones.
-SNARK_VLLM_VARIABLES = tuple(
-    field.validation_alias.choices[0] for name, field in Settings.model_fields.items() if name.startswith("vllm_")
-)
+SNARK_VLLM_VARIABLES = tuple(env_name(name) for name in Settings.model_fields if name.startswith("vllm_"))
 
 
 def require_vllm() -> None:
@@ -52,6 +52,7 @@ class Runtime:
     processor: Any
     facts: ModelFacts
     max_model_len: int
+    max_item_tokens: int | None  # one image's or video's tokens, at most (vLLM's encoder cache); None: not known
     default_sampling: SamplingParams
     _sampling_params: Any
     _structured_outputs: Any
@@ -67,8 +68,7 @@ class Runtime:
 
     def tokens_prompt(self, prompt: VllmPrompt):
         tokens = self._tokens_prompt(prompt_token_ids=prompt.engine_ids)
-        if prompt.images:
-            tokens["multi_modal_data"] = {"image": prompt.images}
+        tokens.update(prompt.multi_modal_fields())
         if prompt.cache_salt is not None:
             tokens["cache_salt"] = prompt.cache_salt  # vLLM's own prefix caching keeps salts apart too
         return tokens
@@ -92,8 +92,6 @@ async def load_runtime(settings: Settings) -> Runtime:
         raise ConfigError(f"{INSTALL_HINT} (import failed: {exc})") from exc
     from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
-    from snark.engine.transformers.sampler import sampling_defaults
-
     for name in SNARK_VLLM_VARIABLES:
         envs.environment_variables.setdefault(name, partial(os.getenv, name))
 
@@ -107,7 +105,9 @@ async def load_runtime(settings: Settings) -> Runtime:
             "Set VLM_MODEL to a local checkpoint folder or a hub id you can download (check the network and HF_TOKEN)."
         ) from exc
     text_config = config.get_text_config()
-    engine_kwargs = vllm_args.engine_args(settings, model_context_len=getattr(text_config, "max_position_embeddings", None))
+    engine_kwargs = vllm_args.engine_args(
+        settings, model_context_len=getattr(text_config, "max_position_embeddings", None)
+    )
     for env in vllm_args.given_transformers_only(settings):
         log.warning("%s is a setting of Snark's own engine; the vLLM engine does not use it", env)
     log.info("starting vLLM %s with %s", vllm.__version__, engine_kwargs)
@@ -125,6 +125,11 @@ async def load_runtime(settings: Settings) -> Runtime:
     tiny = local.exists() and tiny_checkpoint_version(local) is not None
     model_config = llm.model_config
     parallel = llm.vllm_config.parallel_config
+    max_item_tokens = _encoder_cache_tokens(llm)
+    if max_item_tokens is not None:
+        _log_item_cap(
+            settings, max_item_tokens, vllm_args.prompt_token_limit(settings, int(model_config.max_model_len))
+        )
     facts = ModelFacts(
         name=TINY_MODEL_NAME if tiny else model_id,
         engine="vllm",
@@ -139,13 +144,37 @@ async def load_runtime(settings: Settings) -> Runtime:
         processor=processor,
         facts=facts,
         max_model_len=int(model_config.max_model_len),
-        default_sampling=sampling_defaults(generation),
+        max_item_tokens=max_item_tokens,
+        default_sampling=SamplingParams.model_defaults(generation),
         _sampling_params=partial(vllm.SamplingParams, output_kind=RequestOutputKind.DELTA),
         _structured_outputs=StructuredOutputsParams,
         _tokens_prompt=vllm.TokensPrompt,
         _dead_errors=(EngineDeadError,),
         _client_errors=_client_errors(),
     )
+
+
+def _log_item_cap(settings: Settings, max_item_tokens: int, prompt_limit: int) -> None:
+    """Say how large one video may be on vLLM, and warn where that refuses videos Snark would sample."""
+    log.info("vLLM takes up to %d tokens of one image or video (its encoder cache)", max_item_tokens)
+    largest = min(settings.max_video_tokens, prompt_limit)
+    if largest > max_item_tokens:
+        log.warning(
+            "Videos of up to %d tokens fit SNARK_MAX_VIDEO_TOKENS and SNARK_MAX_PROMPT_TOKENS, but vLLM takes at "
+            "most %d tokens of one video (its encoder cache, sized by max_num_batched_tokens): larger ones are "
+            "refused. Set VLLM_ENGINE_ARGS='{\"max_num_batched_tokens\": %d}' to take them, or lower "
+            "SNARK_MAX_VIDEO_TOKENS.",
+            largest,
+            max_item_tokens,
+            largest,
+        )
+
+
+def _encoder_cache_tokens(llm) -> int | None:
+    """The most tokens one image or video may have: vLLM keeps an item's vision features whole in its
+    encoder cache (its size: max_num_batched_tokens, or its own estimate of the largest item if more)."""
+    size = getattr(getattr(llm, "input_processor", None), "mm_encoder_cache_size", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from snark.engine.request import SamplingParams, StructuredOutput
 from snark.structured.constraint import grammar_of
+from snark.values import SamplingParams, StructuredOutput
 
 
 def vllm_sampling_fields(params: SamplingParams) -> dict[str, Any]:
@@ -42,7 +42,10 @@ def vllm_sampling_fields(params: SamplingParams) -> dict[str, Any]:
 
 
 def _structured(structure: StructuredOutput) -> dict[str, Any]:
-    return structure.compiled  # VllmEngine.prepare wrote it (vllm_structured_fields)
+    compiled = structure.compiled  # VllmEngine.prepare wrote it (vllm_structured_fields)
+    if not isinstance(compiled, dict):
+        raise TypeError(f"the request's output grammar was not prepared by the vLLM engine: {type(compiled).__name__}")
+    return compiled
 
 
 def vllm_structured_fields(structure: StructuredOutput) -> dict[str, Any]:

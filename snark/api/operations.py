@@ -1,10 +1,13 @@
-"""``GET /health``: 503 while the model loads (or failed to), 200 once requests can be served."""
+"""The routes for operators: ``GET /health`` (503 while the model loads or failed to, 200 once requests
+can be served) and ``GET /metrics`` (Prometheus text, see ``metrics.py``)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from snark.api.metrics import WithoutCreated
 from snark.api.state import AppState, get_state
 from snark.engine.base import EngineState
 
@@ -36,3 +39,8 @@ async def health(state: AppState = Depends(get_state)) -> JSONResponse:
     if facts.is_tiny:
         body["note"] = "random-weight test model: answers are noise (serve real weights with VLM_SIZE/VLM_MODEL)"
     return JSONResponse(body)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(state: AppState = Depends(get_state)) -> Response:
+    return Response(generate_latest(WithoutCreated(state.metrics.registry)), media_type=CONTENT_TYPE_LATEST)

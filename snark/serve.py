@@ -1,4 +1,9 @@
-"""uvicorn as ``snark serve`` runs it: stop signals drain, then end what is left; a second one exits.
+"""uvicorn as ``snark serve`` runs it: the port bound first, stop signals drain, then end what is left;
+a second one exits.
+
+``snark serve`` binds its port before anything slow happens and hands the socket to uvicorn: a port
+already in use is a message in a second, not a model loaded for nothing and a bind error afterwards
+(uvicorn alone binds only once the app has started).
 
     first SIGTERM / Ctrl-C ──► no new connections; requests in flight go on for SNARK_SHUTDOWN_GRACE_S
                                ──► then the engine stops their rows and the rest is cut (each ends properly)
@@ -13,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -25,9 +32,9 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-if TYPE_CHECKING:
-    import socket
+from snark.errors import ConfigError
 
+if TYPE_CHECKING:
     from snark.config import Settings
 
 log = logging.getLogger("snark.serve")
@@ -182,9 +189,9 @@ def stop_signals_raise() -> Iterator[None]:
 def serve(settings: Settings, listener: socket.socket, *, tiny: bool) -> int:
     """Serve on ``listener`` until stopped. 0: a clean stop; 1: the model could not load."""
     from snark.api.in_flight import end_in_flight
+    from snark.app import create_app
     from snark.engine.tiny_model import ensure_tiny_model
     from snark.logs import configure_logging
-    from snark.server import create_app
 
     configure_logging(settings)
     server: SnarkServer | None = None
@@ -221,3 +228,74 @@ def serve(settings: Settings, listener: socket.socket, *, tiny: bool) -> int:
         log.info("stopped before the model finished loading")
         exit_now(0)
     return 0
+
+
+# --- the listening socket -----------------------------------------------------------------------
+
+_HOW = "pick another with --port or SNARK_PORT"
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port``; connections wait in its backlog until uvicorn accepts
+    them. Raises ``ConfigError`` naming the flag and the environment variable to change."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ConfigError(
+            f"Cannot listen on host {host!r} ({exc.strerror}): set --host or SNARK_HOST to an address of this "
+            "machine (127.0.0.1 for this machine only, 0.0.0.0 for every interface)."
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    # As uvicorn does: a restarted server may reuse the port while old connections linger in TIME_WAIT
+    # (a port another process listens on stays refused).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen()  # now: two sockets with SO_REUSEADDR may both bind a port nobody listens on yet
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(_bind_problem(host, port, exc)) from None
+    return sock
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"Port {port} on {host} is already in use (another Snark, or another server, listens there): "
+            f"stop it, or {_HOW}."
+        )
+    if exc.errno == errno.EACCES:
+        return f"Port {port} needs privileges this process lacks: {_HOW} (above 1023)."
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"{host} is not an address of this machine: set --host or SNARK_HOST "
+            "(127.0.0.1, or 0.0.0.0 for every interface)."
+        )
+    return f"Cannot listen on {host}:{port} ({exc.strerror}): check --host/--port or SNARK_HOST/SNARK_PORT."
+
+
+# --- in a thread ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """``app`` under a real uvicorn on 127.0.0.1 in a thread of this process (tests, the benchmark's
+    in-process runs); yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="snark-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the in-process server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

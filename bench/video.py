@@ -20,10 +20,10 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from snark.bench.chat import ChatSend, ChatVideo, Message, Reply, send_or_record_failure
-from snark.bench.clip import ClipSpec, make_clip
-from snark.bench.report import RequestTiming, percentile
-from snark.bench.runs import Measured
+from bench.chat import ChatSend, ChatVideo, Message, Reply, send_or_record_failure
+from bench.clip import ClipSpec, make_clip
+from bench.report import RequestTiming, percentile
+from bench.runs import Measured
 
 QUESTIONS = (
     "What happens in this video?",

@@ -7,11 +7,11 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from snark.bench.ceilings import continuous_batching, raw_generate
-from snark.bench.engine import Engine
-from snark.bench.report import Row, row_from_timings
-from snark.bench.runners import HttpTarget, engine_load, http_load, peak_memory, reset_peak_memory
-from snark.engine.request import SamplingParams
+from bench.ceilings import continuous_batching, raw_generate
+from bench.engine import Engine
+from bench.report import Row, row_from_timings
+from bench.runners import HttpTarget, engine_load, http_load, peak_memory, reset_peak_memory
+from snark.values import SamplingParams
 
 
 def requests_at(args: argparse.Namespace, concurrency: int) -> int:

@@ -25,7 +25,7 @@ def start_engine(loader: Callable[[], LoadedModel], *, wait_s: float | None = No
 def start_vllm_engine(settings: Settings, *, wait_s: float | None = None) -> Engine:
     """The server's vLLM engine for ``settings`` (SNARK_ENGINE=vllm or a VLLM_* setting), started and
     ready: vLLM loads ``settings.model_id`` itself, with the server's mapping of every setting."""
-    from snark.server import build_engine
+    from snark.engine.build import build_engine
 
     engine = build_engine(settings)
     engine.start()

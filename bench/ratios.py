@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from snark.bench.report import Ratio, Report, Row
+from bench.report import Ratio, Report, Row
 
 # Goals, set for the tiny model on CPU and 16 concurrent requests; other runs print the same ratios
 # without them.

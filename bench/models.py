@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from snark.bench.ratios import roofline_tok_s
+from bench.ratios import roofline_tok_s
 from snark.engine.loader import LoadedModel
 from snark.errors import ConfigError
 

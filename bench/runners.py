@@ -16,20 +16,18 @@ import asyncio
 import contextlib
 import itertools
 import resource
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import torch
 
-from snark.bench.engine import Engine
-from snark.bench.report import RequestTiming
-from snark.bench.sse import ChatStreamReader
-from snark.bench.workload import Workload
-from snark.engine.request import ChatTurn, SamplingParams
+from bench.engine import Engine
+from bench.report import RequestTiming
+from bench.sse import ChatStreamReader
+from bench.workload import Workload
 from snark.errors import ConfigError
+from snark.values import ChatTurn, SamplingParams
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -257,26 +255,3 @@ async def http_sender(target: HttpTarget, workload: Workload) -> AsyncIterator[S
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S), limits=limits) as client:
         yield lambda index, max_tokens: target.send(client, workload, index, max_tokens)
-
-
-@contextlib.contextmanager
-def local_server(app) -> Iterator[str]:
-    """``app`` under a real uvicorn on 127.0.0.1 in a thread of this process; yields its URL."""
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="bench-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the in-process server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)

@@ -12,9 +12,9 @@ import random
 import time
 from dataclasses import dataclass
 
-from snark.bench.report import RequestTiming, latency_percentiles, percentile
-from snark.bench.runners import Send, send_or_record_failure
-from snark.bench.runs import Measured
+from bench.report import RequestTiming, latency_percentiles, percentile
+from bench.runners import Send, send_or_record_failure
+from bench.runs import Measured
 
 SHORT_TOKENS = 32  # requests asking for at most this many tokens are also reported on their own
 

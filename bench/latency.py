@@ -7,17 +7,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from snark.bench import hol
-from snark.bench.chat import ChatSend, engine_chat_sender, http_chat_sender
-from snark.bench.clip import ClipSpec, frame_size
-from snark.bench.conversation import measure_image_chats
-from snark.bench.engine import Engine
-from snark.bench.longshort import measure_long_short
-from snark.bench.openloop import measure_poisson
-from snark.bench.runners import HttpTarget, Send, engine_sender, http_sender
-from snark.bench.runs import Measured
-from snark.bench.video import measure_video
-from snark.bench.workload import Workload
+from bench import hol
+from bench.chat import ChatSend, engine_chat_sender, http_chat_sender
+from bench.clip import ClipSpec, frame_size
+from bench.conversation import measure_image_chats
+from bench.engine import Engine
+from bench.longshort import measure_long_short
+from bench.openloop import measure_poisson
+from bench.runners import HttpTarget, Send, engine_sender, http_sender
+from bench.runs import Measured
+from bench.video import measure_video
+from bench.workload import Workload
 from snark.video.load import VideoLoader
 
 CHAT_WORKLOADS = ("conversation", "image-repeat", "video", "long-short")  # whole chats, answers sent back

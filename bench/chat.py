@@ -21,11 +21,11 @@ from functools import cached_property
 import httpx
 from PIL import Image
 
-from snark.bench.clip import Clip
-from snark.bench.engine import Engine
-from snark.bench.report import RequestTiming
-from snark.bench.runners import REQUEST_TIMEOUT_S, HttpTarget, stream_chat
-from snark.engine.request import ChatTurn, SamplingParams
+from bench.clip import Clip
+from bench.engine import Engine
+from bench.report import RequestTiming
+from bench.runners import REQUEST_TIMEOUT_S, HttpTarget, stream_chat
+from snark.values import ChatTurn, SamplingParams
 from snark.video.load import VideoLimits, VideoLoader
 
 

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import httpx
 
-from snark.bench.engine import Engine
-from snark.bench.report import Ratio, Report, RequestTiming, Row, row_from_timings
-from snark.bench.runners import DEFAULT_PIXELS, REQUEST_TIMEOUT_S, HttpTarget, chat_turns, closed_loop, raise_for_status
-from snark.bench.runs import Measured, run_record, save_run
-from snark.bench.workload import Workload, build_receipt_workload, receipt_schemas
-from snark.engine.request import SamplingParams
+from bench.engine import Engine
+from bench.report import Ratio, Report, RequestTiming, Row, row_from_timings
+from bench.runners import DEFAULT_PIXELS, REQUEST_TIMEOUT_S, HttpTarget, chat_turns, closed_loop, raise_for_status
+from bench.runs import Measured, run_record, save_run
+from bench.workload import Workload, build_receipt_workload, receipt_schemas
 from snark.structured.constraint import json_schema_output
+from snark.values import SamplingParams
 
 PROBE_TOKENS = 8  # the warm-up requests' length
 GOALS = {1: 0.80, 16: 0.70}  # constrained tok/s over free tok/s, by concurrency

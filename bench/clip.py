@@ -95,7 +95,8 @@ def _colour(hue: float) -> tuple[int, int, int]:
 
 def make_clip(spec: ClipSpec, *, seed: int) -> Clip:
     """``spec`` encoded as H.264 in MP4 (yuv420p: both sides must be even). The same spec and seed give
-    the same bytes (no creation time in the file), so ``--reuse-inputs`` sends the very same video."""
+    the same pictures, and within one process usually the same bytes (no creation time in the file);
+    one run encodes its clip once and sends those bytes every time."""
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4", options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream("libx264", rate=Fraction(spec.fps).limit_denominator(1000))

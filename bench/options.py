@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from snark.bench.clip import frame_size
+from bench.clip import frame_size
 from snark.config import DEFAULT_TINY_DIR
 
 WORKLOADS = ("burst", "poisson", "hol", "structured", "conversation", "image-repeat", "video", "long-short")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from snark.bench.chat import ChatSend, Message, Reply, send_or_record_failure
-from snark.bench.report import RequestTiming, latency_percentiles
-from snark.bench.runs import Measured
+from bench.chat import ChatSend, Message, Reply, send_or_record_failure
+from bench.report import RequestTiming, latency_percentiles
+from bench.runs import Measured
 
 WARM_UP_TOKENS = 8
 SUBJECTS = (

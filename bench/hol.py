@@ -10,9 +10,9 @@ import asyncio
 import statistics
 import time
 
-from snark.bench.report import RequestTiming, percentile
-from snark.bench.runners import Send, send_or_record_failure
-from snark.bench.runs import Measured
+from bench.report import RequestTiming, percentile
+from bench.runners import Send, send_or_record_failure
+from bench.runs import Measured
 
 IDLE_RUNS = 3  # the idle figure is the median of a few runs: one run of a few tokens is noisy
 

@@ -19,10 +19,10 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from snark.bench.chat import ChatImage, ChatSend, Message, Reply, send_or_record_failure
-from snark.bench.report import percentile
-from snark.bench.runs import Measured
-from snark.bench.workload import run_image
+from bench.chat import ChatImage, ChatSend, Message, Reply, send_or_record_failure
+from bench.report import percentile
+from bench.runs import Measured
+from bench.workload import run_image
 
 QUESTIONS = (
     "What is in this image?",
