@@ -103,7 +103,7 @@ async def engine_sender(engine: Engine, workload: Workload) -> AsyncIterator[Sen
         structure = json_schema_output(schema) if schema is not None else None
         params = SamplingParams(max_new_tokens=max_tokens, ignore_eos=ignore_eos, structure=structure)
         params = await engine.prepare(params)
-        request = await asyncio.wait_for(engine.generate(prompt, params), REQUEST_TIMEOUT_S)
+        request = await asyncio.wait_for(engine.run_to_completion(prompt, params), REQUEST_TIMEOUT_S)
         timing = RequestTiming(sent, None, time.perf_counter(), request.completion_tokens, max_tokens=max_tokens)
         return Answer(index, request.text, request.finish_reason.value, timing)
 

@@ -7,8 +7,10 @@ thread-safe on its own: a cache shared between threads holds a lock around its c
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -40,3 +42,52 @@ class BytesLRU(Generic[V]):
             self.used_bytes -= self._size_of(evicted)
         self._entries[key] = value
         self.used_bytes += size
+
+
+class SharedCache(Generic[V]):
+    """A thread-safe ``BytesLRU`` whose values are made once. A thread asking for a key that another
+    is making waits for that result instead of making it again: four clients sending the same new
+    video at once cost one decode, not four."""
+
+    def __init__(self, max_bytes: int, size_of: Callable[[V], int]) -> None:
+        self._values: BytesLRU[V] = BytesLRU(max_bytes, size_of)
+        self._lock = threading.Lock()
+        self._making: dict[Hashable, Future[V]] = {}
+
+    @property
+    def hits(self) -> int:
+        return self._values.hits
+
+    @property
+    def used_bytes(self) -> int:
+        return self._values.used_bytes
+
+    def get(self, key: Hashable) -> V | None:
+        with self._lock:
+            return self._values.get(key)
+
+    def get_or_make(self, key: Hashable, make: Callable[[], V]) -> V:
+        """The value for ``key``: cached, being made by another thread (waited for), or made here.
+        A failure reaches every waiter; nothing is cached for it."""
+        with self._lock:
+            value = self._values.get(key)
+            if value is not None:
+                return value
+            making = self._making.get(key)
+            owner = making is None
+            if making is None:
+                making = self._making[key] = Future()
+        if not owner:
+            return making.result()
+        try:
+            value = make()
+        except BaseException as exc:
+            with self._lock:
+                del self._making[key]
+            making.set_exception(exc)
+            raise
+        with self._lock:
+            self._values.put(key, value)
+            del self._making[key]
+        making.set_result(value)
+        return value

@@ -29,7 +29,7 @@ from snark.api.spoken import (
 )
 from snark.api.state import AppState, get_state
 from snark.api.streaming import finish_reason_of, text_deltas
-from snark.api.structured import form_schema_output
+from snark.api.tools_and_formats import form_schema_output
 from snark.config import Settings
 from snark.engine.request import GenerationRequest, PromptInputs, StreamEvent
 from snark.errors import InvalidRequest, PayloadTooLarge, SnarkError
@@ -230,7 +230,7 @@ async def _answer(
             background=BackgroundTask(engine.cancel, generation),  # for a client gone before the first chunk
         )
     done: GenerationRequest = await until_disconnected(
-        request, engine.generate(prompt, params), timeout_s=settings.request_timeout_s
+        request, engine.run_to_completion(prompt, params), timeout_s=settings.request_timeout_s
     )
     finish_reason = finish_reason_of(done.finish_reason)  # a row stopped by shutdown is a 503, not a 200
     if form.response_format == "text":

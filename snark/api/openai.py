@@ -87,7 +87,9 @@ async def chat_completions(
             headers=STREAM_HEADERS,
             background=BackgroundTask(engine.cancel, generation),
         )
-    done = await until_disconnected(request, engine.generate(prompt, params), timeout_s=settings.request_timeout_s)
+    done = await until_disconnected(
+        request, engine.run_to_completion(prompt, params), timeout_s=settings.request_timeout_s
+    )
     return JSONResponse(reply.completion(done, tool_names=tool_names))
 
 

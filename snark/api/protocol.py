@@ -19,7 +19,7 @@ from pydantic import Field
 from snark.api.lenient import Lenient
 from snark.api.messages import ChatMessage, VideoOptions, messages_to_turns
 from snark.api.sampling import resolve_sampling
-from snark.api.structured import ResponseFormat, ToolChoice, ToolDefinition, ToolUse, response_format_output
+from snark.api.tools_and_formats import ResponseFormat, ToolChoice, ToolDefinition, ToolUse, response_format_output
 from snark.config import Settings
 from snark.errors import InvalidRequest
 from snark.speech.base import validate_speed

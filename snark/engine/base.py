@@ -180,7 +180,7 @@ class Engine(abc.ABC):
         finally:
             self.cancel(request)
 
-    async def generate(self, prompt: PromptInputs, params: SamplingParams) -> GenerationRequest:
+    async def run_to_completion(self, prompt: PromptInputs, params: SamplingParams) -> GenerationRequest:
         """Run to completion and return the finished request (text, counts, timing)."""
         request = self.submit(prompt, params, deliver_deltas=False)
         try:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from PIL import Image
 
-from snark.lru import BytesLRU
+from snark.lru import BytesLRU, SharedCache
 from snark.video.clip import Video
 from snark.video.sampling import FRAME_FACTOR, PIXEL_FACTOR
 
@@ -94,14 +95,16 @@ class VideoTensors:
 
 
 class VideoInputs:
-    """Runs ``video_processor`` on the videos it has not seen; without one (``None``), gives the grids
-    only (the vLLM engine's prompts, whose pixels vLLM computes). Thread-safe."""
+    """Runs ``video_processor`` on each video it has not seen, once however many prompts bring it at
+    the same time; without a processor (``None``), gives the grids only (the vLLM engine's prompts,
+    whose pixels vLLM computes). Thread-safe."""
 
     def __init__(self, video_processor, *, patch_size: int = 14, cache_bytes: int = CACHE_BYTES) -> None:
         self.video_processor = video_processor
         self.patch_size = patch_size
-        self._entries: BytesLRU[torch.Tensor] = BytesLRU(cache_bytes, size_of=lambda t: t.numel() * t.element_size())
-        self._lock = threading.Lock()
+        self._entries: SharedCache[torch.Tensor] = SharedCache(
+            cache_bytes, size_of=lambda t: t.numel() * t.element_size()
+        )
         self.processed = 0  # videos that went through the processor (tests)
 
     def __call__(self, videos: list[Video]) -> VideoTensors:
@@ -113,30 +116,23 @@ class VideoInputs:
         seconds = tuple(v.second_per_grid_t for v in videos)
         if self.video_processor is None:
             return VideoTensors(pixel_values=None, grid_thw=grids, second_per_grid_ts=seconds, keys=keys)
-        with self._lock:
-            found = [self._entries.get(v.key) for v in videos]
-        missing = [i for i, entry in enumerate(found) if entry is None]
-        if missing:
-            # The frames are at their final size already (sides multiples of 28), so the processor's
-            # resize keeps them: any bounds that hold every frame's area do.
-            largest = max(videos[i].height * videos[i].width for i in missing)
-            out = self.video_processor(
-                videos=[videos[i].frames for i in missing],
-                size={"shortest_edge": PIXEL_FACTOR**2, "longest_edge": largest},
-                do_sample_frames=False,
-                cap_pixels_per_frame=False,
-                return_tensors="pt",
-            )
-            if out["video_grid_thw"].tolist() != grids[missing].tolist():
-                raise RuntimeError(
-                    f"the video processor gave grids {out['video_grid_thw'].tolist()} for frames "
-                    f"sized {grids[missing].tolist()}"
-                )
-            patches = out["pixel_values_videos"].split(out["video_grid_thw"].prod(-1).tolist())
-            with self._lock:
-                for i, values in zip(missing, patches):
-                    found[i] = values
-                    self._entries.put(videos[i].key, values)
-            self.processed += len(missing)
-        pixels = [values for values in found if values is not None]  # every video's, now
+        pixels = [self._entries.get_or_make(v.key, partial(self._process, v)) for v in videos]
         return VideoTensors(pixel_values=torch.cat(pixels), grid_thw=grids, second_per_grid_ts=seconds, keys=keys)
+
+    def _process(self, video: Video) -> torch.Tensor:
+        """One video's patches ``[patches, dim]``. Its frames are at their final size already (sides
+        multiples of 28), so the processor's resize keeps them: bounds that hold their area do."""
+        out = self.video_processor(
+            videos=[video.frames],
+            size={"shortest_edge": PIXEL_FACTOR**2, "longest_edge": video.height * video.width},
+            do_sample_frames=False,
+            cap_pixels_per_frame=False,
+            return_tensors="pt",
+        )
+        grid = [video.num_frames // FRAME_FACTOR, video.height // self.patch_size, video.width // self.patch_size]
+        if out["video_grid_thw"].tolist() != [grid]:
+            raise RuntimeError(
+                f"the video processor gave grid {out['video_grid_thw'].tolist()} for frames sized {grid}"
+            )
+        self.processed += 1
+        return out["pixel_values_videos"]

@@ -3,7 +3,7 @@
 Grammar engines skip keywords they do not implement, so output that breaks the schema would pass as
 "structured". Every keyword here is on an allowlist that was checked by generating outputs with random
 allowed tokens through xgrammar's matcher and validating them with ``jsonschema``
-(``tests/test_schema_check.py`` keeps that honest). Anything else is a 400 naming the keyword.
+(``tests/unit/test_schema_check.py`` keeps that honest). Anything else is a 400 naming the keyword.
 
 What xgrammar 0.2.8 does that shapes the rules (seen by experiment, ``cpp/json_schema_converter.cc``):
 - Only one of ``$ref`` > ``const`` > ``enum`` > ``anyOf`` > ``oneOf`` > ``allOf`` > ``type`` is used per

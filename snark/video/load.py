@@ -15,7 +15,7 @@ import base64
 import binascii
 import hashlib
 import re
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,7 +24,7 @@ from PIL import Image
 
 from snark.errors import VideoError
 from snark.fetch import Download, fetch, short
-from snark.lru import BytesLRU
+from snark.lru import SharedCache
 from snark.video.clip import Video
 from snark.video.decode import DecodeLimits, decode_video
 from snark.video.sampling import FRAME_FACTOR, VideoCaps, VideoSampling
@@ -89,20 +89,18 @@ class DecodedVideos:
     clips are shared between requests, so nothing may change them."""
 
     def __init__(self, max_bytes: int = DECODED_CACHE_BYTES) -> None:
-        self._videos: BytesLRU[Video] = BytesLRU(max_bytes, size_of=lambda video: video.nbytes)
-        self._lock = threading.Lock()
+        self._videos: SharedCache[Video] = SharedCache(max_bytes, size_of=lambda video: video.nbytes)
 
     @property
     def hits(self) -> int:
         return self._videos.hits
 
     def get(self, key: bytes) -> Video | None:
-        with self._lock:
-            return self._videos.get(key)
+        return self._videos.get(key)
 
-    def put(self, key: bytes, video: Video) -> None:
-        with self._lock:
-            self._videos.put(key, video)
+    def get_or_decode(self, key: bytes, decode: Callable[[], Video]) -> Video:
+        """The clip for ``key``, decoded once however many requests bring it at the same time."""
+        return self._videos.get_or_make(key, decode)
 
 
 class VideoLoader:
@@ -208,8 +206,4 @@ def _decode_once(
     digest = hashlib.sha256(data)
     digest.update(repr(sampling).encode())
     key = digest.digest()
-    video = decoded.get(key)
-    if video is None:
-        video = decode_video(data, sampling, limits.decode, label)
-        decoded.put(key, video)
-    return video
+    return decoded.get_or_decode(key, lambda: decode_video(data, sampling, limits.decode, label))

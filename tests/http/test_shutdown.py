@@ -20,7 +20,7 @@ from snark.serve import REPEAT_WINDOW_S, SignalAction, StopSignals
 from tests.conftest import image_server
 from tests.server_process import ServerProcess, assert_no_traceback
 
-SAMPLE = Path(__file__).resolve().parent.parent / "sample.jpeg"
+SAMPLE = Path(__file__).resolve().parents[2] / "sample.jpeg"
 LONG = 2000  # tokens: about a minute on the tiny model on CPU, far past the grace periods below
 # Far more audio than socket buffers hold (4096 characters at a quarter speed): a speech stream whose
 # client does not read cannot finish on its own.

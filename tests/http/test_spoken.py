@@ -21,7 +21,7 @@ from snark.speech import LazySpeaker, SentenceSplitter, Speaker, speakable_sente
 from snark.speech.piper_engine import PiperSpeaker
 from snark.speech.resample import resample_pcm16
 from tests.conftest import serve
-from tests.test_operations import openai_client, scrape, wait_until
+from tests.http.test_operations import openai_client, scrape, wait_until
 
 # --- the incremental sentence splitter -------------------------------------------------------------
 

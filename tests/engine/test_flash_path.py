@@ -79,7 +79,7 @@ def answers_together(engine, texts: tuple[str, ...], max_new_tokens: int) -> lis
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
 
     async def together():
-        return [r.text for r in await asyncio.gather(*[engine.generate(p, params) for p in prompts])]
+        return [r.text for r in await asyncio.gather(*[engine.run_to_completion(p, params) for p in prompts])]
 
     return asyncio.run(together())
 

@@ -46,12 +46,12 @@ def _mixed_prompts(engine: Engine) -> list[PromptInputs]:
 
 
 def _solo(engine: Engine, prompt: PromptInputs, params: SamplingParams) -> GenerationRequest:
-    return asyncio.run(engine.generate(prompt, params))
+    return asyncio.run(engine.run_to_completion(prompt, params))
 
 
 def _together(engine: Engine, jobs: list[tuple[PromptInputs, SamplingParams]]) -> list[GenerationRequest]:
     async def run():
-        return await asyncio.gather(*(engine.generate(prompt, params) for prompt, params in jobs))
+        return await asyncio.gather(*(engine.run_to_completion(prompt, params) for prompt, params in jobs))
 
     return asyncio.run(run())
 
@@ -125,7 +125,7 @@ def test_a_short_request_does_not_wait_for_long_running_ones(tiny_engine):
             seen += bool(event.text)
             if seen == 3:
                 break
-        short = await tiny_engine.generate(short_prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        short = await tiny_engine.run_to_completion(short_prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
         still_running = [not r.is_done for r in longs]
         for request in longs:
             tiny_engine.cancel(request)
@@ -287,7 +287,7 @@ def test_a_batch_waits_for_requests_whose_prompts_are_still_being_built(tiny_eng
         prompt = await tiny_engine.build_prompt(
             [ChatTurn("user", [text])], min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS
         )
-        return await tiny_engine.generate(prompt, params)
+        return await tiny_engine.run_to_completion(prompt, params)
 
     async def run():
         b = asyncio.ensure_future(one("B"))
@@ -340,7 +340,7 @@ def test_a_request_larger_than_the_whole_kv_budget_is_refused_at_submit(tiny_mod
         assert 0 < budget < prompt.num_tokens + 2000
 
         async def submit(max_new: int) -> GenerationRequest:
-            return await engine.generate(prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
+            return await engine.run_to_completion(prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
 
         with pytest.raises(InvalidRequest, match="KV cache") as refused:
             asyncio.run(submit(budget))
@@ -467,7 +467,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(t
                     if event.text:
                         break
                 at_submit, before = runner.completion_tokens, engine.prefill_chunks_run
-                done = await engine.generate(prompt, params)
+                done = await engine.run_to_completion(prompt, params)
                 decoded_meanwhile = runner.completion_tokens - at_submit
                 engine.cancel(runner)
                 async for _ in runner.events():

@@ -7,7 +7,7 @@ from pathlib import Path
 from snark.cli import build_parser
 from snark.config import Settings, env_name
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 

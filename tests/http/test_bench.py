@@ -167,7 +167,7 @@ def test_a_random_weight_model_is_built_and_served_like_a_loaded_one(tiny_model_
 
     async def generate():
         prompt = await engine.build_prompt([ChatTurn("user", ["Hi."])], min_pixels=0, max_pixels=0)
-        return await engine.generate(prompt, SamplingParams(max_new_tokens=3, ignore_eos=True))
+        return await engine.run_to_completion(prompt, SamplingParams(max_new_tokens=3, ignore_eos=True))
 
     try:
         done = asyncio.run(generate())

@@ -38,7 +38,7 @@ def _build(engine, *turns: list) -> PromptInputs:
 
 def _generate(engine, prompt: PromptInputs, params: SamplingParams = PARAMS) -> GenerationRequest:
     async def run():
-        return await engine.generate(prompt, params)
+        return await engine.run_to_completion(prompt, params)
 
     return asyncio.run(run())
 
@@ -75,7 +75,7 @@ def test_a_hit_joining_mid_flight_and_in_chunks_answers_as_alone(cached, uncache
         async for event in runner.events():
             if event.text:
                 break
-        done = await cached.generate(prompt, PARAMS)
+        done = await cached.run_to_completion(prompt, PARAMS)
         cached.cancel(runner)
         async for _ in runner.events():
             pass
@@ -129,7 +129,7 @@ def test_eviction_under_block_pressure_loses_no_request(tiny_model_dir, uncached
         expected = [_generate(uncached, p).text for p in prompts]
 
         async def run():
-            return await asyncio.gather(*[engine.generate(p, PARAMS) for p in prompts * 2])
+            return await asyncio.gather(*[engine.run_to_completion(p, PARAMS) for p in prompts * 2])
 
         done = asyncio.run(run())
         assert [r.text for r in done] == expected * 2

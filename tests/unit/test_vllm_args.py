@@ -1,7 +1,7 @@
 """Settings -> vLLM engine arguments, and Snark's sampling -> vLLM's, in the default environment.
 
 No vLLM here: these are the pure mappings the vLLM engine hands to ``AsyncEngineArgs`` and
-``SamplingParams`` (tests/test_vllm_engine.py checks that vLLM itself accepts them, and serves).
+``SamplingParams`` (tests/http/test_vllm_engine.py checks that vLLM itself accepts them, and serves).
 Multi-node Ray cannot run on one machine: its settings are tested as the arguments they become.
 """
 
@@ -294,7 +294,7 @@ def test_benchmark_on_vllm_without_it_names_the_install_command(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 2 and "uv sync --extra vllm" in result.stderr
     assert not (tmp_path / "unbuilt").exists()  # refused before building anything

@@ -9,7 +9,7 @@ from PIL import Image
 
 from snark.errors import InvalidRequest
 from snark.values import ChatTurn, ToolCall, ToolSpec
-from tests.test_prompt import builder, processor  # noqa: F401  (the same fixtures: the tiny model's processor)
+from tests.engine.test_prompt import builder, processor  # noqa: F401  (the same fixtures: the tiny model's processor)
 
 IM_START, IM_END, IMAGE_PAD, VISION_START = 151644, 151645, 151655, 151652
 TOOL_CALL, TOOL_CALL_END = 151657, 151658

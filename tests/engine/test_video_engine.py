@@ -32,7 +32,7 @@ def build(engine, parts: list) -> PromptInputs:
 
 def generate(engine, *prompts: PromptInputs) -> list[str]:
     async def run():
-        done = await asyncio.gather(*(engine.generate(prompt, PARAMS) for prompt in prompts))
+        done = await asyncio.gather(*(engine.run_to_completion(prompt, PARAMS) for prompt in prompts))
         return [request.text for request in done]
 
     return asyncio.run(run())

@@ -314,7 +314,7 @@ def test_constrained_and_free_rows_share_a_batch(tiny_engine) -> None:
     async def run():
         prompt = await tiny_engine.build_prompt([ChatTurn("user", ["Receipt?"])], min_pixels=3136, max_pixels=3136)
         free = SamplingParams(max_new_tokens=40, ignore_eos=True)
-        alone = await tiny_engine.generate(prompt, free)
+        alone = await tiny_engine.run_to_completion(prompt, free)
         constrained = [
             await tiny_engine.prepare(
                 SamplingParams(max_new_tokens=400, temperature=1.0, seed=s, structure=json_schema_output(RECEIPT))
@@ -322,7 +322,8 @@ def test_constrained_and_free_rows_share_a_batch(tiny_engine) -> None:
             for s in range(3)
         ]
         together = await asyncio.gather(
-            tiny_engine.generate(prompt, free), *(tiny_engine.generate(prompt, p) for p in constrained)
+            tiny_engine.run_to_completion(prompt, free),
+            *(tiny_engine.run_to_completion(prompt, p) for p in constrained),
         )
         return alone, together
 

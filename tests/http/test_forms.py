@@ -20,7 +20,7 @@ from snark.speech.piper_engine import PiperSpeaker
 from tests.conftest import image_server as serve_image
 from tests.conftest import serve
 
-SAMPLE = Path(__file__).resolve().parent.parent / "sample.jpeg"
+SAMPLE = Path(__file__).resolve().parents[2] / "sample.jpeg"
 
 
 @pytest.fixture(scope="module")
