@@ -121,6 +121,13 @@ def _match_sequence(text: str, pos: int, tokens: tuple) -> tuple[_Match, int, li
     return _Match.FULL, pos, strings
 
 
+def _blank_end(text: str, pos: int) -> int:
+    """The position after the run of JSON blanks at ``text[pos:]``."""
+    while pos < len(text) and text[pos] in _JSON_SPACE:
+        pos += 1
+    return pos
+
+
 def _string_end(text: str, quote: int) -> int | None:
     """The position after the JSON string opening at ``text[quote]``; None if it has not closed yet."""
     i = quote + 1
@@ -255,6 +262,7 @@ class ToolCallStream:
         self._make_id = make_id
         self._state = _State.TEXT
         self._pending = ""  # received text not yet sent or decided
+        self._blanks = 0  # leading JSON blanks of _pending already seen, in the header or envelope
         self._held_space = ""  # blank content waiting for non-blank content
         self._content_started = False
         self._announced = 0  # calls whose first delta went out
@@ -293,11 +301,14 @@ class ToolCallStream:
                 return False
             self._send_content(self._pending[:tag], out)
             self._pending = self._pending[tag + len(OPEN_TAG) :]
-            self._state = _State.HEADER
+            self._state, self._blanks = _State.HEADER, 0
             return True
 
         if self._state is _State.HEADER:
-            outcome, end, strings = _match_sequence(self._pending, 0, _HEADER)
+            # The header starts with blanks: skip the ones already seen, so a model writing a long run
+            # of them after <tool_call> costs one pass, not one pass per delta over all of them.
+            self._blanks = _blank_end(self._pending, self._blanks)
+            outcome, end, strings = _match_sequence(self._pending, self._blanks, _HEADER)
             if outcome is _Match.PARTIAL and not at_end:
                 return False
             if outcome is _Match.FULL and _is_offered(strings[0], self._known):
@@ -323,10 +334,11 @@ class ToolCallStream:
                 return False  # at the end, the call stays unfinished
             call_id, name = self._call
             self._calls.append(ToolCall(id=call_id, name=name, arguments=self._arguments))
-            self._state = _State.ENVELOPE
+            self._state, self._blanks = _State.ENVELOPE, 0
             return True
 
-        outcome, end, _ = _match_sequence(self._pending, 0, _ENVELOPE)
+        self._blanks = _blank_end(self._pending, self._blanks)  # the envelope starts with blanks too
+        outcome, end, _ = _match_sequence(self._pending, self._blanks, _ENVELOPE)
         if outcome is _Match.PARTIAL and not at_end:
             return False
         # FULL: the envelope is done; FAILED: what does not fit it is text again; PARTIAL at the end:
