@@ -7,6 +7,7 @@ thread-safe on its own: a cache shared between threads holds a lock around its c
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -78,7 +79,10 @@ class SharedCache(Generic[V]):
             if making is None:
                 making = self._making[key] = Future()
         if not owner:
-            return making.result()
+            try:
+                return making.result()
+            except Exception as exc:  # each waiter gets its own error object: handlers annotate it
+                raise copy.copy(exc) from exc
         try:
             value = make()
         except BaseException as exc:
