@@ -10,7 +10,10 @@ every hop included, has one time budget. Errors name the setting that refused th
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 
@@ -53,6 +56,25 @@ class Download:
                 f"compressed {self.noun}, or ask the operator to raise {self.bytes_setting}.",
                 code=f"{self.noun}_too_large",
             )
+
+
+def data_uri_bytes(uri: str, download: Download, example: str) -> bytes:
+    """The bytes of a ``data:<noun>/...;base64,`` URI, refused before decoding when the payload is
+    over the byte cap. ``example`` shows the client the shape (``data:image/png;base64,iVBORw0...``)."""
+    match = re.match(rf"data:{download.noun}/[a-z0-9.+-]+(?:;[^;,]*)*?;base64,", uri, re.IGNORECASE)
+    if match is None:
+        raise download.error(
+            f"data: URIs must carry base64 {download.noun} data, like {example} "
+            "(no other media types, no percent-encoded data)."
+        )
+    payload = uri[match.end() :]
+    label = f"The data: URI {download.noun}"
+    # 4 base64 characters make 3 bytes: refuse oversized payloads before allocating the decoded buffer.
+    download.check_byte_count(len(payload) * 3 // 4 - 2, label)
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise download.error(f"{label} is not valid base64 ({exc}); encode the file with standard base64.") from exc
 
 
 def short(text: str, limit: int = 100) -> str:

@@ -13,20 +13,17 @@ again (a 1024x768 JPEG costs about 10 ms, a screenshot PNG more). The limits are
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import io
-import re
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from snark.errors import ImageError, PayloadTooLarge
-from snark.fetch import Download, fetch, short
-from snark.lru import BytesLRU
+from snark.fetch import Download, data_uri_bytes, fetch, short
+from snark.lru import SharedCache
 
 if TYPE_CHECKING:
     from snark.config import Settings
@@ -37,7 +34,6 @@ _FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _FORMAT_HINT = "JPEG, PNG, WebP, GIF, BMP, TIFF or AVIF"
 # Qwen2.5-VL's resizer refuses aspect ratios above 200; say so here instead of failing later.
 _MAX_ASPECT_RATIO = 200
-_DATA_URI = re.compile(r"data:image/[a-z0-9.+-]+(?:;[^;,]*)*?;base64,", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -82,20 +78,15 @@ class DecodedImages:
     are shared between requests, so nothing may change them in place."""
 
     def __init__(self, max_bytes: int = DECODED_CACHE_BYTES) -> None:
-        self._images: BytesLRU[Image.Image] = BytesLRU(max_bytes, size_of=_pixel_bytes)
-        self._lock = threading.Lock()
+        self._images: SharedCache[Image.Image] = SharedCache(max_bytes, size_of=_pixel_bytes)
 
     @property
     def hits(self) -> int:
         return self._images.hits
 
-    def get(self, digest: bytes) -> Image.Image | None:
-        with self._lock:
-            return self._images.get(digest)
-
-    def put(self, digest: bytes, image: Image.Image) -> None:
-        with self._lock:
-            self._images.put(digest, image)
+    def get_or_decode(self, digest: bytes, decode: Callable[[], Image.Image]) -> Image.Image:
+        """The image for ``digest``, decoded once however many requests bring it at the same time."""
+        return self._images.get_or_make(digest, decode)
 
 
 def _pixel_bytes(image: Image.Image) -> int:
@@ -129,21 +120,8 @@ def decode_image_bytes(data: bytes, limits: ImageLimits) -> Image.Image:
 
 
 def _decode_data_uri(uri: str, limits: ImageLimits, decoded: DecodedImages | None = None) -> Image.Image:
-    match = _DATA_URI.match(uri)
-    if match is None:
-        raise ImageError(
-            "data: URIs must carry base64 image data, like data:image/png;base64,iVBORw0... "
-            "(no other media types, no percent-encoded data)."
-        )
-    payload = uri[match.end() :]
-    label = "The data: URI image"
-    # 4 base64 characters make 3 bytes: refuse oversized payloads before allocating the decoded buffer.
-    limits.download.check_byte_count(len(payload) * 3 // 4 - 2, label)
-    try:
-        data = base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageError(f"{label} is not valid base64 ({exc}); encode the file with standard base64.") from exc
-    return _decode_once(data, limits, label, decoded)
+    data = data_uri_bytes(uri, limits.download, "data:image/png;base64,iVBORw0...")
+    return _decode_once(data, limits, "The data: URI image", decoded)
 
 
 def _decode_once(data: bytes, limits: ImageLimits, label: str, decoded: DecodedImages | None) -> Image.Image:
@@ -151,12 +129,7 @@ def _decode_once(data: bytes, limits: ImageLimits, label: str, decoded: DecodedI
     if decoded is None:
         return _decode(data, limits, label)
     limits.download.check_byte_count(len(data), label)
-    digest = hashlib.sha256(data).digest()
-    image = decoded.get(digest)
-    if image is None:
-        image = _decode(data, limits, label)
-        decoded.put(digest, image)
-    return image
+    return decoded.get_or_decode(hashlib.sha256(data).digest(), lambda: _decode(data, limits, label))
 
 
 def _decode(data: bytes, limits: ImageLimits, label: str) -> Image.Image:

@@ -11,10 +11,7 @@ how it was sampled, so a byte-identical video is decoded once.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -23,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from snark.errors import VideoError
-from snark.fetch import Download, fetch, short
+from snark.fetch import Download, data_uri_bytes, fetch, short
 from snark.lru import SharedCache
 from snark.video.clip import Video
 from snark.video.decode import DecodeLimits, decode_video
@@ -32,7 +29,6 @@ from snark.video.sampling import FRAME_FACTOR, VideoCaps, VideoSampling
 if TYPE_CHECKING:
     from snark.config import Settings
 
-_DATA_URI = re.compile(r"data:video/[a-z0-9.+-]+(?:;[^;,]*)*?;base64,", re.IGNORECASE)
 DECODED_CACHE_BYTES = 256 * 1024**2  # sampled frames kept for videos sent again
 
 
@@ -131,7 +127,13 @@ async def load_video(
     """Fetch an http(s) URL or decode a ``data:video/...;base64,`` URI, then sample it."""
     if source[:5].lower() == "data:":  # base64 of tens of megabytes: decoded in the thread too
         return await asyncio.to_thread(
-            lambda: _decode_once(_data_uri_bytes(source, limits), sampling, limits, "The data: URI video", decoded)
+            lambda: _decode_once(
+                data_uri_bytes(source, limits.download, "data:video/mp4;base64,AAAAIGZ0eXA..."),
+                sampling,
+                limits,
+                "The data: URI video",
+                decoded,
+            )
         )
     data = await fetch(source, limits.download)
     return await asyncio.to_thread(_decode_once, data, sampling, limits, f"The video at {short(source)}", decoded)
@@ -179,22 +181,6 @@ def frames_to_video(images: list[Image.Image], sampling: VideoSampling, limits: 
         second_per_grid_t=FRAME_FACTOR / sampling.fps,
         key=key.digest(),
     )
-
-
-def _data_uri_bytes(uri: str, limits: VideoLimits) -> bytes:
-    match = _DATA_URI.match(uri)
-    if match is None:
-        raise VideoError(
-            "data: URIs must carry base64 video data, like data:video/mp4;base64,AAAAIGZ0eXA... "
-            "(no other media types, no percent-encoded data)."
-        )
-    payload = uri[match.end() :]
-    label = "The data: URI video"
-    limits.download.check_byte_count(len(payload) * 3 // 4 - 2, label)  # before allocating the decoded bytes
-    try:
-        return base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise VideoError(f"{label} is not valid base64 ({exc}); encode the file with standard base64.") from exc
 
 
 def _decode_once(
