@@ -45,6 +45,19 @@ class StructuredOutput:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability at its position, and the most likely tokens there (``top``, most
+    likely first, as ``(token_id, token, logprob)``). ``token`` is the token's own text; ``token_bytes``
+    its exact bytes (a token may hold part of a UTF-8 character)."""
+
+    token_id: int
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding parameters. ``temperature == 0`` means greedy decoding."""
 
@@ -61,6 +74,11 @@ class SamplingParams:
     # A constrained row still ends where its grammar ends.
     ignore_eos: bool = False
     structure: StructuredOutput | None = None  # constrained decoding (JSON schema, tool calls)
+    # Log-probabilities: None is off; k >= 0 reports each generated token's logprob and its k most
+    # likely alternatives (OpenAI's top_logprobs). ``prompt_logprobs`` does the same for the prompt's
+    # tokens (the first has none), for /v1/completions' ``echo``.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @classmethod
     def model_defaults(cls, generation_config) -> SamplingParams:

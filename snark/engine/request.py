@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from snark.values import ChatTurn, FinishReason, SamplingParams, StructuredOutput, ToolSpec  # noqa: F401  TEMPORARY
+from snark.values import FinishReason, SamplingParams, TokenLogprob
 
 
 class RequestState(enum.Enum):
@@ -65,6 +65,7 @@ class StreamEvent:
     text: str = ""
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind ``text`` (with SamplingParams.logprobs)
 
     @property
     def is_final(self) -> bool:
@@ -108,6 +109,8 @@ class GenerationRequest:
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
     text: str = ""  # the full answer, filled in as deltas are sent
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, with params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first)
     arrived_at: float = field(default_factory=time.perf_counter)
     scheduled_at: float | None = None
     first_token_at: float | None = None
@@ -129,6 +132,8 @@ class GenerationRequest:
         """Send ``event`` to the client now, or with the rest of a decoding step's events (``outbox``)."""
         if event.text:
             self.text += event.text
+        if event.logprobs:
+            self.logprobs.extend(event.logprobs)
         if self._loop is None or self._events is None or (not self.deliver_deltas and not event.is_final):
             return
         if outbox is not None:
@@ -186,7 +191,11 @@ class GenerationRequest:
                         yield event
                     event = queued
                     break
-                event = StreamEvent(text=event.text + queued.text, finish_reason=queued.finish_reason)
+                event = StreamEvent(
+                    text=event.text + queued.text,
+                    finish_reason=queued.finish_reason,
+                    logprobs=event.logprobs + queued.logprobs,
+                )
             if event.error is not None:
                 raise event.error
             yield event
