@@ -38,6 +38,8 @@ def vllm_sampling_fields(params: SamplingParams) -> dict[str, Any]:
         "skip_special_tokens": True,
         "include_stop_str_in_output": False,
         "structured_outputs": None if params.structure is None else _structured(params.structure),
+        "logprobs": params.logprobs,
+        "prompt_logprobs": params.prompt_logprobs,
     }
 
 
