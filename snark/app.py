@@ -69,7 +69,8 @@ def create_app(
         if owns_engine:
             # A model still loading cannot be interrupted: waiting for it would hold the stop for as long
             # as the load (or the hub's retries) takes.
-            engine.stop(timeout_s=0.0 if engine.state is EngineState.LOADING else 30.0)
+            # Off the loop: an engine on this loop (vLLM) shuts its requests down on it meanwhile.
+            await asyncio.to_thread(engine.stop, 0.0 if engine.state is EngineState.LOADING else 30.0)
         # Sentences still being synthesized finish first: a voice thread inside onnxruntime when the
         # interpreter exits aborts the process ("terminate called without an active exception").
         await asyncio.to_thread(state.voices.pool.close, wait=True)

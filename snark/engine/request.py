@@ -120,12 +120,14 @@ class GenerationRequest:
     deliver_deltas: bool = True
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    _loop_thread: int | None = field(default=None, repr=False)  # the thread that runs ``_loop``
     _events: asyncio.Queue[StreamEvent] | None = field(default=None, repr=False)
 
     def bind_to_running_loop(self) -> None:
         """Attach the caller's event loop: events are delivered there, thread-safely."""
         self._loop = asyncio.get_running_loop()
         self._events = asyncio.Queue()
+        self._loop_thread = threading.get_ident()
 
     # --- called from the generation thread ------------------------------------------------------
     def push(self, event: StreamEvent, outbox: Outbox | None = None) -> None:
@@ -135,6 +137,9 @@ class GenerationRequest:
         if event.logprobs:
             self.logprobs.extend(event.logprobs)
         if self._loop is None or self._events is None or (not self.deliver_deltas and not event.is_final):
+            return
+        if threading.get_ident() == self._loop_thread:  # an engine on the caller's own loop (vLLM's)
+            self._events.put_nowait(event)
             return
         if outbox is not None:
             outbox.add(self._loop, self._events, event)

@@ -1,18 +1,21 @@
 """vLLM's async engine behind Snark's engine seam: tensor/pipeline parallel, Ray multi-node.
 
-    submit() ──► run_coroutine_threadsafe ──► vLLM's event loop (its own thread):
-                                               AsyncLLM.generate(ids + images/videos, SamplingParams)
-                                               each delta ──► GenerationRequest.push ──► Outbox
-    client ◄── asyncio queue ◄── loop.call_soon_threadsafe ◄── one flush per engine step
+    submit() ──► a task on the server's event loop: AsyncLLM.generate(ids + images/videos, SamplingParams)
+                                                    each delta ──► GenerationRequest.push ──► the route
+    vLLM's output handler (same loop) ◄── zmq ◄── vLLM's engine core (its own process: scheduler, model)
 
-vLLM runs in-process through ``AsyncLLM`` (its engine core and workers are its own processes); its
-asyncio side lives on an event loop in a background thread, so its output processing and
-detokenizing never run on uvicorn's loop. Nothing imports vLLM until ``start()``: vLLM spawns
-processes, and the default environment does not have it.
+vLLM runs in-process through ``AsyncLLM``, on the event loop that serves HTTP, as in vLLM's own
+server: its output handler detokenizes each engine step and wakes the requests' streams on that same
+loop, so a delta reaches its client with no thread hop and no second Python thread competing for the
+GIL. Only the start-up (minutes: processes, profiling, compiling) runs in the engine's thread, so the
+server answers ``/health`` while vLLM starts. Started outside any event loop (the in-process
+benchmark), the engine runs vLLM on a loop of its own in that thread instead, and deltas cross to the
+caller's loop once per engine step. Nothing imports vLLM until ``start()``: vLLM spawns processes, and
+the default environment does not have it.
 
-Cancelling a request cancels its task on vLLM's loop, which makes ``generate`` abort it in the
-engine core (its KV blocks are freed at the next step). If the engine core dies, ``healthy`` turns
-false (``/health`` answers 503) and requests fail with a 503.
+Cancelling a request cancels its task, which makes ``generate`` abort it in the engine core (its KV
+blocks are freed at the next step). If the engine core dies, ``healthy`` turns false (``/health``
+answers 503) and requests fail with a 503.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from snark.values import ChatTurn, FinishReason, SamplingParams, ToolSpec
 log = logging.getLogger(__name__)
 
 ENGINE_DIED = "vLLM's engine process has stopped (its log above says why): restart Snark."
+_INLINE_PROMPT_CHARS = 16_384  # text prompts up to this size are built on the event loop (well under 1 ms)
 _FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
 
 
@@ -56,27 +60,42 @@ class VllmEngine(Engine):
         self.runtime: Runtime | None = None  # None before start-up and after stop()
         self._facts: ModelFacts | None = None
         self.prompts: VllmPromptBuilder | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # where vLLM lives: the server's loop, or its own
+        self._own_loop = False  # True: started outside any loop, vLLM runs on a loop in the engine's thread
         self._lock = threading.Lock()
         self._stopping = False
-        self._live: dict[GenerationRequest, Future] = {}  # submitted and not yet ended
-        self._outbox = Outbox()  # used on vLLM's loop only
+        self._live: dict[GenerationRequest, asyncio.Task | Future] = {}  # submitted and not yet ended
+        self._outbox: Outbox | None = None  # with a loop of its own: one cross-thread delivery per engine step
         self._flush_scheduled = False
 
     # --- lifecycle --------------------------------------------------------------------------------
+    def start(self, on_load_failed: Callable[[BaseException], None] | None = None) -> None:
+        """Start vLLM (in the engine's thread) for the calling event loop: the server's, where requests
+        will arrive. Called outside any loop, the engine gives vLLM a loop of its own."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._own_loop = True
+            self._outbox = Outbox()
+        super().start(on_load_failed)
+
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Refuse new requests, cancel the live ones (their streams end as a shutdown), shut vLLM's
-        processes down and end its thread."""
+        """Refuse new requests, cancel the live ones (their streams end as a shutdown) and shut vLLM's
+        processes down. Call it from any thread but the event loop's own (``asyncio.to_thread``)."""
         with self._lock:
             self._stopping = True
             live = list(self._live.items())
-        for request, future in live:
+        for request, _ in live:
             request.cancel()
-            future.cancel()
         loop = self._loop
         if loop is not None and loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._shut_down(), loop)
-        if self._thread is not None:
+            done = asyncio.run_coroutine_threadsafe(self._shut_down(), loop)
+            if not self._on_loop(loop):
+                try:
+                    done.result(timeout_s)
+                except Exception as exc:  # a timeout, or vLLM's own shutdown failing: stopping goes on
+                    log.warning("vLLM did not shut down cleanly: %r", exc)
+        if self._thread is not None and self._own_loop:
             self._thread.join(timeout_s)
         self.state = EngineState.STOPPED
 
@@ -109,10 +128,18 @@ class VllmEngine(Engine):
 
     @property
     def _started_loop(self) -> asyncio.AbstractEventLoop:
-        """vLLM's event loop, which the engine's thread creates first thing."""
+        """vLLM's event loop: the one that called ``start()``, or the engine thread's own."""
         if self._loop is None:
             raise RuntimeError("the vLLM engine has not been started: call start() and wait_ready() first")
         return self._loop
+
+    @staticmethod
+    def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+        """True when called from ``loop``'s own thread, while it runs."""
+        try:
+            return asyncio.get_running_loop() is loop
+        except RuntimeError:
+            return False
 
     # --- the asyncio side (uvicorn's loop) ----------------------------------------------------------
     def _require_ready(self) -> VllmPromptBuilder:
@@ -128,6 +155,11 @@ class VllmEngine(Engine):
         self, turns: list[ChatTurn], *, min_pixels: int, max_pixels: int, tools: Sequence[ToolSpec] = ()
     ) -> PromptInputs:
         prompts = self._require_ready()
+        parts = [part for turn in turns for part in turn.parts]
+        if all(isinstance(part, str) for part in parts) and sum(map(len, parts)) <= _INLINE_PROMPT_CHARS:
+            # Short text: the template and the tokenizer take a fraction of a millisecond, less than a hop to a
+            # worker thread, and a worker would compete for the GIL with vLLM's output handler on this loop.
+            return prompts.build(turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
         return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
 
     async def prepare(self, params: SamplingParams) -> SamplingParams:
@@ -154,7 +186,11 @@ class VllmEngine(Engine):
                     f"{len(self._live)} requests are already running or waiting (SNARK_MAX_WAITING_REQUESTS="
                     f"{self.max_waiting_requests} past the {self.max_batch_size} running): retry shortly."
                 )
-            self._live[request] = asyncio.run_coroutine_threadsafe(self._generate(request), self._started_loop)
+            loop = self._started_loop
+            if self._on_loop(loop):  # the server's loop: vLLM's own, no thread hop
+                self._live[request] = loop.create_task(self._generate(request), name=request.id)
+            else:
+                self._live[request] = asyncio.run_coroutine_threadsafe(self._generate(request), loop)
         return request
 
     def cancel(self, request: GenerationRequest) -> None:
@@ -162,16 +198,19 @@ class VllmEngine(Engine):
         if request.is_done:
             return
         request.cancel()
-        future = self._live.get(request)
-        if future is not None:
-            future.cancel()  # thread-safe: the task is cancelled on its own loop
+        handle = self._live.get(request)
+        if handle is None:
+            return
+        loop = self._loop
+        if isinstance(handle, asyncio.Task) and loop is not None and not self._on_loop(loop):
+            loop.call_soon_threadsafe(handle.cancel)  # a task is cancelled from its own loop only
+        else:
+            handle.cancel()  # a Future from run_coroutine_threadsafe: thread-safe
 
-    # --- vLLM's thread and loop -------------------------------------------------------------------
+    # --- the engine's thread: vLLM's start-up, then its own loop if it has one ---------------------
     def _main(self, on_load_failed: Callable[[BaseException], None] | None) -> None:
-        self._loop = loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
         try:
-            self.runtime = loop.run_until_complete(load_runtime(self.settings))
+            self.runtime = load_runtime(self.settings)
             context_len = self.runtime.max_model_len
             self.prompts = VllmPromptBuilder(
                 self.runtime.processor,
@@ -182,8 +221,12 @@ class VllmEngine(Engine):
             self._facts = self.runtime.facts
         except BaseException as exc:
             self._load_failed(exc, on_load_failed)
-            loop.close()
             return
+        if not self._own_loop:
+            self._loaded()  # vLLM's output handler starts on the server's loop with the first request
+            return
+        self._loop = loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         self._loaded()
         try:
             loop.run_forever()
@@ -191,15 +234,22 @@ class VllmEngine(Engine):
             loop.close()
 
     async def _shut_down(self) -> None:
-        pending = [future for future in self._live.values()]
+        """On vLLM's loop: end the live requests (their streams end as a shutdown), then stop vLLM."""
+        pending = [
+            asyncio.ensure_future(handle) if isinstance(handle, asyncio.Task) else asyncio.wrap_future(handle)
+            for handle in self._live.values()
+        ]
+        for handle in self._live.values():
+            handle.cancel()
         if pending:  # let the cancelled requests abort and end their streams first
-            await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=5)
+            await asyncio.wait(pending, timeout=5)
         runtime, self.runtime = self.runtime, None
         if runtime is not None:  # None: an earlier stop() shut it down already
             runtime.llm.shutdown()
-        for _ in range(3):  # let vLLM's cancelled output handler finish on this loop before it stops
+        for _ in range(3):  # let vLLM's cancelled output handler finish on this loop
             await asyncio.sleep(0)
-        asyncio.get_running_loop().stop()
+        if self._own_loop:
+            asyncio.get_running_loop().stop()
 
     async def _generate(self, request: GenerationRequest) -> None:
         """One request's life on vLLM's loop: stream its deltas until it ends, however it ends."""
@@ -250,15 +300,16 @@ class VllmEngine(Engine):
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
-        # The output handler wakes every request of an engine step at once; this flush runs after them,
-        # so uvicorn's loop wakes once per step, not once per request.
-        if not self._flush_scheduled:
+        # On a loop of its own, the output handler wakes every request of an engine step at once; this
+        # flush runs after them, so the caller's loop wakes once per step, not once per request.
+        if self._outbox is not None and not self._flush_scheduled:
             self._flush_scheduled = True
             self._started_loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self._outbox.flush()
+        if self._outbox is not None:
+            self._outbox.flush()
 
     def _client_error(self, exc: Exception) -> Exception:
         """vLLM's exception -> what the client should see."""

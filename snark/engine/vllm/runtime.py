@@ -80,8 +80,9 @@ class Runtime:
         return isinstance(exc, self._client_errors)
 
 
-async def load_runtime(settings: Settings) -> Runtime:
-    """Build vLLM's engine for ``settings`` (minutes). Runs on the event loop vLLM will live on."""
+def load_runtime(settings: Settings) -> Runtime:
+    """Build vLLM's engine for ``settings`` (minutes), in the engine's thread: no event loop runs there,
+    so ``AsyncLLM`` starts its output handler on the loop of the first request (the server's)."""
     try:
         import vllm
         from vllm import envs
