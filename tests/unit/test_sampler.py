@@ -54,5 +54,6 @@ def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat_their_draws():
     again = next_tokens(
         logits.clone(), [_sampler(greedy, [1], []), _sampler(sampled, [1], []), _sampler(greedy, [2], [])]
     )
-    assert first == again
-    assert first[0] == int(logits[0].argmax()) and first[2] == int(logits[2].argmax())
+    assert first.tokens == again.tokens
+    assert first.tokens[0] == int(logits[0].argmax()) and first.tokens[2] == int(logits[2].argmax())
+    assert first.logprobs == [None, None, None]  # none asked for them

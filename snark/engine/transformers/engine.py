@@ -34,6 +34,7 @@ from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState,
 from snark.engine.loader import LoadedModel
 from snark.engine.prompt import PromptBuilder
 from snark.engine.request import GenerationRequest, Outbox, PromptInputs
+from snark.engine.token_text import TokenTexts
 from snark.engine.transformers.blocks import BlockPool
 from snark.engine.transformers.encoder_cache import EncoderCache
 from snark.engine.transformers.grammar import Grammars, StepMasks
@@ -41,7 +42,7 @@ from snark.engine.transformers.graphs import Capture, DecodeGraphs, cuda_capture
 from snark.engine.transformers.kv_cache import KVCache
 from snark.engine.transformers.rows import Row
 from snark.engine.transformers.runner import Runner
-from snark.engine.transformers.sampler import next_tokens
+from snark.engine.transformers.sampler import StepTokens, next_tokens
 from snark.engine.transformers.scheduler import Scheduler, StepPlan
 from snark.errors import ModelNotReady, ShuttingDown
 from snark.values import ChatTurn, FinishReason, SamplingParams, ToolSpec
@@ -110,6 +111,7 @@ class TransformersEngine(Engine):
         self._runner: Runner | None = None
         self._grammars: Grammars | None = None  # constrained decoding: compiles off this engine's thread
         self._masks: StepMasks | None = None
+        self._texts: TokenTexts | None = None  # token id -> text and bytes, for log-probabilities
         self._preparing = 0  # prompts being built: requests about to be submitted
         self._cond = threading.Condition()
         self._stopping = False
@@ -316,6 +318,7 @@ class TransformersEngine(Engine):
             tokenizer, vocab_size=vocab_size, stop_token_ids=self.eos_token_ids, max_queued=self.max_waiting_requests
         )
         self._masks = StepMasks(vocab_size)
+        self._texts = TokenTexts(tokenizer)
         self._warm_up()
         if flash and self.cuda_graphs:
             self.capture_decode_graphs(cuda_capture(torch.cuda.graph_pool_handle()))
@@ -440,6 +443,7 @@ class TransformersEngine(Engine):
             device=loaded.device,
             image_token_id=loaded.model.config.image_token_id,
             video_token_id=loaded.model.config.video_token_id,
+            texts=self._texts,
         )
 
     def _run(self, plan: StepPlan) -> None:
@@ -453,24 +457,28 @@ class TransformersEngine(Engine):
             self.prefill_chunks_run += row.computed < row.prompt_tokens and row.prompt_tokens > budget
         self.cache.ensure_zeroed(self.pool.high_water)
         try:
-            logits, rows = self.runner.execute(plan)
-            tokens: list[int] = []
-            if logits is not None:  # some rows sample
+            step = self.runner.execute(plan)
+            rows, sampled = step.rows, StepTokens([], [])
+            if step.logits is not None:  # some rows sample
                 grammars = [row.grammar for row in rows]
                 constrain = partial(self.masks.apply, grammars=grammars) if any(grammars) else None
-                tokens = next_tokens(logits, [row.sampler for row in rows], constrain=constrain)
+                sampled = next_tokens(step.logits, [row.sampler for row in rows], constrain=constrain)
         except Exception as exc:
             log.exception("a step failed for %d rows", len(plan.rows))
             failed = [scheduled.row for scheduled in plan.rows]
             self.scheduler.fail_rows(failed)
             self._fail([row.request for row in failed], exc)
             return
+        for row, first, scores in step.prompt_scores:
+            row.add_prompt_scores(first, scores)
         for scheduled in plan.rows:
             self.scheduler.computed(scheduled)
         now = time.perf_counter()
         outbox = Outbox()
-        for row, token in zip(rows, tokens):
-            row.accept(token, outbox, now)
+        for scheduled in plan.rows:
+            scheduled.row.prompt_computed(outbox)  # prompt logprobs out; a row that only scores its prompt ends
+        for row, token, scored in zip(rows, sampled.tokens, sampled.logprobs):
+            row.accept(token, outbox, now, scored)
         outbox.flush()
 
     def _end_cancelled(self) -> None:

@@ -16,11 +16,16 @@ row's next tokens and builds what the flat model needs:
   rows in groups of similar length (placed first and contiguously in the flat batch), then prefill
   chunks. A step of decode rows alone replays a captured CUDA graph where the engine made them
   (``graphs.py``).
+
+Rows that score their prompt (``SamplingParams.prompt_logprobs``) also get, for the prompt positions
+this step computed, each next prompt token's logprob (``logprobs.score_prompt``): one chunk at a
+time, as the prompt is prefilled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +35,7 @@ from snark.engine.transformers.blocks import ImageSpan, blocks_for, padded_table
 from snark.engine.transformers.encoder_cache import EncoderCache
 from snark.engine.transformers.graphs import DecodeGraphs
 from snark.engine.transformers.kv_cache import KVCache
+from snark.engine.transformers.logprobs import Scored, score_prompt
 from snark.engine.transformers.model import (
     AttentionPlan,
     DecodeGroup,
@@ -42,6 +48,17 @@ from snark.engine.transformers.model import (
 from snark.engine.transformers.mrope import GridItem, mrope_positions
 from snark.engine.transformers.rows import Row
 from snark.engine.transformers.scheduler import Scheduled, StepPlan
+
+
+@dataclass
+class StepLogits:
+    """What one step computed: the ``[rows, vocab]`` float32 logits of the rows that sample (None:
+    none does) and those rows; and, per row that scores its prompt, the scores of its prompt tokens
+    from ``first`` on, as ``(row, first, scores)``."""
+
+    logits: torch.Tensor | None
+    rows: list[Row]
+    prompt_scores: list[tuple[Row, int, list[Scored]]] = field(default_factory=list)
 
 
 class Runner:
@@ -81,8 +98,8 @@ class Runner:
 
     # --- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Row]]:
-        """Run ``plan``; return the ``[rows, vocab]`` float32 logits of the rows that sample, and those rows."""
+    def execute(self, plan: StepPlan) -> StepLogits:
+        """Run ``plan``: the logits of the rows that sample, and the prompt scores that were asked for."""
         decodes = [s for s in plan.rows if s.tokens == 1]
         prefills = [s for s in plan.rows if s.tokens > 1]
         for s in plan.rows:
@@ -104,8 +121,9 @@ class Runner:
         graphs = self._replaying(ordered, embeds_from)
         if graphs is not None:
             lengths, tables = [s.row.computed + 1 for s in ordered], [s.row.blocks for s in ordered]
+            # Only decode rows replay: each computes its last token, so none has a prompt token to score.
             logits = graphs.run(input_ids, positions, torch.tensor(slots, device=self.device), lengths, tables)
-            return logits, [s.row for s in ordered]
+            return StepLogits(logits, [s.row for s in ordered])
         embeds = self.model.embed_tokens(input_ids)  # [tokens, hidden]
         for at, row, start, end in embeds_from:
             self._fill_images(embeds, at, row, start, end)
@@ -122,9 +140,28 @@ class Runner:
                 last.append(offset - 1)
                 sampling.append(s.row)
         self._drop_used_features(ordered)
+        prompt_scores = self._score_prompts(hidden, ordered)
         if not last:
-            return None, []
-        return self.model.logits(hidden[torch.tensor(last, device=self.device)]), sampling
+            return StepLogits(None, [], prompt_scores)
+        return StepLogits(self.model.logits(hidden[torch.tensor(last, device=self.device)]), sampling, prompt_scores)
+
+    def _score_prompts(self, hidden: torch.Tensor, ordered: Sequence[Scheduled]) -> list[tuple[Row, int, list[Scored]]]:
+        """For each row that scores its prompt: the prompt tokens this step's positions predict (the
+        position before each), from the first one it has no score for yet."""
+        found: list[tuple[Row, int, list[Scored]]] = []
+        at = 0
+        for s in ordered:
+            row, start = s.row, s.row.computed
+            if row.scores_prompt:
+                # Position p predicts token p + 1; targets run up to the prompt's last token.
+                first = max(start + 1, len(row.prompt_scores) + 1)
+                end = min(start + s.tokens, row.prompt_tokens - 1) + 1
+                if first < end:
+                    states = hidden[at + first - 1 - start : at + end - 1 - start]  # [targets, hidden]
+                    top = row.request.params.prompt_logprobs or 0
+                    found.append((row, first, score_prompt(self.model.logits, states, row.tokens[first:end], top)))
+            at += s.tokens
+        return found
 
     def _replaying(self, ordered: Sequence[Scheduled], embeds_from: list) -> DecodeGraphs | None:
         """The captured decode steps, if this step is one: every row feeds one generated token, and its

@@ -7,15 +7,19 @@ which keeps the row's state on the device between steps: the ids it has seen (fo
 penalty) and how often it generated each (for frequency and presence penalties), updated by one
 token per step instead of being recounted from the whole history. Penalties are applied to all
 penalised rows at once (Qwen2.5-VL's own defaults ask for a repetition penalty, so on real weights
-that is every row), with no host sync; only rows that sample draw one by one.
+that is every row), with no host sync; only rows that sample draw one by one. Rows that ask for
+log-probabilities get them from the distribution their token came from (``logprobs.py``); the
+others pay nothing for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from snark.engine.transformers.logprobs import Scored, score
 from snark.values import SamplingParams
 
 
@@ -45,8 +49,9 @@ class RowSampler:
             self.counts[token] += 1
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-    """Draw one token from ``logits`` ([vocab]) with temperature, top-k and top-p."""
+def truncated(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """``logits`` ([vocab]) as a sampling row draws from them: divided by the temperature, tokens
+    outside top-k and top-p at -inf."""
     logits = logits / p.temperature
     if 0 < p.top_k < logits.shape[0]:
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -56,6 +61,11 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) 
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > p.top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def draw(logits: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from ``truncated`` logits ([vocab])."""
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator).item())
 
 
@@ -79,17 +89,38 @@ def apply_penalties(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> tor
     return logits
 
 
+@dataclass
+class StepTokens:
+    """One step's token per row, and per row its ``Scored`` log-probabilities (None: not asked for)."""
+
+    tokens: list[int]
+    logprobs: list[Scored | None]
+
+
 def next_tokens(
     logits: torch.Tensor, samplers: Sequence[RowSampler], *, constrain: Callable[[torch.Tensor], None] | None = None
-) -> list[int]:
+) -> StepTokens:
     """One token per row from ``logits`` ([rows, vocab] float32); one host sync for greedy rows.
     ``constrain`` masks, in place, the tokens constrained rows may not take (after the penalties,
-    so a penalty can never bring back a forbidden token)."""
+    so a penalty can never bring back a forbidden token). Rows whose params ask for logprobs get
+    them from the logits they drew from: a greedy row's penalised and masked ones, a sampling row's
+    ``truncated`` ones."""
     logits = apply_penalties(logits, samplers)
     if constrain is not None:
         constrain(logits)
     tokens = logits.argmax(-1).tolist()
+    drawn_from: dict[int, torch.Tensor] = {}  # sampling rows that want logprobs: what they drew from
     for row, sampler in enumerate(samplers):
         if sampler.generator is not None:  # a sampling row: its own draw from its penalised logits
-            tokens[row] = sample(logits[row], sampler.params, sampler.generator)
-    return tokens
+            row_logits = truncated(logits[row], sampler.params)
+            tokens[row] = draw(row_logits, sampler.generator)
+            if sampler.params.logprobs is not None:
+                drawn_from[row] = row_logits
+    logprobs: list[Scored | None] = [None] * len(samplers)
+    wanted = [row for row, sampler in enumerate(samplers) if sampler.params.logprobs is not None]
+    if wanted:
+        rows = torch.stack([drawn_from[row] if row in drawn_from else logits[row] for row in wanted])
+        top = [samplers[row].params.logprobs or 0 for row in wanted]
+        for row, scored in zip(wanted, score(rows, [tokens[row] for row in wanted], top)):
+            logprobs[row] = scored
+    return StepTokens(tokens, logprobs)

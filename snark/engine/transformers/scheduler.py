@@ -36,8 +36,9 @@ class Scheduled:
 
     @property
     def samples(self) -> bool:
-        """After this step every token the row has is computed: it samples its next one."""
-        return self.row.computed + self.tokens == len(self.row.tokens)
+        """After this step every token the row has is computed: it samples its next one (unless it
+        only scores its prompt)."""
+        return self.row.computed + self.tokens == len(self.row.tokens) and self.row.samples_tokens
 
 
 @dataclass
@@ -133,7 +134,7 @@ class Scheduler:
                 break
             joining.blocks += self.pool.allocate(new_blocks)
             self._pop_head(joining)
-            if joining.request.scheduled_at is None:  # its first admission (not a return after a preemption)
+            if joining.request.scheduled_at is None and not joining.scores_prompt:  # its first admission
                 self.pool.queries += joining.prompt_tokens
                 self.pool.hits += joining.cached_tokens
             self.running.append(joining)
@@ -179,7 +180,11 @@ class Scheduler:
 
     def _take_cached_prefix(self, row: Row) -> None:
         """Start ``row`` with the longest prefix of its tokens the cache holds. The block of its last
-        token is always computed afresh: its logits are needed."""
+        token is always computed afresh: its logits are needed. A row that scores its prompt takes
+        nothing from the cache: every prompt position's logits are needed."""
+        row.looked_up = True
+        if row.scores_prompt:
+            return
         lookup = (len(row.tokens) - 1) // self.block_size * self.block_size
         salt = row.request.prompt.cache_salt
         keys = block_keys(row.tokens[:lookup], self.block_size, images=row.images, salt=salt)
@@ -187,7 +192,6 @@ class Scheduler:
         row.keys = keys[: len(row.blocks)]
         row.computed = len(row.blocks) * self.block_size
         row.cached_tokens = min(row.computed, row.prompt_tokens)
-        row.looked_up = True
 
     # --- after a step ---------------------------------------------------------------------------
     def computed(self, scheduled: Scheduled) -> None:
