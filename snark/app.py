@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from snark.api import forms, index, openai, operations
+from snark.api import completions, forms, index, openai, operations, tokenization
 from snark.api.auth import BearerAuth, document_bearer_auth
 from snark.api.body_limit import BodySizeLimit
 from snark.api.errors import install_error_handlers
@@ -87,6 +87,8 @@ def create_app(
     app.include_router(operations.router)
     app.include_router(forms.router)
     app.include_router(openai.router)
+    app.include_router(completions.router)
+    app.include_router(tokenization.router)
     # The last middleware added runs first: auth refuses a stranger before any body byte is read.
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     if settings.api_keys:

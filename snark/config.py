@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(256, gt=0)
     max_new_tokens_limit: int = Field(2048, gt=0)
     max_prompt_tokens: int = Field(32768, gt=0)
+    max_n: int = Field(8, ge=1, le=128)  # choices one request may ask for (n): each is a row of its own
     max_batch_size: int = Field(16, ge=1, le=256)  # rows decoded together; 1: one request at a time
     batch_wait_ms: float = Field(0.0, ge=0)  # an idle engine waits this long for companions to its first prefill
     # Prompt tokens prefilled in one step, across prompts, beside every running row's decode token; longer

@@ -17,6 +17,7 @@ from starlette.background import BackgroundTask
 
 from snark.api.cancellation import until_disconnected
 from snark.api.chat_audio import audio_completion, chat_audio_events
+from snark.api.choices import Choices
 from snark.api.protocol import ChatCompletionRequest, SpeechRequest
 from snark.api.replies import ChatReply, chat_events, sse_stream
 from snark.api.spoken import (
@@ -67,30 +68,25 @@ async def chat_completions(
     tool_names = {spec.name for spec in tools.callable} if tools.active else None
     if audio is not None and voice is not None:
         return await _spoken_chat(request, state, body, reply, engine.submit(prompt, params), voice, audio.format)
+    # Every choice (n) is submitted now: a full queue is a 503 before any answer starts.
+    started = Choices.start(engine, [prompt], params, body.choices, stream=body.stream)
+    choices = await until_disconnected(request, started, timeout_s=settings.request_timeout_s)
     if body.stream:
-        generation = engine.submit(prompt, params)  # a full queue is a 503 now, before the stream starts
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         lines = chat_events(
-            reply,
-            generation,
-            engine.follow(generation),
-            include_usage=include_usage,
-            timeout_s=settings.request_timeout_s,
-            tool_names=tool_names,
+            reply, choices, include_usage=include_usage, timeout_s=settings.request_timeout_s, tool_names=tool_names
         )
         events = sse_stream(lines, f"streamed completion {reply.id}")
         # Starlette runs the background task after the stream ends, also when the client left. The
-        # stream's own finally cancels the row; this covers a client gone before the stream's first step.
+        # stream's own finally cancels the rows; this covers a client gone before the stream's first step.
         return StreamingResponse(
             events,
             media_type="text/event-stream",
             headers=STREAM_HEADERS,
-            background=BackgroundTask(engine.cancel, generation),
+            background=BackgroundTask(choices.cancel),
         )
-    done = await until_disconnected(
-        request, engine.run_to_completion(prompt, params), timeout_s=settings.request_timeout_s
-    )
-    return JSONResponse(reply.completion(done, tool_names=tool_names))
+    dones = await until_disconnected(request, choices.finished(), timeout_s=settings.request_timeout_s)
+    return JSONResponse(reply.completion(*dones, tool_names=tool_names))
 
 
 async def _spoken_chat(

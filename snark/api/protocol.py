@@ -27,12 +27,8 @@ from snark.values import ChatTurn, SamplingParams
 from snark.video.load import VideoLoader
 
 # Options Snark cannot honour: asking for them is a 400 naming the field, never silently ignored.
-# Each test gets the field's value; "off" values (n=1, logprobs=false) pass.
+# Each test gets the field's value; "off" values (logprobs=false, logit_bias={}) pass.
 _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (
-        lambda v: v not in (None, 1),
-        "n > 1 is not supported: Snark returns one choice; send several requests instead.",
-    ),
     "functions": (bool, "functions (OpenAI's older form) is not supported: send the same definitions as tools."),
     "function_call": (lambda v: v not in (None, "none"), "function_call is not supported: use tool_choice with tools."),
     "logprobs": (lambda v: bool(v), "logprobs are not supported by Snark: leave logprobs unset or false."),
@@ -99,8 +95,8 @@ class ChatCompletionRequest(Lenient):
         None, description="none | auto (default with tools) | required | a named function."
     )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer.")
+    n: int | None = Field(None, ge=1, description="Choices, at most SNARK_MAX_N; each samples on its own.")
     # Refused when they ask for something (see _REFUSED):
-    n: int | None = None
     functions: list[dict] | None = None
     function_call: str | dict | None = None
     logprobs: bool | None = None
@@ -128,6 +124,11 @@ class ChatCompletionRequest(Lenient):
                 raise InvalidRequest(message, param=name, code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed with stream=true.", param="stream_options")
+        if self.choices > settings.max_n:
+            raise InvalidRequest(
+                f"n={self.n} is over this server's limit of {settings.max_n} choices (SNARK_MAX_N): ask for fewer.",
+                param="n",
+            )
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if len(stops) > 16:
             raise InvalidRequest(f"stop has {len(stops)} strings; send at most 16.", param="stop")
@@ -168,6 +169,11 @@ class ChatCompletionRequest(Lenient):
             structure=structure,
         )
 
+    @property
+    def choices(self) -> int:
+        """How many choices to answer with (``n``)."""
+        return self.n or 1
+
     def audio_output(self, tools: ToolUse | None = None) -> ChatAudio | None:
         """The audio the request asks for (``modalities`` with "audio"), checked; None for text only."""
         modalities = set(self.modalities or ["text"])
@@ -182,6 +188,12 @@ class ChatCompletionRequest(Lenient):
         if self.audio is None:
             raise InvalidRequest(
                 'modalities has "audio": send "audio": {"voice": "alloy", "format": "wav"} too.', param="audio"
+            )
+        if self.choices > 1:
+            raise InvalidRequest(
+                "A spoken answer has one voice reading one choice: send n=1 with audio, or ask for text only.",
+                param="n",
+                code="unsupported_parameter",
             )
         if tools is not None and tools.active:
             raise InvalidRequest(

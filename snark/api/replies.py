@@ -25,9 +25,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from snark.api.cancellation import within
+from snark.api.choices import Choices
 from snark.api.errors import error_body
 from snark.api.streaming import finish_reason_of
-from snark.engine.request import GenerationRequest, StreamEvent
+from snark.engine.request import GenerationRequest
 from snark.errors import SnarkError
 from snark.structured.tool_calls import ToolCallDelta, ToolCallStream, parse_tool_calls
 from snark.values import ToolCall
@@ -43,14 +44,25 @@ class ChatReply:
         self.created = int(time.time())
         self.model = model
         self.prompt_tokens = prompt_tokens  # images included: each is its <|image_pad|> tokens
-        self._content_templates: dict[bool, tuple[str, str]] = {}
+        self._content_templates: dict[tuple[bool, int], tuple[str, str]] = {}
 
     def usage(self, completion_tokens: int) -> dict:
         total = self.prompt_tokens + completion_tokens
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
-    def completion(self, done: GenerationRequest, *, tool_names: set[str] | None = None) -> dict:
-        """The JSON answer. With ``tool_names`` (the model may call these), the calls in its text become
+    def completion(self, *dones: GenerationRequest, tool_names: set[str] | None = None) -> dict:
+        """The JSON answer: one choice per request in ``dones`` (``n`` of them), usage over all of them."""
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [self._choice(index, done, tool_names) for index, done in enumerate(dones)],
+            "usage": self.usage(sum(done.completion_tokens for done in dones)),
+        }
+
+    def _choice(self, index: int, done: GenerationRequest, tool_names: set[str] | None) -> dict:
+        """One choice. With ``tool_names`` (the model may call these), the calls in its text become
         ``tool_calls`` and finish_reason "tool_calls"; what is not a call stays the content."""
         message: dict[str, Any] = {"role": "assistant", "content": done.text, "refusal": None}
         finish_reason = finish_reason_of(done.finish_reason)
@@ -60,36 +72,31 @@ class ChatReply:
             if calls:
                 message["tool_calls"] = [_call_json(call) for call in calls]
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
-            "usage": self.usage(done.completion_tokens),
-        }
+        return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
 
-    def chunk(self, delta: dict, finish_reason: str | None = None, *, usage_field: bool = False) -> dict:
+    def chunk(
+        self, delta: dict, finish_reason: str | None = None, *, usage_field: bool = False, index: int = 0
+    ) -> dict:
         body = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
         }
         if usage_field:
             body["usage"] = None  # with include_usage, OpenAI sends usage: null on every chunk but the last
         return body
 
-    def content_sse(self, text: str, *, usage_field: bool) -> str:
+    def content_sse(self, text: str, *, usage_field: bool, index: int = 0) -> str:
         """``sse_line(self.chunk({"content": text}, usage_field=...))``, the body of nearly every event,
         from a serialized template: only the text is encoded per token."""
-        template = self._content_templates.get(usage_field)
+        template = self._content_templates.get((usage_field, index))
         if template is None:
             marker = "\x00"
-            body = _json(self.chunk({"content": marker}, usage_field=usage_field))
+            body = _json(self.chunk({"content": marker}, usage_field=usage_field, index=index))
             prefix, suffix = body.split(_json(marker), 1)
-            template = self._content_templates[usage_field] = (prefix, suffix)
+            template = self._content_templates[(usage_field, index)] = (prefix, suffix)
         prefix, suffix = template
         return f"data: {prefix}{_json(text)}{suffix}\n\n"
 
@@ -115,45 +122,49 @@ def sse_line(body: dict | str) -> str:
 
 async def chat_events(
     reply: ChatReply,
-    generation: GenerationRequest,
-    events: AsyncIterator[StreamEvent],
+    choices: Choices,
     *,
     include_usage: bool,
     timeout_s: float,
     tool_names: set[str] | None = None,
 ) -> AsyncGenerator[str, None]:
-    """The SSE body for one streamed completion. ``events`` is the engine's stream for ``generation``;
-    each text delta is sent as soon as the engine produced it (already whole characters). With
-    ``tool_names``, calls in the text go out as OpenAI streams them: ``delta.tool_calls`` items, the
-    first with the call's id and name, the next ones with pieces of its arguments. Wrap it in
-    ``sse_stream`` for the error event and ``[DONE]``."""
-    role_sent = False
-    calls = ToolCallStream(known=tool_names) if tool_names is not None else None
-    async for event in within(events, timeout_s):
-        pieces = [event.text] if calls is None else calls.feed(event.text)
-        if event.finish_reason is not None and calls is not None:
-            pieces += calls.finish()
+    """The SSE body for one streamed completion: every choice's deltas (``n``), interleaved by
+    ``index`` as they come, each sent as soon as the engine produced it (already whole characters),
+    each choice with its own role chunk and ``finish_reason``. With ``tool_names``, calls in the text
+    go out as OpenAI streams them: ``delta.tool_calls`` items, the first with the call's id and name,
+    the next ones with pieces of its arguments. Wrap it in ``sse_stream`` for the error event and ``[DONE]``."""
+    role_sent: set[int] = set()
+    calls = {c.index: ToolCallStream(known=tool_names) for c in choices.choices} if tool_names is not None else {}
+    async for choice, event in within(choices.events(), timeout_s):
+        index, stream = choice.index, calls.get(choice.index)
+        pieces = [event.text] if stream is None else stream.feed(event.text)
+        if event.finish_reason is not None and stream is not None:
+            pieces += stream.finish()
         for piece in pieces:
             if isinstance(piece, ToolCallDelta):
                 delta: dict[str, Any] = {"tool_calls": [piece.to_openai()]}
-                if not role_sent:
-                    role_sent, delta = True, {"role": "assistant", "content": None, **delta}
-                yield sse_line(reply.chunk(delta, usage_field=include_usage))
-            elif piece and role_sent:
-                yield reply.content_sse(piece, usage_field=include_usage)
+                if index not in role_sent:
+                    role_sent.add(index)
+                    delta = {"role": "assistant", "content": None, **delta}
+                yield sse_line(reply.chunk(delta, usage_field=include_usage, index=index))
+            elif piece and index in role_sent:
+                yield reply.content_sse(piece, usage_field=include_usage, index=index)
             elif piece:
-                role_sent = True
-                yield sse_line(reply.chunk({"role": "assistant", "content": piece}, usage_field=include_usage))
+                role_sent.add(index)
+                delta = {"role": "assistant", "content": piece}
+                yield sse_line(reply.chunk(delta, usage_field=include_usage, index=index))
         if event.finish_reason is not None:
-            if not role_sent:
-                role_sent = True
-                yield sse_line(reply.chunk({"role": "assistant", "content": ""}, usage_field=include_usage))
+            if index not in role_sent:
+                role_sent.add(index)
+                yield sse_line(
+                    reply.chunk({"role": "assistant", "content": ""}, usage_field=include_usage, index=index)
+                )
             finish_reason = finish_reason_of(event.finish_reason)
-            if calls is not None and calls.calls and finish_reason == "stop":
+            if stream is not None and stream.calls and finish_reason == "stop":
                 finish_reason = "tool_calls"
-            yield sse_line(reply.chunk({}, finish_reason, usage_field=include_usage))
+            yield sse_line(reply.chunk({}, finish_reason, usage_field=include_usage, index=index))
     if include_usage:
-        yield sse_line(reply.usage_chunk(generation.completion_tokens))
+        yield sse_line(reply.usage_chunk(choices.completion_tokens))
 
 
 async def sse_stream(lines: AsyncGenerator[str, None], what: str) -> AsyncIterator[str]:

@@ -28,7 +28,7 @@ def resolve_sampling(
 ) -> SamplingParams:
     """A request's sampling fields -> engine parameters, for every route: ``defaults`` (the model's
     generation config) fill what the request left out, and the token limit is checked once here."""
-    max_new = max_new_tokens or settings.default_max_new_tokens
+    max_new = settings.default_max_new_tokens if max_new_tokens is None else max_new_tokens  # 0: score the prompt
     if max_new > settings.max_new_tokens_limit:
         raise InvalidRequest(
             f"{param}={max_new} is over this server's limit of {settings.max_new_tokens_limit} "

@@ -5,7 +5,7 @@ scheduler. Two engines implement this interface: Snark's own continuous-batching
 Face model (``snark.engine.transformers``) and vLLM's async engine (``snark.engine.vllm``).
 
     build_prompt(turns) ──► submit(prompt, params) ──► follow(request) ──► StreamEvent ... final
-                                                  └──► cancel(request)   (client gone, timeout)
+    prompt_from_ids(ids) ─┘                        └──► cancel(request)   (client gone, timeout)
 
 The shared parts live here: the lifecycle states, the model facts ``/health`` reports, the
 listeners that feed ``/metrics``, and ``follow``/``generate``, which are the same for every engine
@@ -19,11 +19,15 @@ import enum
 import gc
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from snark.engine.request import GenerationRequest, PromptInputs, StreamEvent
 from snark.values import ChatTurn, SamplingParams, ToolSpec
+
+if TYPE_CHECKING:
+    from snark.engine.prompt import PromptBuilder
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +171,41 @@ class Engine(abc.ABC):
         if params.structure is not None and params.structure.compiled is None:
             raise ValueError("a constrained request must go through prepare() before submit()")
 
+    # --- raw prompts: no chat template (/v1/completions, /tokenize, /detokenize) -----------------------
+    @abc.abstractmethod
+    def _text_prompts(self) -> PromptBuilder:
+        """The loaded model's prompt builder (its tokenizer and prompt limit). Raises ``ModelNotReady``
+        while the model loads and ``ShuttingDown`` once the engine stops."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """The longest sequence, prompt and answer together, one request can hold."""
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """``text``'s token ids, its special tokens (``<|im_start|>``) read as such."""
+        return self._text_prompts().tokenize(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, ids: Sequence[int], *, param: str = "tokens") -> str:
+        """The text of ``ids``. Raises ``InvalidRequest`` naming ``param`` for an id outside the vocabulary."""
+        return self._text_prompts().detokenize(ids, param=param)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each id's token as the vocabulary spells it."""
+        return self._text_prompts().token_strings(ids)
+
+    def prompt_from_ids(self, ids: Sequence[int], *, param: str = "prompt") -> PromptInputs:
+        """A prompt of token ids as they are, without a chat template, ready to ``submit``. Raises
+        ``InvalidRequest`` naming ``param`` as chat would: an id outside the vocabulary, a media
+        placeholder, an empty prompt or one over the prompt limit."""
+        return self._text_prompts().from_ids(ids, param=param)
+
+    # --- requests, continued -------------------------------------------------------------------------
+    #: Whether requests submitted together share their common prompt prefix in the prefix cache (vLLM
+    #: caches a block as soon as a step schedules it). Snark's engine caches a block once it is computed,
+    #: so the choices of one prompt (``n``) follow the first once its prompt is prefilled.
+    shares_prefill_when_submitted_together: bool = False
+
     @abc.abstractmethod
     def submit(self, prompt: PromptInputs, params: SamplingParams, *, deliver_deltas: bool = True) -> GenerationRequest:
         """Queue a request; its events arrive on the calling event loop. Raises ``Overloaded``,
@@ -176,7 +215,7 @@ class Engine(abc.ABC):
     def cancel(self, request: GenerationRequest) -> None:
         """Stop ``request`` if it is still live; a no-op for a finished one."""
 
-    async def follow(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    async def follow(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         """Yield a submitted request's events. Leaving the loop early (client gone, timeout) cancels it.
         Routes submit first, then follow: a full queue then raises ``Overloaded`` while they can still
         answer 503, not inside a stream that has already started."""

@@ -10,6 +10,10 @@ those of tokenizing the whole prompt (BPE merges across a seam as it would), whi
 an image slot or fake a call. (``split_special_tokens=True`` is not enough: it still matches the
 non-special added tokens such as ``<tool_call>``.) Each ``<|image_pad|>`` (``<|video_pad|>``) of the
 template is expanded to its image's (video's) token count, exactly as the Qwen2.5-VL processor does.
+
+Raw prompts (``/v1/completions``) skip the template: ``tokenize`` reads a client's text as the
+tokenizer does, special tokens included (the client formats the prompt), and ``from_ids`` checks the
+ids (known to the vocabulary, no media placeholders, within the prompt limit).
 """
 
 from __future__ import annotations
@@ -102,13 +106,8 @@ class PromptBuilder:
         else:  # the published template, so prompts without tools are exactly what Qwen2.5-VL renders
             rendered = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         input_ids = self._tokenize(rendered, texts, image_token_counts, video_token_counts)
-        if len(input_ids) > self.max_prompt_tokens:
-            hint = "send shorter videos or sample fewer frames (fps, max_frames)" if videos else "send smaller images"
-            raise InvalidRequest(
-                f"The prompt is {len(input_ids)} tokens (images and videos included), over this server's limit of "
-                f"{self.max_prompt_tokens} (SNARK_MAX_PROMPT_TOKENS): shorten the text or {hint}.",
-                code="context_length_exceeded",
-            )
+        hint = "send shorter videos or sample fewer frames (fps, max_frames)" if videos else "send smaller images"
+        self._check_length(len(input_ids), " (images and videos included)", f"shorten the text or {hint}")
         prompt = PromptInputs(
             input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw, image_keys=image_keys
         )
@@ -116,6 +115,58 @@ class PromptBuilder:
             prompt.pixel_values_videos, prompt.video_grid_thw = video.pixel_values, video.grid_thw
             prompt.second_per_grid_ts, prompt.video_keys = video.second_per_grid_ts, video.keys
         return prompt
+
+    # --- raw prompts: no chat template (/v1/completions, /tokenize) ---------------------------------
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """``text`` as the tokenizer reads it: its special tokens (``<|im_start|>``) become their ids, so
+        a client may send a prompt it formatted itself. Qwen2.5's tokenizer adds no BOS token."""
+        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def detokenize(self, ids: Sequence[int], *, param: str = "tokens") -> str:
+        """The text of ``ids``, special tokens included (``tokenize`` of it gives the ids back)."""
+        self.check_ids(ids, param=param)
+        return self.tokenizer.backend_tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each id's token as the vocabulary spells it (byte-level: "Ġworld" for " world")."""
+        return self.tokenizer.convert_ids_to_tokens(list(ids))
+
+    def check_ids(self, ids: Sequence[int], *, param: str) -> None:
+        """Raise ``InvalidRequest`` naming ``param`` for an id the tokenizer does not know."""
+        vocab = len(self.tokenizer)
+        for position, token_id in enumerate(ids):
+            if not 0 <= token_id < vocab:
+                raise InvalidRequest(
+                    f"{param}[{position}] is {token_id}, not a token id of this model: ids run from 0 to {vocab - 1}.",
+                    param=param,
+                )
+
+    def from_ids(self, ids: Sequence[int], *, param: str = "prompt") -> PromptInputs:
+        """A prompt of ``ids`` as they are, without a chat template. Raises ``InvalidRequest`` naming
+        ``param`` for an empty prompt, an id outside the vocabulary, an image or video placeholder (media
+        come through chat only) or a prompt over the limit, with the error chat gives."""
+        if not ids:
+            raise InvalidRequest(f"{param} is empty: send at least one token of text.", param=param)
+        self.check_ids(ids, param=param)
+        pads = {self._added_ids[IMAGE_PAD], self._added_ids[VIDEO_PAD]}
+        for position, token_id in enumerate(ids):
+            if token_id in pads:
+                raise InvalidRequest(
+                    f"{param} holds the media placeholder {self.tokenizer.convert_ids_to_tokens(token_id)} (token "
+                    f"{position}): a raw prompt is text only; send images and videos to /v1/chat/completions.",
+                    param=param,
+                )
+        self._check_length(len(ids), "", "shorten the text", param=param)
+        return PromptInputs(input_ids=list(ids))
+
+    def _check_length(self, count: int, counted: str, hint: str, *, param: str | None = None) -> None:
+        if count > self.max_prompt_tokens:
+            raise InvalidRequest(
+                f"The prompt is {count} tokens{counted}, over this server's limit of {self.max_prompt_tokens} "
+                f"(SNARK_MAX_PROMPT_TOKENS): {hint}.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def _tokenize(
         self, rendered: str, texts: list[str], image_token_counts: list[int], video_token_counts: list[int]

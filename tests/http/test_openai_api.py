@@ -198,7 +198,7 @@ def test_streamed_chat_with_an_image(client: openai.OpenAI, image_server: str) -
 @pytest.mark.parametrize(
     ("options", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),  # over SNARK_MAX_N
         ({"tools": [{"type": "function", "function": {"name": "look up"}}]}, "tools[0].function.name"),
         ({"logprobs": True}, "logprobs"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
@@ -219,7 +219,7 @@ def test_bad_requests_raise_bad_request_error(client: openai.OpenAI, options: di
 
 def test_a_streamed_bad_request_is_a_400_before_any_event(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(messages=ask(), n=3, stream=True, **GREEDY)
+        client.chat.completions.create(messages=ask(), n=9, stream=True, **GREEDY)
 
 
 # --- speech --------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_over_the_token_limit_is_a_400_naming_the_setting(field: str) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "fragment"),
     [
-        ("n", 2, "n > 1"),
+        ("n", 9, "SNARK_MAX_N"),
         ("functions", [{"name": "f"}], "send the same definitions as tools"),
         ("function_call", "auto", "use tool_choice"),
         ("logprobs", True, "logprobs"),
@@ -126,6 +126,7 @@ def test_features_snark_cannot_honour_are_a_400_naming_the_field(field: str, val
         ({"modalities": ["text", "audio"], "audio": {"format": "mp3"}}, "audio.format"),
         ({"modalities": ["text", "audio"], "audio": {"format": "wav"}, "stream": True}, "audio.format"),
         ({"modalities": ["text", "audio"], "audio": {"format": "wav", "speed": 9}}, "speed"),
+        ({"modalities": ["text", "audio"], "audio": {"format": "wav"}, "n": 2}, "n"),
     ],
 )
 def test_chat_audio_requests_that_cannot_be_spoken_are_a_400(fields: dict, param: str) -> None:

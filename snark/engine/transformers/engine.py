@@ -240,6 +240,15 @@ class TransformersEngine(Engine):
                 self._preparing -= 1
                 self._cond.notify()
 
+    def _text_prompts(self) -> PromptBuilder:
+        return self._require_ready()
+
+    @property
+    def max_model_len(self) -> int:
+        """What the model's positions and the whole KV cache both hold."""
+        positions = getattr(self.loaded.text_config, "max_position_embeddings", None) or self.scheduler.capacity_tokens
+        return min(int(positions), self.scheduler.capacity_tokens)
+
     async def prepare(self, params: SamplingParams) -> SamplingParams:
         """Compile the request's output grammar (cached by schema) in the grammar thread."""
         structure = params.structure

@@ -30,6 +30,7 @@ from concurrent.futures import Future
 
 from snark.config import Settings
 from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
+from snark.engine.prompt import PromptBuilder
 from snark.engine.request import GenerationRequest, Outbox, PromptInputs, StreamEvent
 from snark.engine.vllm import args as vllm_args
 from snark.engine.vllm.prompt import VllmPrompt, VllmPromptBuilder
@@ -161,6 +162,23 @@ class VllmEngine(Engine):
             # worker thread, and a worker would compete for the GIL with vLLM's output handler on this loop.
             return prompts.build(turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
         return await asyncio.to_thread(prompts.build, turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
+
+    # Raw prompts (/v1/completions, /tokenize): the same checks as on Snark's engine.
+    def _text_prompts(self) -> PromptBuilder:
+        return self._require_ready().builder
+
+    def prompt_from_ids(self, ids: Sequence[int], *, param: str = "prompt") -> PromptInputs:
+        return self._require_ready().from_ids(ids, param=param)
+
+    @property
+    def max_model_len(self) -> int:
+        runtime = self.runtime
+        if runtime is None:
+            raise ModelNotReady(STILL_LOADING)
+        return runtime.max_model_len
+
+    # vLLM's prefix cache takes a block as soon as a step schedules it: choices submitted together share it.
+    shares_prefill_when_submitted_together = True
 
     async def prepare(self, params: SamplingParams) -> SamplingParams:
         """Write the request's grammar (vLLM compiles it in its own engine) off the event loop: a schema

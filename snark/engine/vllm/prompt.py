@@ -153,6 +153,11 @@ class VllmPromptBuilder:
             videos=[part for part in parts if isinstance(part, Video)],
         )
 
+    def from_ids(self, ids: Sequence[int], *, param: str = "prompt") -> VllmPrompt:
+        """A raw prompt (no template, no media): vLLM takes the ids as they are. Checked as on Snark's engine."""
+        checked = self.builder.from_ids(ids, param=param)
+        return VllmPrompt(input_ids=checked.input_ids, engine_ids=list(checked.input_ids))
+
     def _token_counts(self, grid_thw: torch.Tensor | None) -> list[int]:
         return [] if grid_thw is None else (grid_thw.prod(-1) // self.sizer.merge_size**2).tolist()
 
