@@ -1,5 +1,5 @@
-"""Tool calls parsed out of Qwen2.5's generated text, whole (``parse_tool_calls``) and streamed
-(``ToolCallStream``).
+"""Tool calls parsed out of Qwen2.5's generated text by one parser, ``ToolCallStream``: fed the text
+delta by delta as it is generated, or the whole text at once (``parse_tool_calls``).
 
 Qwen2.5 calls a tool the Hermes way, after optional plain text::
 
@@ -7,28 +7,38 @@ Qwen2.5 calls a tool the Hermes way, after optional plain text::
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-What counts as a call (both parsers use the same matchers below, so they agree on well-formed text):
-``<tool_call>``, JSON whitespace, ``{"name": STRING, "arguments": OBJECT}`` with keys in that order
-(the order Qwen's chat template asks for and Snark's tool grammar forces), JSON whitespace,
-``</tool_call>``. The name must be non-empty and, when ``known`` is given, one of the offered tools;
-the arguments must parse with ``json.loads``. ``"parameters"`` in place of ``"arguments"`` is not a
-call: the template never asks for it (vLLM's Hermes parser reads only ``"arguments"`` too).
+What counts as a call: ``<tool_call>``, JSON whitespace, ``{"name": STRING, "arguments": OBJECT}`` with
+keys in that order (the order Qwen's chat template asks for and Snark's tool grammar forces), JSON
+whitespace, ``</tool_call>``. The name must be non-empty and, when ``known`` is given, one of the offered
+tools; the arguments must parse with ``json.loads``. ``"parameters"`` in place of ``"arguments"`` is not
+a call: the template never asks for it (vLLM's Hermes parser reads only ``"arguments"`` too).
 
-Anything else is text: a ``<tool_call>`` that does not start a call stays in the content verbatim
-(tag included) and parsing resumes right after its tag, so no text is ever lost; a call cut off by the
-length limit is therefore content too.
+Anything else is text: a ``<tool_call>`` that does not start a call stays in the content verbatim (tag
+included) and reading resumes right after its tag, so no text is ever lost. ``arguments`` is the
+model's own text of the arguments object, from its ``{`` to its ``}``, not re-serialized. The content
+is the text outside the calls, stripped: blank text waits for the next non-blank text, so an answer
+that is only tool calls has no content at all.
 
-``arguments`` is the model's own text of the arguments object, from its ``{`` to its ``}``, not
-re-serialized: the stream sends that text piece by piece as it is generated and cannot take it back,
-so the whole parse keeps the same text and both answers agree.
+The parser knows whether more text may come, and that is the only thing that makes it decide
+differently:
 
-Where the two differ, on malformed text only: the stream commits to a call once it has read the
-name and the ``{`` that opens the arguments, and cannot take back what it sent. After that, a call
-whose arguments object closes counts as a call (in ``calls``) even if the arguments are not valid JSON
-or the closing ``}`` / ``</tool_call>`` is missing (text after the arguments that is not that envelope
-goes back to being content); a call cut off inside its arguments stays unfinished: its pieces were
-sent, as OpenAI sends a call that ``max_tokens`` cuts, it is not in ``calls``, and the request's
-finish_reason ("length") tells the client.
+- **The whole text** (``feed(text, final=True)``; ``parse_tool_calls``): a call is decided before
+  anything of it is sent, so a call cut off by the length limit, or one whose arguments are not JSON or
+  whose ``}`` / ``</tool_call>`` is missing, is content.
+- **Piece by piece** (``feed`` each delta, then ``finish``): content goes out as soon as it cannot be
+  the start of ``<tool_call>``, and a call goes out as soon as its name and the ``{`` that opens its
+  arguments are read; its arguments text follows piece by piece as it is generated, and what was sent
+  cannot be taken back. So on malformed text the stream keeps what it sent: a call whose arguments
+  object closes counts as a call (in ``calls``) even if the arguments are not valid JSON or the closing
+  ``}`` / ``</tool_call>`` is missing (text after the arguments that is not that envelope goes back to
+  being content); a call cut off inside its arguments stays unfinished: its pieces were sent, as OpenAI
+  sends a call that ``max_tokens`` cuts, it is not in ``calls``, and the request's finish_reason
+  ("length") tells the client. On well-formed text both ways give the same content and calls, however
+  the text is cut into deltas.
+
+Each character is read a bounded number of times however it is cut into deltas: the matchers resume
+where they stopped, so a long string or run of blanks fed piece by piece is not read again at every
+delta (a tag that turns out to be no call is the exception: what followed it is read again as text).
 """
 
 from __future__ import annotations
@@ -53,6 +63,16 @@ def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 
 
+def parse_tool_calls(
+    text: str, *, known: set[str] | None = None, make_id: Callable[[], str] = new_call_id
+) -> tuple[str | None, list[ToolCall]]:
+    """The content (the text outside the calls, stripped; None if empty) and the calls, in order: the
+    stream parser fed the whole text at once."""
+    stream = ToolCallStream(known=known, make_id=make_id)
+    content = "".join(piece for piece in stream.feed(text, final=True) if isinstance(piece, str))
+    return content or None, stream.calls
+
+
 # --- matching a fixed token sequence against text that may still be growing -------------------------
 
 
@@ -62,7 +82,7 @@ class _Match(enum.Enum):
     FAILED = "failed"
 
 
-_SPACE = object()  # any run of JSON whitespace, possibly empty
+_SPACE = object()  # any run of JSON whitespace, possibly empty (never the last token of a sequence)
 _STRING = object()  # one JSON string, decoded
 _JSON_SPACE = " \t\r\n"
 
@@ -89,56 +109,58 @@ _HEADER = (
 _ENVELOPE = (_SPACE, "}", _SPACE, CLOSE_TAG)
 
 
-def _match_sequence(text: str, pos: int, tokens: tuple) -> tuple[_Match, int, list[str]]:
-    """Match ``tokens`` at ``text[pos:]``. Returns the outcome, the position reached (after the
-    sequence when FULL, where the failing token starts when FAILED) and the decoded strings."""
-    strings: list[str] = []
-    for token in tokens:
-        if token is _SPACE:
-            while pos < len(text) and text[pos] in _JSON_SPACE:
-                pos += 1
-        elif token is _STRING:
-            if pos == len(text):
-                return _Match.PARTIAL, pos, strings
-            if text[pos] != '"':
-                return _Match.FAILED, pos, strings
-            end = _string_end(text, pos)
-            if end is None:
-                return _Match.PARTIAL, pos, strings
-            try:
-                strings.append(json.loads(text[pos:end]))
-            except ValueError:  # a bad escape or a raw control character
-                return _Match.FAILED, pos, strings
-            pos = end
-        else:
-            available = text[pos : pos + len(token)]
-            if available == token:
-                pos += len(token)
-            elif token.startswith(available) and pos + len(available) == len(text):
-                return _Match.PARTIAL, pos, strings
+class _SequenceMatcher:
+    """Matches ``tokens`` at ``text[start:]``, where ``text`` only grows between calls: each ``match``
+    resumes where the last one stopped (inside a run of blanks or a string too), so text fed piece by
+    piece is read once. ``pos`` is where the match has reached (after the sequence once FULL);
+    ``strings`` the strings decoded so far."""
+
+    def __init__(self, tokens: tuple, start: int = 0) -> None:
+        self._tokens = tokens
+        self._index = 0  # the token being matched, which starts at ``pos``
+        self._scan = start  # inside a string: the next character to read
+        self.pos = start
+        self.strings: list[str] = []
+
+    def match(self, text: str) -> _Match:
+        while self._index < len(self._tokens):
+            token = self._tokens[self._index]
+            if token is _SPACE:
+                while self.pos < len(text) and text[self.pos] in _JSON_SPACE:
+                    self.pos += 1
+                if self.pos == len(text):
+                    return _Match.PARTIAL  # more blanks may come
+            elif token is _STRING:
+                outcome = self._match_string(text)
+                if outcome is not _Match.FULL:
+                    return outcome
             else:
-                return _Match.FAILED, pos, strings
-    return _Match.FULL, pos, strings
+                available = text[self.pos : self.pos + len(token)]
+                if available != token:
+                    if token.startswith(available) and self.pos + len(available) == len(text):
+                        return _Match.PARTIAL
+                    return _Match.FAILED
+                self.pos += len(token)
+            self._index += 1
+        return _Match.FULL
 
-
-def _blank_end(text: str, pos: int) -> int:
-    """The position after the run of JSON blanks at ``text[pos:]``."""
-    while pos < len(text) and text[pos] in _JSON_SPACE:
-        pos += 1
-    return pos
-
-
-def _string_end(text: str, quote: int) -> int | None:
-    """The position after the JSON string opening at ``text[quote]``; None if it has not closed yet."""
-    i = quote + 1
-    while i < len(text):
-        if text[i] == "\\":
-            i += 2
-        elif text[i] == '"':
-            return i + 1
-        else:
-            i += 1
-    return None
+    def _match_string(self, text: str) -> _Match:
+        if self.pos == len(text):
+            return _Match.PARTIAL
+        if text[self.pos] != '"':
+            return _Match.FAILED
+        scan = max(self._scan, self.pos + 1)
+        while scan < len(text) and text[scan] != '"':
+            scan += 2 if text[scan] == "\\" else 1  # an escape may end past the text: read on from there
+        self._scan = scan
+        if scan >= len(text):
+            return _Match.PARTIAL
+        try:
+            self.strings.append(json.loads(text[self.pos : scan + 1]))
+        except ValueError:  # a bad escape or a raw control character
+            return _Match.FAILED
+        self.pos = scan + 1
+        return _Match.FULL
 
 
 class _ObjectEndFinder:
@@ -175,48 +197,20 @@ def _is_offered(name: str, known: set[str] | None) -> bool:
     return bool(name) and (known is None or name in known)
 
 
-# --- the whole text at once ---------------------------------------------------------------------
-
-
-def parse_tool_calls(
-    text: str, *, known: set[str] | None = None, make_id: Callable[[], str] = new_call_id
-) -> tuple[str | None, list[ToolCall]]:
-    """The content (the text outside the calls, stripped; None if empty) and the calls, in order."""
-    content: list[str] = []
-    calls: list[ToolCall] = []
-    pos = 0
-    while (tag := text.find(OPEN_TAG, pos)) != -1:
-        content.append(text[pos:tag])
-        call = _call_after_tag(text, tag + len(OPEN_TAG), known)
-        if call is None:
-            content.append(OPEN_TAG)
-            pos = tag + len(OPEN_TAG)
-        else:
-            name, arguments, pos = call
-            calls.append(ToolCall(id=make_id(), name=name, arguments=arguments))
-    content.append(text[pos:])
-    return "".join(content).strip() or None, calls
-
-
-def _call_after_tag(text: str, start: int, known: set[str] | None) -> tuple[str, str, int] | None:
-    """(name, arguments, end of the block) when a complete call follows an opening tag."""
-    outcome, args_start, strings = _match_sequence(text, start, _HEADER)
-    if outcome is not _Match.FULL or not _is_offered(strings[0], known):
-        return None
-    args_start -= 1  # the header ends with the arguments' "{"
-    length = _ObjectEndFinder().feed(text[args_start:])
+def _completes_call(text: str, arguments_start: int) -> bool:
+    """Whether the arguments object opening at ``text[arguments_start]`` closes, is JSON, and is
+    followed by the call's envelope: with the whole text in hand, a call is decided before it is sent."""
+    length = _ObjectEndFinder().feed(text[arguments_start:])
     if length is None:
-        return None
-    arguments = text[args_start : args_start + length]
+        return False
     try:
-        json.loads(arguments)
+        json.loads(text[arguments_start : arguments_start + length])
     except (ValueError, RecursionError):  # not JSON, or nested deeper than a parser goes: not a call
-        return None
-    outcome, end, _ = _match_sequence(text, args_start + length, _ENVELOPE)
-    return (strings[0], arguments, end) if outcome is _Match.FULL else None
+        return False
+    return _SequenceMatcher(_ENVELOPE, arguments_start + length).match(text) is _Match.FULL
 
 
-# --- streamed, as OpenAI's chat.completion.chunk deltas -------------------------------------------
+# --- the parser, as OpenAI's chat.completion.chunk deltas -----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -251,23 +245,21 @@ class _State(enum.Enum):
 
 
 class ToolCallStream:
-    """Turns generated text deltas into OpenAI streaming pieces: ``feed`` each delta, ``finish`` once.
-
-    Content goes out as soon as it cannot be the start of ``<tool_call>``, except that blank text waits
-    for the next non-blank text: the streamed content then equals ``parse_tool_calls``'s stripped
-    content, and an answer that is only tool calls streams no content at all."""
+    """Turns generated text into OpenAI streaming pieces: ``feed`` each delta, then ``finish`` once; or
+    ``feed(text, final=True)`` once with the whole text (see the module doc for how they differ)."""
 
     def __init__(self, *, known: set[str] | None = None, make_id: Callable[[], str] = new_call_id) -> None:
         self._known = known
         self._make_id = make_id
         self._state = _State.TEXT
         self._pending = ""  # received text not yet sent or decided
-        self._blanks = 0  # leading JSON blanks of _pending already seen, in the header or envelope
-        self._held_space = ""  # blank content waiting for non-blank content
+        self._matcher = _SequenceMatcher(_HEADER)  # in the header or envelope: its progress over _pending
+        self._held_space: list[str] = []  # blank content waiting for non-blank content
         self._content_started = False
+        self._ended = False
         self._announced = 0  # calls whose first delta went out
         self._call = ("", "")  # the current call's id and name
-        self._arguments = ""  # the current call's arguments text so far
+        self._arguments: list[str] = []  # the current call's arguments text so far
         self._object_end = _ObjectEndFinder()
         self._calls: list[ToolCall] = []
 
@@ -276,19 +268,20 @@ class ToolCallStream:
         """The calls complete so far (their arguments object closed), in order."""
         return list(self._calls)
 
-    def feed(self, delta: str) -> list[Piece]:
+    def feed(self, delta: str, *, final: bool = False) -> list[Piece]:
+        """The pieces ``delta`` decides. ``final``: no text comes after it (``finish`` is then done too)."""
+        if self._ended:
+            raise RuntimeError("the text has ended: no delta may follow finish() or a final feed")
         self._pending += delta
-        return self._advance(at_end=False)
+        self._ended = final
+        out: list[Piece] = []
+        while self._step(out, at_end=final):
+            pass
+        return _merge_content(out)
 
     def finish(self) -> list[Piece]:
         """The rest, once the text is complete (see the module doc for a call cut off at the end)."""
-        return self._advance(at_end=True)
-
-    def _advance(self, at_end: bool) -> list[Piece]:
-        out: list[Piece] = []
-        while self._step(out, at_end):
-            pass
-        return _merge_content(out)
+        return self.feed("", final=True)
 
     def _step(self, out: list[Piece], at_end: bool) -> bool:
         """Move on by what the pending text decides; False when it must wait for more text."""
@@ -301,22 +294,24 @@ class ToolCallStream:
                 return False
             self._send_content(self._pending[:tag], out)
             self._pending = self._pending[tag + len(OPEN_TAG) :]
-            self._state, self._blanks = _State.HEADER, 0
+            self._state, self._matcher = _State.HEADER, _SequenceMatcher(_HEADER)
             return True
 
         if self._state is _State.HEADER:
-            # The header starts with blanks: skip the ones already seen, so a model writing a long run
-            # of them after <tool_call> costs one pass, not one pass per delta over all of them.
-            self._blanks = _blank_end(self._pending, self._blanks)
-            outcome, end, strings = _match_sequence(self._pending, self._blanks, _HEADER)
+            outcome = self._matcher.match(self._pending)
             if outcome is _Match.PARTIAL and not at_end:
                 return False
-            if outcome is _Match.FULL and _is_offered(strings[0], self._known):
-                self._call = (self._make_id(), strings[0])
+            arguments_start = self._matcher.pos - 1  # the header ends with the arguments' "{"
+            if (
+                outcome is _Match.FULL
+                and _is_offered(self._matcher.strings[0], self._known)
+                and (not at_end or _completes_call(self._pending, arguments_start))
+            ):
+                self._call = (self._make_id(), self._matcher.strings[0])
                 out.append(ToolCallDelta(self._announced, "", id=self._call[0], name=self._call[1]))
                 self._announced += 1
-                self._arguments, self._object_end = "", _ObjectEndFinder()
-                self._pending = self._pending[end - 1 :]  # from the arguments' "{"
+                self._arguments, self._object_end = [], _ObjectEndFinder()
+                self._pending = self._pending[arguments_start:]
                 self._state = _State.ARGUMENTS
             else:  # not a call: the tag is text, and what follows it is read as text again
                 self._send_content(OPEN_TAG, out)
@@ -327,23 +322,22 @@ class ToolCallStream:
             length = self._object_end.feed(self._pending)
             piece = self._pending if length is None else self._pending[:length]
             if piece:
-                self._arguments += piece
+                self._arguments.append(piece)
                 out.append(ToolCallDelta(self._announced - 1, piece))
             self._pending = self._pending[len(piece) :]
             if length is None:
                 return False  # at the end, the call stays unfinished
             call_id, name = self._call
-            self._calls.append(ToolCall(id=call_id, name=name, arguments=self._arguments))
-            self._state, self._blanks = _State.ENVELOPE, 0
+            self._calls.append(ToolCall(id=call_id, name=name, arguments="".join(self._arguments)))
+            self._state, self._matcher = _State.ENVELOPE, _SequenceMatcher(_ENVELOPE)
             return True
 
-        self._blanks = _blank_end(self._pending, self._blanks)  # the envelope starts with blanks too
-        outcome, end, _ = _match_sequence(self._pending, self._blanks, _ENVELOPE)
+        outcome = self._matcher.match(self._pending)
         if outcome is _Match.PARTIAL and not at_end:
             return False
         # FULL: the envelope is done; FAILED: what does not fit it is text again; PARTIAL at the end:
         # the envelope was cut off (only blanks, "}" and part of the closing tag: nothing to keep).
-        self._pending = "" if outcome is _Match.PARTIAL else self._pending[end:]
+        self._pending = "" if outcome is _Match.PARTIAL else self._pending[self._matcher.pos :]
         self._state = _State.TEXT
         return True
 
@@ -351,11 +345,12 @@ class ToolCallStream:
         if not self._content_started:
             text = text.lstrip()
             self._content_started = bool(text)
-        text = self._held_space + text
         body = text.rstrip()
-        self._held_space = text[len(body) :]
-        if body:
-            out.append(body)
+        if not body:  # blank: it waits for the next non-blank text (kept in pieces: never re-read)
+            self._held_space.append(text)
+            return
+        out.append("".join(self._held_space) + body)
+        self._held_space = [text[len(body) :]]
 
 
 def _partial_tag_length(text: str) -> int:
