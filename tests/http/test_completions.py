@@ -9,6 +9,7 @@ equal. Sampled choices with a seed are repeatable one by one (choice i samples w
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 
 import httpx
@@ -303,3 +304,38 @@ def test_tokenize_a_chat_counts_what_chat_sends(client: openai.OpenAI, http: htt
     )
     assert refusal(http, "/tokenize", {"messages": messages, "prompt": "x"})["param"] == "prompt"
     assert refusal(http, "/tokenize", {})["param"] == "messages"
+
+
+# --- log-probabilities ------------------------------------------------------------------------------
+
+
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, http: httpx.Client) -> None:
+    ids = tokenize(http, "The quick brown fox")
+    scored = client.completions.create(prompt="The quick brown fox", max_tokens=0, echo=True, logprobs=1, **GREEDY)
+    logprobs = scored.choices[0].logprobs
+    assert scored.choices[0].text == "The quick brown fox" and scored.usage.completion_tokens == 0
+    assert len(logprobs.tokens) == len(ids) and "".join(logprobs.tokens) == "The quick brown fox"
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing before the first
+    assert all(lp <= 0 and math.isfinite(lp) for lp in logprobs.token_logprobs[1:])
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs[1:])  # the token itself and 1 alternative
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(ids))]
+    # With generation, the prompt's entries come first, then the answer's; greedy tokens are the top entry.
+    both = client.completions.create(prompt="The quick brown fox", max_tokens=3, echo=True, logprobs=2, **GREEDY)
+    entries = both.choices[0].logprobs
+    assert entries.token_logprobs[: len(ids)] == pytest.approx(logprobs.token_logprobs, abs=1e-4)
+    for token, logprob, top in zip(
+        entries.tokens[len(ids) :], entries.token_logprobs[len(ids) :], entries.top_logprobs[len(ids) :]
+    ):
+        assert logprob == pytest.approx(max(top.values())) and top[token] == logprob
+    assert "".join(entries.tokens) == both.choices[0].text
+
+
+def test_streamed_logprobs_follow_the_text(http: httpx.Client) -> None:
+    body = {"prompt": "Hello there", "max_tokens": 6, "logprobs": 0, "echo": True, "stream": True, **GREEDY}
+    events = sse_events(http, "/v1/completions", body)
+    texts = [c["choices"][0]["text"] for c in events]
+    logprobs = [c["choices"][0]["logprobs"] for c in events if c["choices"][0]["logprobs"]]
+    assert logprobs[0]["token_logprobs"][0] is None and texts[0] == "Hello there"
+    offsets = [offset for block in logprobs for offset in block["text_offset"]]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    assert "".join(t for block in logprobs for t in block["tokens"]) == "".join(texts)
