@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import Field
 
 from snark.api.lenient import Lenient
+from snark.api.logprobs import MAX_TOP_LOGPROBS
 from snark.api.messages import ChatMessage, VideoOptions, messages_to_turns
 from snark.api.sampling import resolve_sampling
 from snark.api.tools_and_formats import ResponseFormat, ToolChoice, ToolDefinition, ToolUse, response_format_output
@@ -27,12 +28,10 @@ from snark.values import ChatTurn, SamplingParams
 from snark.video.load import VideoLoader
 
 # Options Snark cannot honour: asking for them is a 400 naming the field, never silently ignored.
-# Each test gets the field's value; "off" values (logprobs=false, logit_bias={}) pass.
+# Each test gets the field's value; "off" values (function_call="none", logit_bias={}) pass.
 _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "functions": (bool, "functions (OpenAI's older form) is not supported: send the same definitions as tools."),
     "function_call": (lambda v: v not in (None, "none"), "function_call is not supported: use tool_choice with tools."),
-    "logprobs": (lambda v: bool(v), "logprobs are not supported by Snark: leave logprobs unset or false."),
-    "top_logprobs": (lambda v: bool(v), "top_logprobs are not supported by Snark: leave it unset."),
     "logit_bias": (bool, "logit_bias is not supported by Snark: leave it unset."),
     "prediction": (lambda v: v is not None, "Predicted outputs are not supported by Snark: leave prediction unset."),
     "web_search_options": (lambda v: v is not None, "Web search is not supported by Snark."),
@@ -96,11 +95,13 @@ class ChatCompletionRequest(Lenient):
     )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer.")
     n: int | None = Field(None, ge=1, description="Choices, at most SNARK_MAX_N; each samples on its own.")
+    logprobs: bool | None = Field(None, description="true: each answer token's log-probability (logprobs.content).")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the most likely tokens at each position too."
+    )
     # Refused when they ask for something (see _REFUSED):
     functions: list[dict] | None = None
     function_call: str | dict | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
     modalities: list[str] | None = Field(None, description='["text"] (default) or ["text", "audio"] with audio.')
     audio: ChatAudio | None = Field(None, description="With audio in modalities: {voice, format: wav | pcm16}.")
@@ -124,6 +125,8 @@ class ChatCompletionRequest(Lenient):
                 raise InvalidRequest(message, param=name, code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed with stream=true.", param="stream_options")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs=true: send both.", param="top_logprobs")
         if self.choices > settings.max_n:
             raise InvalidRequest(
                 f"n={self.n} is over this server's limit of {settings.max_n} choices (SNARK_MAX_N): ask for fewer.",
@@ -167,6 +170,7 @@ class ChatCompletionRequest(Lenient):
             presence_penalty=self.presence_penalty or 0.0,
             ignore_eos=self.ignore_eos,
             structure=structure,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
 
     @property
@@ -193,6 +197,12 @@ class ChatCompletionRequest(Lenient):
             raise InvalidRequest(
                 "A spoken answer has one voice reading one choice: send n=1 with audio, or ask for text only.",
                 param="n",
+                code="unsupported_parameter",
+            )
+        if self.logprobs:
+            raise InvalidRequest(
+                "A spoken answer carries no log-probabilities: leave logprobs unset with audio, or ask for text only.",
+                param="logprobs",
                 code="unsupported_parameter",
             )
         if tools is not None and tools.active:

@@ -27,11 +27,12 @@ from typing import Any
 from snark.api.cancellation import within
 from snark.api.choices import Choices
 from snark.api.errors import error_body
+from snark.api.logprobs import chat_logprobs
 from snark.api.streaming import finish_reason_of
 from snark.engine.request import GenerationRequest
 from snark.errors import SnarkError
 from snark.structured.tool_calls import ToolCallDelta, ToolCallStream, parse_tool_calls
-from snark.values import ToolCall
+from snark.values import TokenLogprob, ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,24 @@ class ChatReply:
             if calls:
                 message["tool_calls"] = [_call_json(call) for call in calls]
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-        return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
+        logprobs = chat_logprobs(done.logprobs) if done.params.logprobs is not None else None
+        return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
 
     def chunk(
-        self, delta: dict, finish_reason: str | None = None, *, usage_field: bool = False, index: int = 0
+        self,
+        delta: dict,
+        finish_reason: str | None = None,
+        *,
+        usage_field: bool = False,
+        index: int = 0,
+        logprobs: dict | None = None,
     ) -> dict:
         body = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}],
         }
         if usage_field:
             body["usage"] = None  # with include_usage, OpenAI sends usage: null on every chunk but the last
@@ -132,11 +140,22 @@ async def chat_events(
     ``index`` as they come, each sent as soon as the engine produced it (already whole characters),
     each choice with its own role chunk and ``finish_reason``. With ``tool_names``, calls in the text
     go out as OpenAI streams them: ``delta.tool_calls`` items, the first with the call's id and name,
-    the next ones with pieces of its arguments. Wrap it in ``sse_stream`` for the error event and ``[DONE]``."""
+    the next ones with pieces of its arguments. Wrap it in ``sse_stream`` for the error event and ``[DONE]``.
+    With logprobs, a token's entry goes out with the choice's first chunk that follows its event: with
+    the text it produced, or, for text held back by the tool-call scanner or a token with no text of
+    its own (end of turn), with a later chunk, the finish chunk at the latest."""
     role_sent: set[int] = set()
     calls = {c.index: ToolCallStream(known=tool_names) for c in choices.choices} if tool_names is not None else {}
+    held: dict[int, list[TokenLogprob]] = {}  # per choice, the entries its next chunk carries
+
+    def logprobs_of(index: int) -> dict | None:
+        entries = held.pop(index, None)
+        return chat_logprobs(entries) if entries else None
+
     async for choice, event in within(choices.events(), timeout_s):
         index, stream = choice.index, calls.get(choice.index)
+        if event.logprobs:
+            held.setdefault(index, []).extend(event.logprobs)
         pieces = [event.text] if stream is None else stream.feed(event.text)
         if event.finish_reason is not None and stream is not None:
             pieces += stream.finish()
@@ -146,13 +165,13 @@ async def chat_events(
                 if index not in role_sent:
                     role_sent.add(index)
                     delta = {"role": "assistant", "content": None, **delta}
-                yield sse_line(reply.chunk(delta, usage_field=include_usage, index=index))
-            elif piece and index in role_sent:
+                yield sse_line(reply.chunk(delta, usage_field=include_usage, index=index, logprobs=logprobs_of(index)))
+            elif piece and index in role_sent and index not in held:
                 yield reply.content_sse(piece, usage_field=include_usage, index=index)
             elif piece:
+                delta = {"content": piece} if index in role_sent else {"role": "assistant", "content": piece}
                 role_sent.add(index)
-                delta = {"role": "assistant", "content": piece}
-                yield sse_line(reply.chunk(delta, usage_field=include_usage, index=index))
+                yield sse_line(reply.chunk(delta, usage_field=include_usage, index=index, logprobs=logprobs_of(index)))
         if event.finish_reason is not None:
             if index not in role_sent:
                 role_sent.add(index)
@@ -162,7 +181,9 @@ async def chat_events(
             finish_reason = finish_reason_of(event.finish_reason)
             if stream is not None and stream.calls and finish_reason == "stop":
                 finish_reason = "tool_calls"
-            yield sse_line(reply.chunk({}, finish_reason, usage_field=include_usage, index=index))
+            yield sse_line(
+                reply.chunk({}, finish_reason, usage_field=include_usage, index=index, logprobs=logprobs_of(index))
+            )
     if include_usage:
         yield sse_line(reply.usage_chunk(choices.completion_tokens))
 

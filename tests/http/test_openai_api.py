@@ -200,7 +200,7 @@ def test_streamed_chat_with_an_image(client: openai.OpenAI, image_server: str) -
     [
         ({"n": 9}, "n"),  # over SNARK_MAX_N
         ({"tools": [{"type": "function", "function": {"name": "look up"}}]}, "tools[0].function.name"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"temperature": 3.5}, "temperature"),

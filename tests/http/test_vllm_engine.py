@@ -505,6 +505,52 @@ print("matched")
     assert result.returncode == 0 and result.stdout.strip().endswith("matched"), result.stderr[-3000:]
 
 
+# --- log-probabilities ------------------------------------------------------------------------------
+def _answer_bytes(entries: list[dict]) -> bytes:
+    """The bytes the entries make, special tokens (``<|...|>``, no text in an answer) left out."""
+    text = [e for e in entries if not (e["token"].startswith("<|") and e["token"].endswith("|>"))]
+    return b"".join(bytes(e["bytes"]) for e in text)
+
+
+def test_chat_logprobs_on_vllm_agree_with_snarks_own_engine(http, snarks_engine):
+    """vLLM runs with logprobs_mode=processed_logprobs: with no penalty and greedy decoding that is the
+    model's own distribution, so both engines report the same numbers for the same tokens."""
+    body = {"max_tokens": 6, "logprobs": True, "top_logprobs": 3, "ignore_eos": True, "repetition_penalty": 1.0}
+    on_vllm = chat_on(http, text="Name a colour.", **body)
+    on_snark = chat_on(snarks_engine, text="Name a colour.", **body)
+    for reply in (on_vllm, on_snark):
+        entries = reply["choices"][0]["logprobs"]["content"]
+        assert len(entries) == reply["usage"]["completion_tokens"] == 6
+        assert _answer_bytes(entries) == reply["choices"][0]["message"]["content"].encode()
+        for entry in entries:  # greedy: the chosen token is the most likely one
+            assert len(entry["top_logprobs"]) == 3 and entry["top_logprobs"][0]["token"] == entry["token"]
+    vllm_entries = on_vllm["choices"][0]["logprobs"]["content"]
+    snark_entries = on_snark["choices"][0]["logprobs"]["content"]
+    assert vllm_entries[0]["token"] == snark_entries[0]["token"]  # the same prompt, the same first distribution
+    for ours, theirs in zip(snark_entries, vllm_entries):
+        if ours["token"] != theirs["token"]:
+            break  # a near tie went the other way: what follows is another answer
+        assert theirs["logprob"] == pytest.approx(ours["logprob"], abs=1e-3)
+        assert [t["token"] for t in theirs["top_logprobs"]] == [t["token"] for t in ours["top_logprobs"]]
+        assert [t["logprob"] for t in theirs["top_logprobs"]] == pytest.approx(
+            [t["logprob"] for t in ours["top_logprobs"]], abs=1e-3
+        )
+
+
+def test_streamed_chat_logprobs_on_vllm_cover_every_token(http):
+    body = {"messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 10, "logprobs": True}
+    whole = http.post("/v1/chat/completions", json={**body, **GREEDY}).json()
+    entries = []
+    with http.stream("POST", "/v1/chat/completions", json={**body, **GREEDY, "stream": True}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                entries += (choice["logprobs"] or {"content": []})["content"]
+    assert [e["bytes"] for e in entries] == [e["bytes"] for e in whole["choices"][0]["logprobs"]["content"]]
+    assert len(entries) == whole["usage"]["completion_tokens"]
+    assert all(e["top_logprobs"] == [] for e in entries)
+
+
 # --- cancellation and metrics ----------------------------------------------------------------------
 def long_chat(**extra) -> dict:
     return {
@@ -573,6 +619,9 @@ params = vllm.SamplingParams(**vllm_sampling_fields(SamplingParams(
     max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=0, seed=1, stop=("x",), repetition_penalty=1.1,
     frequency_penalty=0.2, presence_penalty=0.1, ignore_eos=True)))
 assert (params.max_tokens, params.top_k, params.stop, params.ignore_eos) == (9, 0, ["x"], True)
+assert args.logprobs_mode == "processed_logprobs"
+scored = vllm.SamplingParams(**vllm_sampling_fields(SamplingParams(max_new_tokens=0, logprobs=2, prompt_logprobs=1)))
+assert (scored.max_tokens, scored.logprobs, scored.prompt_logprobs) == (1, 2, 1)
 vllm.SamplingParams(**vllm_sampling_fields(SamplingParams()))
 print("accepted")
 """

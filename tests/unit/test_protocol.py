@@ -104,8 +104,6 @@ def test_over_the_token_limit_is_a_400_naming_the_setting(field: str) -> None:
         ("n", 9, "SNARK_MAX_N"),
         ("functions", [{"name": "f"}], "send the same definitions as tools"),
         ("function_call", "auto", "use tool_choice"),
-        ("logprobs", True, "logprobs"),
-        ("top_logprobs", 3, "top_logprobs"),
         ("logit_bias", {"50256": -100}, "logit_bias"),
         ("reasoning_effort", "high", "reasoning"),
     ],
@@ -127,6 +125,7 @@ def test_features_snark_cannot_honour_are_a_400_naming_the_field(field: str, val
         ({"modalities": ["text", "audio"], "audio": {"format": "wav"}, "stream": True}, "audio.format"),
         ({"modalities": ["text", "audio"], "audio": {"format": "wav", "speed": 9}}, "speed"),
         ({"modalities": ["text", "audio"], "audio": {"format": "wav"}, "n": 2}, "n"),
+        ({"modalities": ["text", "audio"], "audio": {"format": "wav"}, "logprobs": True}, "logprobs"),
     ],
 )
 def test_chat_audio_requests_that_cannot_be_spoken_are_a_400(fields: dict, param: str) -> None:
@@ -183,6 +182,15 @@ def test_off_values_of_refused_features_and_unknown_fields_are_accepted() -> Non
         some_future_option=True,
     )
     assert got.max_new_tokens == 100
+
+
+def test_logprobs_map_to_the_engines_count_of_alternatives() -> None:
+    assert params().logprobs is None and params(logprobs=False).logprobs is None
+    assert params(logprobs=True).logprobs == 0
+    assert params(logprobs=True, top_logprobs=20).logprobs == 20
+    with pytest.raises(InvalidRequest) as info:
+        params(top_logprobs=3)  # without logprobs=true
+    assert info.value.param == "top_logprobs" and "logprobs=true" in info.value.message
 
 
 def test_stream_options_without_stream_is_a_400() -> None:

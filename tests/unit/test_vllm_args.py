@@ -86,6 +86,7 @@ def test_vllm_without_vllm_settings_uses_snark_defaults(env):
                 "cap_pixels_per_frame": False,
             },
         },
+        "logprobs_mode": "processed_logprobs",
     }
 
 

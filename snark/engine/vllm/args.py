@@ -21,6 +21,8 @@ Overlaps, one rule each:
     KV budget               SNARK_KV_CACHE_GIB = kv_cache_memory_bytes (per GPU); refused together
                             with VLLM_GPU_MEM_UTILIZATION, which vLLM would then ignore.
     compilation             vLLM compiles and captures CUDA graphs unless VLLM_ENFORCE_EAGER=1.
+    log-probabilities       logprobs_mode = "processed_logprobs": the distribution each token was drawn
+                            from, as Snark's own engine reports (VLLM_ENGINE_ARGS may override it).
     images                  Snark resizes images under SNARK_MIN/MAX_IMAGE_PIXELS (and a request's own cap)
                             itself; vLLM's image resizer gets SNARK_MAX_IMAGE_PIXELS as its cap, and
                             SNARK_MAX_IMAGES_PER_REQUEST = limit_mm_per_prompt["image"].
@@ -99,6 +101,10 @@ def engine_args(settings: Settings, *, model_context_len: int | None = None) -> 
         "max_num_seqs": max_num_seqs(s),
         "limit_mm_per_prompt": {"image": s.max_images_per_request, "video": s.max_videos_per_request},
         "mm_processor_kwargs": mm_processor_kwargs(s),
+        # Log-probabilities from the distribution each token was drawn from (after penalties, the grammar
+        # mask, temperature, top-k and top-p), as Snark's own engine reports them; vLLM's default is the
+        # raw model's. VLLM_ENGINE_ARGS may choose "raw_logprobs" back.
+        "logprobs_mode": "processed_logprobs",
     }
     optional = {
         "tensor_parallel_size": s.vllm_tp_size,

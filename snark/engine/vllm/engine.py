@@ -32,7 +32,9 @@ from snark.config import Settings
 from snark.engine.base import SHUTTING_DOWN, STILL_LOADING, Engine, EngineState, ModelFacts
 from snark.engine.prompt import PromptBuilder
 from snark.engine.request import GenerationRequest, Outbox, PromptInputs, StreamEvent
+from snark.engine.token_text import TokenTexts
 from snark.engine.vllm import args as vllm_args
+from snark.engine.vllm.logprobs import read_completion
 from snark.engine.vllm.prompt import VllmPrompt, VllmPromptBuilder
 from snark.engine.vllm.runtime import Runtime, load_runtime
 from snark.engine.vllm.sampling import vllm_sampling_fields, vllm_structured_fields
@@ -60,6 +62,7 @@ class VllmEngine(Engine):
         self.max_waiting_requests = settings.max_waiting_requests
         self.runtime: Runtime | None = None  # None before start-up and after stop()
         self._facts: ModelFacts | None = None
+        self._texts: TokenTexts | None = None  # token id -> text and bytes, for log-probabilities
         self.prompts: VllmPromptBuilder | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # where vLLM lives: the server's loop, or its own
         self._own_loop = False  # True: started outside any loop, vLLM runs on a loop in the engine's thread
@@ -236,6 +239,7 @@ class VllmEngine(Engine):
                 max_item_tokens=self.runtime.max_item_tokens,
             )
             self.default_sampling = self.runtime.default_sampling
+            self._texts = TokenTexts(self.runtime.processor.tokenizer)
             self._facts = self.runtime.facts
         except BaseException as exc:
             self._load_failed(exc, on_load_failed)
@@ -301,14 +305,14 @@ class VllmEngine(Engine):
 
     def _on_output(self, request: GenerationRequest, output, handed_at: float) -> None:
         now = time.perf_counter()
-        completion = output.outputs[0]
+        completion = read_completion(request, output, self._texts)  # logprobs in Snark's terms
         if completion.token_ids:
             if request.first_token_at is None:
                 request.first_token_at = now
                 request.scheduled_at = handed_at + _queued_s(output)
             request.completion_tokens += len(completion.token_ids)
-        if completion.text:
-            self._post(request, StreamEvent(text=completion.text))
+        if completion.text or completion.logprobs:
+            self._post(request, StreamEvent(text=completion.text, logprobs=completion.logprobs))
         if output.finished:
             request.finish(_FINISH_REASONS.get(completion.finish_reason, FinishReason.STOP), self._outbox)
             self._schedule_flush()

@@ -23,7 +23,9 @@ def vllm_sampling_fields(params: SamplingParams) -> dict[str, Any]:
     greedy = params.is_greedy
     return {
         "n": 1,
-        "max_tokens": params.max_new_tokens,
+        # vLLM generates at least one token: a prompt scored alone (0) runs one, which the engine drops
+        # (``logprobs.read_completion``).
+        "max_tokens": max(params.max_new_tokens, 1),
         # vLLM is greedy at temperature 0 and then ignores top_p/top_k; Snark's tiny temperatures and top_k=1
         # mean the same, so they travel as 0 instead of as a near-zero divisor.
         "temperature": 0.0 if greedy else params.temperature,
