@@ -551,6 +551,45 @@ def test_streamed_chat_logprobs_on_vllm_cover_every_token(http):
     assert all(e["top_logprobs"] == [] for e in entries)
 
 
+# --- completions, n, token counts ------------------------------------------------------------------
+def test_completions_and_token_counts_agree_with_snarks_own_engine(http, snarks_engine):
+    text = "The capital of France is"
+    counted = http.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert counted["tokens"] == snarks_engine.post("/tokenize", json={"prompt": text}).json()["tokens"]
+    assert counted["count"] == len(counted["token_strs"]) == 5 and counted["max_model_len"] > 5
+    assert http.post("/detokenize", json={"tokens": counted["tokens"]}).json() == {"prompt": text}
+    chat = {
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_uri((9, 9, 9))}}]}]
+    }
+    assert (
+        http.post("/tokenize", json=chat).json()["tokens"]
+        == snarks_engine.post("/tokenize", json=chat).json()["tokens"]
+    )
+    # Scoring a prompt (max_tokens=0): vLLM's prompt log-probabilities are the model's own, as Snark's.
+    body = {"model": "snark", "prompt": counted["tokens"], "max_tokens": 0, "echo": True, "logprobs": 1, "n": 2}
+    on_vllm, on_snark = (client.post("/v1/completions", json=body).json() for client in (http, snarks_engine))
+    for reply in (on_vllm, on_snark):
+        assert [c["text"] for c in reply["choices"]] == [text, text] and reply["usage"]["completion_tokens"] == 0
+        assert reply["choices"][0]["logprobs"]["token_logprobs"][0] is None
+    theirs, ours = (r["choices"][1]["logprobs"]["token_logprobs"][1:] for r in (on_vllm, on_snark))
+    assert theirs == pytest.approx(ours, abs=1e-3) and all(lp < 0 for lp in theirs)
+
+
+def test_n_choices_on_vllm_are_seeded_one_by_one_and_streamed_interleaved(client, http):
+    sampled = {"model": "snark", "temperature": 1.0, "extra_body": {"top_k": -1}}
+    many = client.completions.create(prompt=[9707, 11], n=3, max_tokens=6, seed=11, **sampled)
+    alone = [client.completions.create(prompt=[9707, 11], max_tokens=6, seed=11 + i, **sampled) for i in range(3)]
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert [c.text for c in many.choices] == [a.choices[0].text for a in alone]
+    ask = [{"role": "user", "content": "Count to five."}]
+    plain = client.chat.completions.create(messages=ask, n=2, max_tokens=8, **GREEDY)
+    chunks = list(client.chat.completions.create(messages=ask, n=2, max_tokens=8, stream=True, **GREEDY))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.delta.content or "" for c in mine) == plain.choices[index].message.content
+        assert [c.finish_reason for c in mine if c.finish_reason] == [plain.choices[index].finish_reason]
+
+
 # --- cancellation and metrics ----------------------------------------------------------------------
 def long_chat(**extra) -> dict:
     return {
