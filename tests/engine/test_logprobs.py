@@ -288,3 +288,32 @@ def test_held_logprobs_release_by_characters():
     assert held.release("xc") == (b, c)
     held.add(a, "ab")
     assert held.rest() == (a,) and held.rest() == ()
+
+
+def test_rows_preempted_for_room_report_what_they_report_alone(tiny_model_dir, tiny_engine, monkeypatch):
+    """A KV budget of about two rows and small prefill chunks: rows are sent back mid-prompt or
+    mid-answer and recompute; their prompt and answer logprobs still equal their logprobs alone."""
+    prompts = [_prompt(tiny_engine, f"Request {i}: " + "tell me about the history of bicycles. " * 8) for i in range(5)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+    alone = [_run(tiny_engine, (prompt, params))[0] for prompt in prompts]
+    per_token = 2 * 2 * 1 * 32 * 4  # keys and values x 2 layers x 1 KV head x 32 dims x float32
+    need = max(p.num_tokens for p in prompts) + params.max_new_tokens
+    engine = start_engine(
+        tiny_model_dir, max_batch_size=8, kv_cache_bytes=(2 * need + 1) * per_token, max_prefill_tokens=48
+    )
+    preempted = []
+    send_back = engine.scheduler._preempt
+    monkeypatch.setattr(engine.scheduler, "_preempt", lambda row, plan: (preempted.append(row), send_back(row, plan)))
+    try:
+        together = _run(engine, *[(prompt, params) for prompt in prompts])
+    finally:
+        engine.stop()
+    assert preempted  # the budget did send rows back
+    for one, other in zip(alone, together):
+        assert [e.token_id for e in one.logprobs] == [e.token_id for e in other.logprobs]
+        assert [e.logprob for e in one.logprobs] == pytest.approx([e.logprob for e in other.logprobs], abs=1e-4)
+        assert one.prompt_logprobs is not None and other.prompt_logprobs is not None
+        assert len(other.prompt_logprobs) == len(one.prompt_logprobs)
+        ours = [e.logprob for e in one.prompt_logprobs[1:] if e is not None]
+        theirs = [e.logprob for e in other.prompt_logprobs[1:] if e is not None]
+        assert theirs == pytest.approx(ours, abs=1e-4) and len(theirs) == len(one.prompt_logprobs) - 1
