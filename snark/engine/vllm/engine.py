@@ -160,7 +160,10 @@ class VllmEngine(Engine):
     ) -> PromptInputs:
         prompts = self._require_ready()
         parts = [part for turn in turns for part in turn.parts]
-        if all(isinstance(part, str) for part in parts) and sum(map(len, parts)) <= _INLINE_PROMPT_CHARS:
+        if (
+            all(isinstance(part, str) for part in parts)
+            and sum(len(part) for part in parts if isinstance(part, str)) <= _INLINE_PROMPT_CHARS
+        ):
             # Short text: the template and the tokenizer take a fraction of a millisecond, less than a hop to a
             # worker thread, and a worker would compete for the GIL with vLLM's output handler on this loop.
             return prompts.build(turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
