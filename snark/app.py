@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from snark.api import completions, forms, index, openai, operations, tokenization
+from snark.api import completions, forms, index, openai, operations, responses, tokenization
 from snark.api.auth import BearerAuth, document_bearer_auth
 from snark.api.body_limit import BodySizeLimit
 from snark.api.errors import install_error_handlers
@@ -89,6 +89,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(completions.router)
     app.include_router(tokenization.router)
+    app.include_router(responses.router)
     # The last middleware added runs first: auth refuses a stranger before any body byte is read.
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     if settings.api_keys:

@@ -363,6 +363,24 @@ def test_required_tool_calls_on_vllm_whole_and_streamed(client):
     check_calls(named.choices[0].message.tool_calls, {"get_time"})
 
 
+def test_responses_on_vllm_text_and_a_required_call_whole_and_streamed(client):
+    """/v1/responses needs nothing of the engine but chat's parts: on vLLM too, a text response is the
+    chat answer, and a required call comes whole and streamed alike."""
+    text = client.responses.create(input="Hello", max_output_tokens=6, **GREEDY)
+    chat = client.chat.completions.create(messages=[{"role": "user", "content": "Hello"}], max_tokens=6, **GREEDY)
+    assert text.output_text == chat.choices[0].message.content
+    assert text.usage.input_tokens == chat.usage.prompt_tokens
+    tools = [{"type": "function", **tool["function"]} for tool in (WEATHER, TIME)]
+    options = {"input": "Weather?", "tools": tools, "tool_choice": "required", "parallel_tool_calls": False}
+    whole = client.responses.create(**options, max_output_tokens=200, **GREEDY)
+    assert whole.status == "completed" and [item.type for item in whole.output] == ["function_call"]
+    with client.responses.stream(**options, max_output_tokens=200, **GREEDY) as stream:
+        final = stream.get_final_response()
+    assert final.output[0].arguments == whole.output[0].arguments and final.output[0].name == whole.output[0].name
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
+    jsonschema.validate(json.loads(final.output[0].arguments), schemas[final.output[0].name])
+
+
 # --- videos: vLLM gets Snark's frames and their timing ---------------------------------------------
 CLIP = make_video(48, fps=8)  # 6 s: 12 frames at the default 2 a second
 
