@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     # 1280 image tokens); the published checkpoints allow up to 16384 * 28 * 28.
     max_image_pixels: int = Field(1280 * 28 * 28, ge=4 * 28 * 28, le=16384 * 28 * 28)
     min_image_pixels: int = Field(4 * 28 * 28, ge=4 * 28 * 28)
+    # A chat image part's detail "low": resized within this many pixels (OpenAI's low detail is 512 x 512).
+    low_detail_image_pixels: int = Field(512 * 512, ge=4 * 28 * 28)
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_source_pixels: int = Field(64_000_000, gt=0)  # decompression-bomb cap, checked before decoding
     max_images_per_request: int = Field(8, ge=1)

@@ -119,11 +119,23 @@ class ToolSpec:
     parameters: dict | None = None  # a JSON Schema for the arguments object; None: any object
 
 
+@dataclass(frozen=True)
+class ImagePart:
+    """An image with the pixel bounds it is resized within before the vision tower (a request's
+    ``detail`` or ``min_pixels``/``max_pixels``, already held within the server's caps). A bare image in
+    a turn is resized within the bounds its prompt is built with."""
+
+    image: Image.Image
+    min_pixels: int
+    max_pixels: int
+
+
 @dataclass
 class ChatTurn:
-    """One chat message: a role and its parts, text, decoded RGB images or sampled videos, in order.
-    An assistant turn may carry the tool calls it made; a "tool" turn is one call's result (its text part)."""
+    """One chat message: a role and its parts, text, decoded RGB images (bare, or with bounds of their
+    own) or sampled videos, in order. An assistant turn may carry the tool calls it made; a "tool" turn
+    is one call's result (its text part)."""
 
     role: str  # "system" | "user" | "assistant" | "tool"
-    parts: list[str | Image.Image | Video]
+    parts: list[str | Image.Image | ImagePart | Video]
     tool_calls: list[ToolCall] = field(default_factory=list)

@@ -7,7 +7,8 @@ Videos come as ``{"type": "video_url", "video_url": {"url": ...}}`` (vLLM's part
 ``{"type": "video", "video": URL or [frame URLs]}``; how each is sampled (``VideoOptions``: fps,
 frame counts, pixel bounds, a time range) may be given on the part, inside ``video_url``, or for
 every video of the request in ``mm_processor_kwargs`` (vLLM's field), nearest first, and is held
-within the server's caps.
+within the server's caps. An image's size (``image_url.detail``, ``min_pixels`` / ``max_pixels``)
+is given the same ways, nearest first, and held within the server's caps (``image_resolution``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from PIL import Image
 from pydantic import AliasChoices, Field
 
 from snark.api.chat_audio import transcript_of
+from snark.api.image_resolution import ImageResolution
 from snark.api.lenient import Lenient
 from snark.errors import InvalidRequest, SnarkError
-from snark.values import ChatTurn, ToolCall
+from snark.values import ChatTurn, ImagePart, ToolCall
 from snark.video.clip import Video
 from snark.video.load import VideoLoader
 from snark.video.sampling import VideoSampling
@@ -32,11 +34,19 @@ from snark.video.sampling import VideoSampling
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
+_MIN_PIXELS = "Least pixels of an image or of one video frame (held within the server's caps)."
+_MAX_PIXELS = "Most pixels of an image or of one video frame (held within the server's caps)."
+
+
 class ImageURL(Lenient):
     url: str = Field(description="http(s) URL or data:image/...;base64, URI")
     detail: Literal["auto", "low", "high"] | None = Field(
-        None, description="Accepted and ignored: the resolution is SNARK_MIN/MAX_IMAGE_PIXELS for every image."
+        None,
+        description="low: at most SNARK_LOW_DETAIL_IMAGE_PIXELS (512 x 512 by default: fewer tokens); high and "
+        "auto (the default): the server's SNARK_MIN/MAX_IMAGE_PIXELS. min_pixels/max_pixels win over it.",
     )
+    min_pixels: int | None = Field(None, ge=28 * 28, description=_MIN_PIXELS)
+    max_pixels: int | None = Field(None, ge=28 * 28, description=_MAX_PIXELS)
 
 
 class VideoOptions(Lenient):
@@ -57,8 +67,8 @@ class VideoOptions(Lenient):
     )
     min_frames: int | None = Field(None, ge=2)
     max_frames: int | None = Field(None, ge=2)
-    min_pixels: int | None = Field(None, ge=28 * 28, description="Least pixels of one frame.")
-    max_pixels: int | None = Field(None, ge=28 * 28, description="Most pixels of one frame.")
+    min_pixels: int | None = Field(None, ge=28 * 28, description=_MIN_PIXELS)
+    max_pixels: int | None = Field(None, ge=28 * 28, description=_MAX_PIXELS)
     total_pixels: int | None = Field(None, ge=28 * 28, description="Most pixels of all frames (a pair counts once).")
     video_start: float | None = Field(None, ge=0, description="Start of the part to sample, seconds.")
     video_end: float | None = Field(None, gt=0, description="End of the part to sample, seconds.")
@@ -124,8 +134,10 @@ class _Media:
     part: str  # the content part it came in: messages[0].content[1]
     kind: str  # "image" | "video" (a file) | "frames" (a video as image URLs)
     source: str | list[str]
-    layers: tuple[VideoOptions, ...] = ()  # a video's sampling fields, nearest first
+    layers: tuple[VideoOptions, ...] = ()  # a video's sampling fields (an image's part: its bounds), nearest first
     sampling: VideoSampling | None = None  # set from them once the request is checked
+    image_url: ImageURL | None = None  # an image's own detail and bounds (its part's come in ``layers``)
+    bounds: tuple[int, int] | None = None  # an image's (min_pixels, max_pixels), set once the request is checked
 
 
 async def messages_to_turns(
@@ -135,12 +147,20 @@ async def messages_to_turns(
     max_images: int,
     videos: VideoLoader | None = None,
     video_options: VideoOptions | None = None,
+    image_resolution: ImageResolution | None = None,
 ) -> list[ChatTurn]:
     """``messages`` -> chat turns, images fetched concurrently with ``load_image`` and videos with
-    ``videos`` (None: this caller takes none); ``video_options`` applies to every video."""
+    ``videos`` (None: this caller takes none); ``video_options`` applies to every video, and its pixel
+    bounds to every image. With ``image_resolution``, each image comes with the bounds its fields ask
+    for, within those caps (``ImagePart``); without, bare, at the bounds the prompt is built with."""
     media: list[_Media] = []
     layout = [_parse_message(i, message, media) for i, message in enumerate(messages)]
     _check_counts(media, max_images, videos, video_options)
+    if image_resolution is not None:
+        for item in media:
+            if item.kind == "image":
+                detail = item.image_url.detail if item.image_url is not None else None
+                item.bounds = image_resolution.bounds(detail, item.image_url, *item.layers, video_options)
     loaded = await _load_all(media, load_image, videos)
     return [
         ChatTurn(role, [loaded[p] if isinstance(p, int) else p for p in parts], tool_calls=calls)
@@ -258,7 +278,7 @@ def _message_parts(
 
 def _media_part(at: str, part: ContentPart) -> _Media | None:
     if part.type == "image_url" and part.image_url is not None:
-        return _Media(f"{at}.image_url.url", at, "image", part.image_url.url)
+        return _Media(f"{at}.image_url.url", at, "image", part.image_url.url, layers=(part,), image_url=part.image_url)
     if part.type == "video_url" and part.video_url is not None:
         return _Media(f"{at}.video_url.url", at, "video", part.video_url.url, layers=(part.video_url, part))
     if part.type == "video" and part.video is not None:
@@ -270,11 +290,12 @@ def _media_part(at: str, part: ContentPart) -> _Media | None:
 
 async def _load_all(
     media: list[_Media], load_image: Callable[[str], Awaitable[Image.Image]], videos: VideoLoader | None
-) -> list[Image.Image | Video]:
-    async def load(item: _Media) -> Image.Image | Video:
+) -> list[Image.Image | ImagePart | Video]:
+    async def load(item: _Media) -> Image.Image | ImagePart | Video:
         try:
             if item.kind == "image" and isinstance(item.source, str):
-                return await load_image(item.source)
+                image = await load_image(item.source)
+                return image if item.bounds is None else ImagePart(image, *item.bounds)
             if videos is None or item.sampling is None:  # _check_counts refused these before any download
                 raise RuntimeError(f"{item.param} reached loading without a video loader or sampling")
             if isinstance(item.source, str):

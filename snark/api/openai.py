@@ -18,6 +18,7 @@ from starlette.background import BackgroundTask
 from snark.api.cancellation import until_disconnected
 from snark.api.chat_audio import audio_completion, chat_audio_events
 from snark.api.choices import Choices
+from snark.api.image_resolution import ImageResolution
 from snark.api.protocol import ChatCompletionRequest, SpeechRequest
 from snark.api.replies import ChatReply, chat_events, sse_stream
 from snark.api.spoken import (
@@ -56,6 +57,7 @@ async def chat_completions(
         partial(load_image, limits=state.image_limits, decoded=state.decoded_images),
         max_images=settings.max_images_per_request,
         videos=state.videos,
+        image_resolution=ImageResolution.from_settings(settings),
     )
     prompt = await engine.build_prompt(
         turns, min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels, tools=tools.prompt_tools

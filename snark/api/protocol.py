@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 from pydantic import Field
 
+from snark.api.image_resolution import ImageResolution
 from snark.api.lenient import Lenient
 from snark.api.logprobs import MAX_TOP_LOGPROBS
 from snark.api.messages import ChatMessage, VideoOptions, messages_to_turns
@@ -84,7 +85,9 @@ class ChatCompletionRequest(Lenient):
         "(vLLM extension: keeps tenants apart).",
     )
     mm_processor_kwargs: VideoOptions | None = Field(
-        None, description="How every video of the request is sampled (vLLM extension); a part's own fields win."
+        None,
+        description="How every video of the request is sampled, and min/max_pixels of every image (vLLM extension); "
+        "a part's own fields win.",
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -228,13 +231,23 @@ class ChatCompletionRequest(Lenient):
         return self.audio
 
     async def to_turns(
-        self, load_image: Callable[[str], Awaitable[Image.Image]], *, max_images: int, videos: VideoLoader | None = None
+        self,
+        load_image: Callable[[str], Awaitable[Image.Image]],
+        *,
+        max_images: int,
+        videos: VideoLoader | None = None,
+        image_resolution: ImageResolution | None = None,
     ) -> list[ChatTurn]:
-        """Messages -> chat turns, images fetched concurrently with ``load_image`` and videos with
-        ``videos``. Every message is checked before anything is fetched, so a malformed request costs
-        no downloads."""
+        """Messages -> chat turns, images fetched concurrently with ``load_image`` (each with the bounds
+        its fields ask for, within ``image_resolution``'s caps) and videos with ``videos``. Every message
+        is checked before anything is fetched, so a malformed request costs no downloads."""
         return await messages_to_turns(
-            self.messages, load_image, max_images=max_images, videos=videos, video_options=self.mm_processor_kwargs
+            self.messages,
+            load_image,
+            max_images=max_images,
+            videos=videos,
+            video_options=self.mm_processor_kwargs,
+            image_resolution=image_resolution,
         )
 
 

@@ -2,9 +2,11 @@
 
 Chat UIs and screenshot agents re-send the same images at every turn; resizing and normalising a
 1024x768 image costs tens of milliseconds of each turn's time to first token. The processor's output
-for an image is a function of its pixels and the request's pixel bounds, so it is kept, by a digest of
-both, in a small least-recently-used cache bounded in bytes. Each image's ``key`` (its content and
-processed grid) is what the engine's vision-output and prefix caches are keyed by.
+for an image is a function of its pixels and its pixel bounds (each image has its own: a request may
+send one image at low and another at high detail), so it is kept, by a digest of both, in a small
+least-recently-used cache bounded in bytes. Each image's ``key`` (its content and processed grid,
+which is all its patches depend on) is what the engine's vision-output and prefix caches are keyed by:
+two resolutions of one image never share an entry, and two bounds that give one size do.
 
 A video arrives sampled and resized already (``snark.video``); ``VideoInputs`` runs the model's
 video processor on its frames (normalised, cut into 2-frame x 14 x 14 patches) under its own key.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,6 +24,7 @@ import torch
 from PIL import Image
 
 from snark.lru import BytesLRU, SharedCache
+from snark.values import ImagePart
 from snark.video.clip import Video
 from snark.video.sampling import FRAME_FACTOR, PIXEL_FACTOR
 
@@ -49,29 +53,38 @@ class ImageInputs:
         """Bytes of processor output held for images seen again."""
         return self._entries.used_bytes
 
-    def __call__(self, images: list[Image.Image], *, min_pixels: int, max_pixels: int) -> VisionInputs:
-        digests = [_digest(image, min_pixels, max_pixels) for image in images]
+    def __call__(self, images: Sequence[Image.Image | ImagePart], *, min_pixels: int, max_pixels: int) -> VisionInputs:
+        """Each image's patches and grid: an ``ImagePart`` within its own bounds, a bare image within
+        ``min_pixels`` / ``max_pixels``."""
+        parts = [p if isinstance(p, ImagePart) else ImagePart(p, min_pixels, max_pixels) for p in images]
+        contents = [_content_digest(p.image) for p in parts]
+        digests = [
+            hashlib.sha256(c + f" {p.min_pixels} {p.max_pixels}".encode()).digest() for c, p in zip(contents, parts)
+        ]
         with self._lock:
             found = [self._entries.get(d) for d in digests]
-        missing = [i for i, entry in enumerate(found) if entry is None]
-        if missing:
+        missing: dict[tuple[int, int], list[int]] = {}  # the images to process, by their bounds
+        for i, entry in enumerate(found):
+            if entry is None:
+                missing.setdefault((parts[i].min_pixels, parts[i].max_pixels), []).append(i)
+        for (least, most), indices in missing.items():  # one processor call per pair of bounds
             out = self.image_processor(
-                images=[images[i] for i in missing],
-                size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                images=[parts[i].image for i in indices],
+                size={"shortest_edge": least, "longest_edge": most},
                 return_tensors="pt",
             )
             grids, pixels = out["image_grid_thw"], out["pixel_values"]
-            patches = pixels.split(grids.prod(-1).tolist()) if pixels is not None else [None] * len(missing)
+            patches = pixels.split(grids.prod(-1).tolist()) if pixels is not None else [None] * len(indices)
             with self._lock:
-                for i, grid, values in zip(missing, grids, patches):
+                for i, grid, values in zip(indices, grids, patches):
                     entry = found[i] = (values, grid)
                     self._entries.put(digests[i], entry)
-            self.processed += len(missing)
+            self.processed += len(indices)
         entries = [entry for entry in found if entry is not None]  # every image's, now
         image_pixels = [values for values, _ in entries if values is not None]
         pixel_values = torch.cat(image_pixels) if image_pixels else None
         grids = torch.stack([grid for _, grid in entries])
-        keys = tuple(hashlib.sha256(d + str(g.tolist()).encode()).digest() for d, (_, g) in zip(digests, entries))
+        keys = tuple(hashlib.sha256(c + str(g.tolist()).encode()).digest() for c, (_, g) in zip(contents, entries))
         return VisionInputs(pixel_values=pixel_values, image_grid_thw=grids, keys=keys)
 
 
@@ -80,8 +93,8 @@ def _entry_bytes(entry: tuple[torch.Tensor | None, torch.Tensor]) -> int:
     return 0 if pixels is None else pixels.numel() * pixels.element_size()
 
 
-def _digest(image: Image.Image, min_pixels: int, max_pixels: int) -> bytes:
-    digest = hashlib.sha256(f"{image.mode} {image.size} {min_pixels} {max_pixels}".encode())
+def _content_digest(image: Image.Image) -> bytes:
+    digest = hashlib.sha256(f"{image.mode} {image.size}".encode())
     digest.update(image.tobytes())
     return digest.digest()
 

@@ -441,6 +441,22 @@ def test_two_videos_and_an_image_in_one_request(http, snarks_engine):
     assert on_vllm["usage"]["prompt_tokens"] == chat_on(snarks_engine, *parts)["usage"]["prompt_tokens"]
 
 
+def test_each_images_own_resolution_costs_the_tokens_snarks_own_engine_counts(http, snarks_engine):
+    """detail and min/max_pixels per image, mixed in one request: vLLM gets each image at its own size and
+    expands it to the tokens Snark counted (the engine also checks vLLM's expansion on every request)."""
+    url = png_uri((200, 40, 90), (640, 480))
+    parts = (
+        {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": url, "max_pixels": 16 * 28 * 28}},
+        {"type": "image_url", "image_url": {"url": url}, "min_pixels": 600 * 28 * 28},
+        {"type": "image_url", "image_url": {"url": url}},
+    )
+    on_vllm = chat_on(http, *parts)["usage"]["prompt_tokens"]
+    assert on_vllm == chat_on(snarks_engine, *parts)["usage"]["prompt_tokens"]
+    at_the_default = chat_on(http, *[{"type": "image_url", "image_url": {"url": url}}] * 4)["usage"]["prompt_tokens"]
+    assert on_vllm < at_the_default  # 315 + 12 + 638 + 391 image tokens against 4 x 391
+
+
 def test_a_video_given_as_frames(http, snarks_engine):
     """Qwen's {"type": "video", "video": [frame URLs]}: 3 frames (the last repeated) taken at 1 a second."""
     part = {"type": "video", "video": [png_uri((i * 60, 90, 200), (90, 60)) for i in range(3)], "fps": 1.0}

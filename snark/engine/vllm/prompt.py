@@ -3,8 +3,9 @@
 The ids come from Snark's own ``PromptBuilder`` (the same chat template; client text cannot forge
 control tokens or image slots), so a prompt has the same tokens on both engines. The differences:
 
-- Images are resized here, to the size Qwen2-VL's image processor would pick under this request's
-  pixel bounds (its ``smart_resize``), and handed to vLLM as those PIL images. vLLM's own resizer,
+- Images are resized here, each to the size Qwen2-VL's image processor would pick under its own
+  pixel bounds (its ``smart_resize``; a chat image's ``detail`` or ``min_pixels``/``max_pixels``, else
+  the request's), and handed to vLLM as those PIL images. vLLM's own resizer,
   bounded by one merged patch (28 x 28) and the server's max pixels (``args.engine_args``), then
   keeps their size: the resolution cap holds, and each image has the same token count as on
   Snark's own engine.
@@ -34,7 +35,7 @@ from snark.engine.image_inputs import ImageInputs, VideoInputs
 from snark.engine.prompt import IMAGE_PAD, VIDEO_PAD, PromptBuilder
 from snark.engine.request import PromptInputs
 from snark.errors import InvalidRequest
-from snark.values import ChatTurn, ToolSpec
+from snark.values import ChatTurn, ImagePart, ToolSpec
 from snark.video.clip import Video
 from snark.video.sampling import PIXEL_FACTOR
 
@@ -134,11 +135,15 @@ class VllmPromptBuilder:
         counted = self.builder.build(turns, min_pixels=min_pixels, max_pixels=max_pixels, tools=tools)
         parts = [part for turn in turns for part in turn.parts]
         images = [
-            self._resized(p, min_pixels=min_pixels, max_pixels=max_pixels) for p in parts if isinstance(p, Image.Image)
+            self._resized(p, min_pixels=min_pixels, max_pixels=max_pixels)
+            for p in parts
+            if isinstance(p, Image.Image | ImagePart)
         ]
         image_counts = self._token_counts(counted.image_grid_thw)
         video_counts = self._token_counts(counted.video_grid_thw)
-        self._check_item_tokens(image_counts, "An image", "send a smaller image (max_image_pixels)")
+        self._check_item_tokens(
+            image_counts, "An image", "send a smaller image (chat: max_pixels or detail 'low'; forms: max_image_pixels)"
+        )
         self._check_item_tokens(video_counts, "A video", "sample fewer or smaller frames (fps, max_frames, max_pixels)")
         return VllmPrompt(
             input_ids=counted.input_ids,
@@ -173,7 +178,12 @@ class VllmPromptBuilder:
                 code="context_length_exceeded",
             )
 
-    def _resized(self, image: Image.Image, *, min_pixels: int, max_pixels: int) -> Image.Image:
+    def _resized(self, part: Image.Image | ImagePart, *, min_pixels: int, max_pixels: int) -> Image.Image:
+        """The image at its size under its own bounds (an ``ImagePart``'s) or the request's."""
+        if isinstance(part, ImagePart):
+            image, min_pixels, max_pixels = part.image, part.min_pixels, part.max_pixels
+        else:
+            image = part
         height, width = self.sizer.target_size(image, min_pixels=min_pixels, max_pixels=max_pixels)
         if (width, height) == image.size:
             return image
