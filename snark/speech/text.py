@@ -34,6 +34,7 @@ _HTML_TAG = re.compile(r"</?[A-Za-z][^<>]*>")  # needs a tag name, so "a < b > c
 _CODE_SPAN = re.compile(r"(`+)(.+?)\1")
 _EMPHASIS = re.compile(r"\*+|~~|`+|(?<!\w)_+|_+(?!\w)")  # keeps snake_case names whole
 _SPACES = re.compile(r"[ \t\f\v]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # within a line: a gap, never a character to say (espeak takes no NUL)
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+(?=[.,!?;:](?:\s|$))")  # left where emoji were cut
 
 # Symbols a voice can say; every other "So" (other symbol) character is a pictograph to drop.
@@ -73,7 +74,7 @@ def _clean_line(line: str) -> str:
     line = _HTML_TAG.sub("", line)
     line = _strip_emphasis(line)
     line = "".join(char for char in line if not _is_pictograph(char))
-    line = _SPACES.sub(" ", line).strip()
+    line = _SPACES.sub(" ", _CONTROL.sub(" ", line)).strip()
     return _SPACE_BEFORE_PUNCTUATION.sub("", line)
 
 

@@ -99,6 +99,7 @@ def test_clean_for_speech_strips_markdown_html_and_emoji() -> None:
         ("See <https://example.com> or <br/>here.", "See https://example.com or here."),
         ("### Steps\n1) plug in\n10. done", "Steps\nplug in\ndone"),
         ("> > nested *quote* 🚀", "nested quote"),
+        ("a\x00b, bell\x07 and\x7f\x9bdelete", "a b, bell and delete"),  # control characters are gaps
     ],
 )
 def test_clean_for_speech_inline_cases(markdown: str, spoken: str) -> None:
@@ -202,6 +203,11 @@ def test_nothing_speakable_gives_short_silence(piper: PiperSpeaker, text: str) -
     reader, frames = read_wav(wav_bytes)
     assert reader.getframerate() == 22050 and 0 < seconds(wav_bytes) <= 0.5
     assert frames == bytes(len(frames))
+
+
+def test_a_nul_in_the_text_is_spoken_as_a_gap(piper: PiperSpeaker) -> None:
+    # espeak refuses a NUL outright; cleaning turns every control character into a space first.
+    assert seconds(speak_wav(piper, clean_for_speech("Hello\x00world."))) > 0.3
 
 
 def spoken(speaker: Speaker, text: str, pool: SynthesisPool | None = None) -> list[bytes]:
