@@ -23,6 +23,7 @@ from snark.api.body_limit import BodySizeLimit
 from snark.api.errors import install_error_handlers
 from snark.api.in_flight import InFlight, TrackInFlight
 from snark.api.metrics import Metrics
+from snark.api.openapi import install_openapi
 from snark.api.state import AppState
 from snark.config import Settings, load_settings
 from snark.engine.base import Engine, EngineState
@@ -95,6 +96,7 @@ def create_app(
     if settings.api_keys:
         app.add_middleware(BearerAuth, keys=settings.api_keys)
         document_bearer_auth(app)
+    install_openapi(app, settings)  # this server's bounds in /openapi.json
     app.state.in_flight = in_flight = InFlight()  # what a stop past its grace period ends (snark serve)
     app.add_middleware(TrackInFlight, in_flight=in_flight)
     return app

@@ -17,6 +17,7 @@ from starlette.background import BackgroundTask
 
 from snark.api.cancellation import until_disconnected
 from snark.api.messages import VideoOptions, video_sampling
+from snark.api.openapi import up_to
 from snark.api.sampling import resolve_sampling
 from snark.api.spoken import (
     MEDIA_TYPES,
@@ -46,7 +47,12 @@ class FormInferRequest(BaseModel):
     """The form fields shared by both endpoints; converts itself into engine parameters."""
 
     prompt: str = Field(min_length=1, description="The question or instruction.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Default SNARK_DEFAULT_MAX_NEW_TOKENS.")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Default SNARK_DEFAULT_MAX_NEW_TOKENS; at most SNARK_MAX_NEW_TOKENS_LIMIT.",
+        json_schema_extra=up_to("max_new_tokens_limit"),
+    )
     response_format: Literal["json", "text", "wav", "pcm"] = Field(
         "json", description="json, text, wav (the answer spoken, streamed) or pcm (raw 24 kHz 16-bit mono, streamed)."
     )
@@ -58,8 +64,15 @@ class FormInferRequest(BaseModel):
         "wav/pcm: audio streams sentence by sentence by default; false waits and sends one file with exact sizes.",
     )
     voice: str | None = Field(None, description="wav/pcm: a SNARK_TTS_VOICES name; default: the default voice.")
-    speed: float = Field(1.0, description="wav/pcm: 0.25 to 4.0; 1.0 is normal.")
-    max_image_pixels: int | None = Field(None, ge=1, description="Lower this request's image resolution cap.")
+    speed: float = Field(
+        1.0, description="wav/pcm: 0.25 to 4.0; 1.0 is normal.", json_schema_extra={"minimum": 0.25, "maximum": 4.0}
+    )
+    max_image_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Lower this request's image resolution cap (never above SNARK_MAX_IMAGE_PIXELS).",
+        json_schema_extra=up_to("max_image_pixels"),
+    )
     json_schema: str | None = Field(
         None, description="A JSON Schema (as text): the answer is JSON that follows it, constrained token by token."
     )

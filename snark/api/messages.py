@@ -95,7 +95,8 @@ class VideoURL(VideoOptions):
 
 class ContentPart(VideoOptions):
     type: str = Field(
-        description="'text', 'image_url', 'video_url', or 'video' (Qwen's: a URL or a list of frame URLs)"
+        description="'text', 'image_url', 'video_url', or 'video' (Qwen's: a URL or a list of frame URLs)",
+        json_schema_extra={"enum": ["text", "image_url", "video_url", "video"]},
     )
     text: str | None = None
     image_url: ImageURL | None = None
@@ -119,7 +120,7 @@ class MessageAudio(Lenient):
 
 
 class ChatMessage(Lenient):
-    role: str
+    role: str = Field(json_schema_extra={"enum": list(_ROLES)})  # checked in _parse_message, naming the message
     content: str | list[ContentPart] | None = None
     tool_calls: list[AssistantToolCall] | None = None
     tool_call_id: str | None = None  # a tool message: which call this is the result of

@@ -15,13 +15,22 @@ from typing import Any
 
 from PIL import Image
 from pydantic import Field
+from pydantic.json_schema import JsonDict
 
 from snark.api.image_resolution import ImageResolution
 from snark.api.lenient import Lenient
 from snark.api.logprobs import MAX_TOP_LOGPROBS
 from snark.api.messages import ChatMessage, VideoOptions, messages_to_turns
+from snark.api.openapi import up_to
 from snark.api.sampling import resolve_sampling
-from snark.api.tools_and_formats import ResponseFormat, ToolChoice, ToolDefinition, ToolUse, response_format_output
+from snark.api.tools_and_formats import (
+    TOOL_CHOICE_SCHEMA,
+    ResponseFormat,
+    ToolChoice,
+    ToolDefinition,
+    ToolUse,
+    response_format_output,
+)
 from snark.config import Settings
 from snark.errors import InvalidRequest
 from snark.speech.base import validate_speed
@@ -44,6 +53,18 @@ _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+_NULL: JsonDict = {"type": "null"}
+# What /openapi.json says each refused field takes: only the values that ask for nothing.
+_REFUSED_SCHEMA: dict[str, JsonDict] = {
+    "functions": {"anyOf": [{"type": "array", "maxItems": 0}, _NULL]},
+    "function_call": {"anyOf": [{"const": "none"}, _NULL]},
+    "logit_bias": {"anyOf": [{"type": "object", "maxProperties": 0}, _NULL]},
+    "prediction": {"anyOf": [_NULL]},
+    "web_search_options": {"anyOf": [_NULL]},
+    "reasoning_effort": {"anyOf": [_NULL]},
+    "verbosity": {"anyOf": [_NULL]},
+}
+
 CHAT_AUDIO_FORMATS = ("wav", "pcm16")
 
 
@@ -51,8 +72,16 @@ class ChatAudio(Lenient):
     voice: str | dict | None = Field(
         None, description="OpenAI voice names speak with the default voice; or a SNARK_TTS_VOICES name."
     )
-    format: str = Field("wav", description="wav (whole file) or pcm16 (24 kHz 16-bit mono; the one streamed format).")
-    speed: float = Field(1.0, description="0.25 to 4.0 (a Snark extension); 1.0 is normal.")
+    format: str = Field(
+        "wav",
+        description="wav (whole file) or pcm16 (24 kHz 16-bit mono; the one streamed format).",
+        json_schema_extra={"enum": list(CHAT_AUDIO_FORMATS)},
+    )
+    speed: float = Field(
+        1.0,
+        description="0.25 to 4.0 (a Snark extension); 1.0 is normal.",
+        json_schema_extra={"minimum": 0.25, "maximum": 4.0},
+    )
 
     @property
     def voice_name(self) -> str | None:
@@ -66,13 +95,25 @@ class StreamOptions(Lenient):
 class ChatCompletionRequest(Lenient):
     model: str | None = Field(None, description="Accepted for compatibility; Snark serves one model.")
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
+    max_tokens: int | None = Field(None, ge=1, json_schema_extra=up_to("max_new_tokens_limit"))
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Wins over max_tokens.", json_schema_extra=up_to("max_new_tokens_limit")
+    )
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default: the model's.")
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="0 or -1: no top-k cut (vLLM extension).")
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = Field(None, description="Up to 16 strings; the answer ends before the first.")
+    stop: str | list[str] | None = Field(
+        None,
+        description="Up to 16 strings; the answer ends before the first.",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+                {"type": "null"},
+            ]
+        },
+    )
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="HF-style (vLLM extension).")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -94,24 +135,40 @@ class ChatCompletionRequest(Lenient):
     response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema with a schema.")
     tools: list[ToolDefinition] | None = Field(None, description="Functions the model may call.")
     tool_choice: ToolChoice | None = Field(
-        None, description="none | auto (default with tools) | required | a named function."
+        None,
+        description="none | auto (default with tools) | required | a named function.",
+        json_schema_extra=TOOL_CHOICE_SCHEMA,
     )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer.")
-    n: int | None = Field(None, ge=1, description="Choices, at most SNARK_MAX_N; each samples on its own.")
+    n: int | None = Field(
+        None,
+        ge=1,
+        description="Choices, at most SNARK_MAX_N; each samples on its own.",
+        json_schema_extra=up_to("max_n"),
+    )
     logprobs: bool | None = Field(None, description="true: each answer token's log-probability (logprobs.content).")
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the most likely tokens at each position too."
     )
-    # Refused when they ask for something (see _REFUSED):
-    functions: list[dict] | None = None
-    function_call: str | dict | None = None
-    logit_bias: dict[str, float] | None = None
-    modalities: list[str] | None = Field(None, description='["text"] (default) or ["text", "audio"] with audio.')
+    # Refused when they ask for something (see _REFUSED); the schema shows the values that pass.
+    functions: list[dict] | None = Field(None, json_schema_extra=_REFUSED_SCHEMA["functions"])
+    function_call: str | dict | None = Field(None, json_schema_extra=_REFUSED_SCHEMA["function_call"])
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=_REFUSED_SCHEMA["logit_bias"])
+    modalities: list[str] | None = Field(
+        None,
+        description='["text"] (default) or ["text", "audio"] with audio.',
+        json_schema_extra={
+            "anyOf": [
+                {"type": "array", "items": {"enum": ["text", "audio"]}, "contains": {"const": "text"}},
+                {"type": "null"},
+            ]
+        },
+    )
     audio: ChatAudio | None = Field(None, description="With audio in modalities: {voice, format: wav | pcm16}.")
-    prediction: dict | None = None
-    web_search_options: dict | None = None
-    reasoning_effort: str | None = None
-    verbosity: str | None = None
+    prediction: dict | None = Field(None, json_schema_extra=_REFUSED_SCHEMA["prediction"])
+    web_search_options: dict | None = Field(None, json_schema_extra=_REFUSED_SCHEMA["web_search_options"])
+    reasoning_effort: str | None = Field(None, json_schema_extra=_REFUSED_SCHEMA["reasoning_effort"])
+    verbosity: str | None = Field(None, json_schema_extra=_REFUSED_SCHEMA["verbosity"])
 
     def tool_use(self, settings: Settings) -> ToolUse:
         """The request's tools, checked: what the prompt shows and what the answer may be."""
@@ -263,15 +320,30 @@ class SpeechVoice(Lenient):
 
 class SpeechRequest(Lenient):
     model: str | None = Field(None, description="Accepted for compatibility (tts-1, ...); Snark has one TTS.")
-    input: str = Field(description=f"The text to speak, at most {MAX_SPEECH_INPUT_CHARS} characters.")
+    input: str = Field(
+        description=f"The text to speak, at most {MAX_SPEECH_INPUT_CHARS} characters.",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_SPEECH_INPUT_CHARS, "pattern": r"\S"},
+    )
     voice: str | SpeechVoice | None = Field(
         None,
         description="A SNARK_TTS_VOICES name; OpenAI's voice names (alloy, echo, ...) speak with the default voice.",
     )
-    response_format: str = Field("wav", description="wav (default) or pcm (raw 24 kHz 16-bit mono).")
-    speed: float = Field(1.0, description="0.25 to 4.0; 1.0 is normal.")
-    instructions: str | None = None
-    stream_format: str | None = None
+    response_format: str = Field(
+        "wav",
+        description="wav (default) or pcm (raw 24 kHz 16-bit mono).",
+        json_schema_extra={"enum": list(SPEECH_FORMATS)},
+    )
+    speed: float = Field(
+        1.0, description="0.25 to 4.0; 1.0 is normal.", json_schema_extra={"minimum": 0.25, "maximum": 4.0}
+    )
+    instructions: str | None = Field(
+        None, description="Not supported: leave it unset.", json_schema_extra={"anyOf": [{"type": "null"}]}
+    )
+    stream_format: str | None = Field(
+        None,
+        description="audio (the bytes, the only stream Snark sends).",
+        json_schema_extra={"anyOf": [{"type": "string", "enum": ["audio"]}, {"type": "null"}]},
+    )
 
     @property
     def voice_name(self) -> str | None:

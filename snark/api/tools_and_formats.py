@@ -17,6 +17,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
+from pydantic.json_schema import JsonDict
 
 from snark.api.lenient import Lenient
 from snark.config import Settings
@@ -67,6 +68,21 @@ class NamedToolChoice(Lenient):
 
 ToolChoice = str | dict  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
 _TOOL_CHOICES = ("none", "auto", "required")
+# What /openapi.json says tool_choice takes (the field is read leniently, with a message that says how).
+TOOL_CHOICE_SCHEMA: JsonDict = {
+    "anyOf": [
+        {"enum": list(_TOOL_CHOICES)},
+        {
+            "type": "object",
+            "properties": {
+                "type": {"const": "function"},
+                "function": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+            },
+            "required": ["function"],
+        },
+        {"type": "null"},
+    ]
+}
 _CHOICE_HELP = 'tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": "..."}}'
 
 
