@@ -16,12 +16,14 @@ from collections.abc import AsyncGenerator, Sequence
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field
+from pydantic.json_schema import JsonDict
 from starlette.background import BackgroundTask
 
 from snark.api.cancellation import until_disconnected
 from snark.api.choices import Choices
 from snark.api.completion_replies import Answer, CompletionReply, Echo, completion_events
 from snark.api.lenient import Lenient
+from snark.api.openapi import up_to
 from snark.api.protocol import StreamOptions
 from snark.api.replies import sse_stream
 from snark.api.sampling import resolve_sampling
@@ -39,34 +41,65 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM allows
 
 
+_TEXT: JsonDict = {"type": "string", "minLength": 1}
+_ID: JsonDict = {"type": "integer", "minimum": 0}
+
+
+def _non_empty_list(items: JsonDict) -> JsonDict:
+    return {"type": "array", "items": items, "minItems": 1}
+
+
 class CompletionRequest(Lenient):
     model: str | None = Field(None, description="Accepted for compatibility; Snark serves one model.")
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="A text, a list of texts, token ids, or a list of token-id lists; no chat template is applied."
+        description="A text, a list of texts, token ids, or a list of token-id lists; no chat template is applied.",
+        json_schema_extra={
+            "anyOf": [_TEXT, _non_empty_list(_TEXT), _non_empty_list(_ID), _non_empty_list(_non_empty_list(_ID))]
+        },
     )
-    max_tokens: int | None = Field(16, ge=0, description="OpenAI's default 16; 0 with echo scores the prompt only.")
+    max_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Default: OpenAI's 16, or the server's limit if lower; 0 with echo scores the prompt only.",
+        json_schema_extra=up_to("max_new_tokens_limit"),
+    )
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default: the model's.")
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="0 or -1: no top-k cut (vLLM extension).")
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="Choice i samples with seed + i.")
-    stop: str | list[str] | None = Field(None, description="Up to 16 strings; the answer ends before the first.")
+    stop: str | list[str] | None = Field(
+        None,
+        description="Up to 16 strings; the answer ends before the first.",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+                {"type": "null"},
+            ]
+        },
+    )
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="HF-style (vLLM extension).")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     ignore_eos: bool = Field(False, description="Run to max_tokens past end-of-turn (vLLM extension).")
-    n: int = Field(1, ge=1, description="Choices per prompt, at most SNARK_MAX_N.")
+    n: int = Field(1, ge=1, description="Choices per prompt, at most SNARK_MAX_N.", json_schema_extra=up_to("max_n"))
     echo: bool = Field(False, description="Put the prompt before each answer (and its tokens in logprobs).")
     logprobs: int | None = Field(
-        None, ge=0, description=f"0 to {MAX_LOGPROBS}: each token's log-probability and this many alternatives."
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description=f"0 to {MAX_LOGPROBS}: each token's log-probability and this many alternatives.",
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema with a schema.")
     cache_salt: str | None = Field(None, min_length=1, max_length=256, description="As chat (vLLM extension).")
     # Refused when they ask for something Snark does not do:
-    suffix: str | None = None
+    suffix: str | None = Field(None, json_schema_extra={"anyOf": [{"type": "null"}]})
     best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, json_schema_extra={"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}]}
+    )
 
     def check_supported(self, settings: Settings) -> None:
         """Raise ``InvalidRequest`` naming the field for what Snark cannot honour."""
@@ -149,7 +182,7 @@ class CompletionRequest(Lenient):
         return resolve_sampling(
             settings,
             defaults,
-            max_new_tokens=self.max_tokens,
+            max_new_tokens=self.max_tokens if self.max_tokens is not None else min(16, settings.max_new_tokens_limit),
             param="max_tokens",
             temperature=self.temperature,
             top_p=self.top_p,

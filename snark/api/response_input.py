@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
+from snark.api.image_resolution import ImageResolution
 from snark.api.lenient import Lenient
 from snark.api.messages import (
     AssistantToolCall,
@@ -135,11 +136,18 @@ class ChatInput:
         max_images: int,
         videos: VideoLoader,
         video_options: VideoOptions | None,
+        image_resolution: ImageResolution | None = None,
     ) -> list[ChatTurn]:
-        """The chat turns, images and videos fetched as chat fetches them."""
+        """The chat turns, images and videos fetched as chat fetches them (each image at the resolution its
+        ``detail`` or pixel bounds ask for, within ``image_resolution``'s caps)."""
         try:
             return await messages_to_turns(
-                self.messages, load_image, max_images=max_images, videos=videos, video_options=video_options
+                self.messages,
+                load_image,
+                max_images=max_images,
+                videos=videos,
+                video_options=video_options,
+                image_resolution=image_resolution,
             )
         except SnarkError as exc:
             raise self.renamed(exc) from None

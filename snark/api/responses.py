@@ -22,9 +22,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationError
+from pydantic.json_schema import JsonDict
 from starlette.background import BackgroundTask
 
 from snark.api.cancellation import until_disconnected
+from snark.api.image_resolution import ImageResolution
 from snark.api.lenient import Lenient
 from snark.api.messages import VideoOptions
 from snark.api.response_input import ChatInput, chat_input
@@ -77,6 +79,8 @@ _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 # ``include`` values that ask for nothing Snark would leave out (it writes no reasoning to include).
 _INCLUDABLE = ("reasoning.encrypted_content",)
+_NULL: JsonDict = {"type": "null"}
+_ONLY_NULL: JsonDict = {"anyOf": [_NULL]}
 _METADATA_LIMITS = (16, 64, 512)  # OpenAI's: pairs, key characters, value characters
 
 
@@ -123,21 +127,42 @@ class ResponsesRequest(Lenient):
     store: bool | None = Field(None, description="Accepted; Snark stores nothing and answers store: false.")
     text: TextConfig | None = Field(None, description="format: text, json_object or json_schema.")
     tools: list[Any] | None = Field(None, description="Function tools: {type: function, name, parameters}.")
-    tool_choice: str | dict | None = Field(None, description="none | auto | required | {type: function, name}.")
+    tool_choice: str | dict | None = Field(
+        None,
+        description="none | auto | required | {type: function, name}.",
+        json_schema_extra={
+            "anyOf": [
+                {"enum": ["none", "auto", "required"]},
+                {
+                    "type": "object",
+                    "properties": {"type": {"const": "function"}, "name": {"type": "string", "minLength": 1}},
+                    "required": ["type", "name"],
+                },
+                _NULL,
+            ]
+        },
+    )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer.")
     metadata: dict[str, str] | None = Field(None, description="Echoed in the response.")
     user: str | None = Field(None, description="Accepted and echoed; not used.")
-    # Refused when they ask for something (see _REFUSED):
-    previous_response_id: str | None = None
-    conversation: str | dict | None = None
-    background: bool | None = None
-    prompt: dict | None = None
-    reasoning: dict | None = None
-    truncation: str | None = None
-    max_tool_calls: int | None = None
-    top_logprobs: int | None = None
-    context_management: list | dict | None = None
-    include: list[str] | None = None
+    # Refused when they ask for something (see _REFUSED); the schema shows the values that pass.
+    previous_response_id: str | None = Field(None, json_schema_extra=_ONLY_NULL)
+    conversation: str | dict | None = Field(None, json_schema_extra=_ONLY_NULL)
+    background: bool | None = Field(None, json_schema_extra={"anyOf": [{"const": False}, _NULL]})
+    prompt: dict | None = Field(None, json_schema_extra=_ONLY_NULL)
+    reasoning: dict | None = Field(
+        None,
+        json_schema_extra={
+            "anyOf": [{"type": "object", "additionalProperties": {"anyOf": [{"const": "none"}, _NULL]}}, _NULL]
+        },
+    )
+    truncation: str | None = Field(None, json_schema_extra={"anyOf": [{"const": "disabled"}, _NULL]})
+    max_tool_calls: int | None = Field(None, json_schema_extra=_ONLY_NULL)
+    top_logprobs: int | None = Field(None, json_schema_extra={"anyOf": [{"const": 0}, _NULL]})
+    context_management: list | dict | None = Field(None, json_schema_extra=_ONLY_NULL)
+    include: list[str] | None = Field(
+        None, json_schema_extra={"anyOf": [{"type": "array", "items": {"enum": list(_INCLUDABLE)}}, _NULL]}
+    )
 
     def check_supported(self) -> None:
         for name, (asks_for_it, message) in _REFUSED.items():
@@ -323,6 +348,7 @@ async def create_response(request: Request, body: ResponsesRequest, state: AppSt
         max_images=settings.max_images_per_request,
         videos=state.videos,
         video_options=body.mm_processor_kwargs,
+        image_resolution=ImageResolution.from_settings(settings),
     )
     prompt = await engine.build_prompt(
         turns, min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels, tools=tools.prompt_tools

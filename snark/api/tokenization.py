@@ -18,6 +18,7 @@ from functools import partial
 from fastapi import APIRouter, Depends
 from pydantic import Field
 
+from snark.api.image_resolution import ImageResolution
 from snark.api.lenient import Lenient
 from snark.api.messages import ChatMessage, VideoOptions, messages_to_turns
 from snark.api.state import AppState, get_state
@@ -36,8 +37,12 @@ class TokenizeRequest(Lenient):
     return_token_strs: bool = Field(False, description="Also answer each token as the vocabulary spells it.")
     tools: list[ToolDefinition] | None = Field(None, description="With messages: the functions chat would offer.")
     mm_processor_kwargs: VideoOptions | None = Field(None, description="With messages: how videos are sampled.")
-    add_generation_prompt: bool = Field(True, description="With messages: only true (the assistant's turn opened).")
-    continue_final_message: bool = Field(False, description="With messages: only false.")
+    add_generation_prompt: bool = Field(
+        True, description="With messages: only true (the assistant's turn opened).", json_schema_extra={"const": True}
+    )
+    continue_final_message: bool = Field(
+        False, description="With messages: only false.", json_schema_extra={"const": False}
+    )
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -59,7 +64,10 @@ class TokenizeRequest(Lenient):
 
 class DetokenizeRequest(Lenient):
     model: str | None = Field(None, description="Accepted for compatibility; Snark serves one model.")
-    tokens: list[int] = Field(description="Token ids of this model's vocabulary.")
+    tokens: list[int] = Field(
+        description="Token ids of this model's vocabulary.",
+        json_schema_extra={"type": "array", "items": {"type": "integer", "minimum": 0}},
+    )
 
 
 @router.post("/tokenize", summary="Token ids of a text or a chat (vLLM's route)")
@@ -77,6 +85,7 @@ async def tokenize(body: TokenizeRequest, state: AppState = Depends(get_state)) 
             max_images=settings.max_images_per_request,
             videos=state.videos,
             video_options=body.mm_processor_kwargs,
+            image_resolution=ImageResolution.from_settings(settings),
         )
         prompt = await engine.build_prompt(
             turns, min_pixels=settings.min_image_pixels, max_pixels=settings.max_image_pixels, tools=tools.prompt_tools
