@@ -122,3 +122,28 @@ def test_bad_values_are_a_400_naming_the_field(http, image_url, part, param):
     reply = ask(http, SMALL, image_url, **part)
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == param
+
+
+def test_responses_and_tokenize_give_an_image_the_resolution_it_asks_for(http):
+    """/v1/responses' input_image and /tokenize's chat messages take chat's per-image resolution."""
+    chat = {level: prompt_tokens(http, LARGE, {"detail": level}) for level in ("low", "high")}
+    assert chat["low"] < chat["high"]
+    for level in ("low", "high"):
+        image = {"type": "input_image", "image_url": png_uri(LARGE), "detail": level}
+        response = http.post(
+            "/v1/responses",
+            json={
+                "input": [{"role": "user", "content": [image, {"type": "input_text", "text": "What is it?"}]}],
+                "max_output_tokens": 1,
+                "temperature": 0,
+            },
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["input_tokens"] == chat[level]
+        part = {"type": "image_url", "image_url": {"url": png_uri(LARGE), "detail": level}}
+        counted = http.post(
+            "/tokenize",
+            json={"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}]},
+        )
+        assert counted.status_code == 200, counted.text
+        assert counted.json()["count"] == chat[level]
