@@ -26,7 +26,7 @@ from snark.api.lenient import Lenient
 from snark.api.openapi import up_to
 from snark.api.protocol import StreamOptions
 from snark.api.replies import sse_stream
-from snark.api.sampling import resolve_sampling
+from snark.api.sampling import refuse_stop_beside, resolve_sampling, stop_strings
 from snark.api.state import AppState, get_state
 from snark.api.streaming import STREAM_HEADERS
 from snark.api.tools_and_formats import ResponseFormat, response_format_output
@@ -168,17 +168,9 @@ class CompletionRequest(Lenient):
                 f"once (SNARK_MAX_WAITING_REQUESTS={settings.max_waiting_requests}): send fewer per request.",
                 param="prompt",
             )
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if len(stops) > 16:
-            raise InvalidRequest(f"stop has {len(stops)} strings; send at most 16.", param="stop")
+        stops = stop_strings(self.stop)
         structure = response_format_output(self.response_format, settings)
-        if structure is not None and stops:
-            raise InvalidRequest(
-                "stop cannot be combined with response_format: a stop string could cut the JSON short; the answer "
-                "already ends where its schema ends.",
-                param="stop",
-                code="unsupported_parameter",
-            )
+        refuse_stop_beside(structure, stops, "response_format")
         return resolve_sampling(
             settings,
             defaults,

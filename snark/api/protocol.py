@@ -22,7 +22,7 @@ from snark.api.lenient import Lenient
 from snark.api.logprobs import MAX_TOP_LOGPROBS
 from snark.api.messages import ChatMessage, VideoOptions, messages_to_turns
 from snark.api.openapi import up_to
-from snark.api.sampling import resolve_sampling
+from snark.api.sampling import refuse_stop_beside, resolve_sampling, stop_strings
 from snark.api.tools_and_formats import (
     TOOL_CHOICE_SCHEMA,
     ResponseFormat,
@@ -192,9 +192,7 @@ class ChatCompletionRequest(Lenient):
                 f"n={self.n} is over this server's limit of {settings.max_n} choices (SNARK_MAX_N): ask for fewer.",
                 param="n",
             )
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if len(stops) > 16:
-            raise InvalidRequest(f"stop has {len(stops)} strings; send at most 16.", param="stop")
+        stops = stop_strings(self.stop)
 
         structure = response_format_output(self.response_format, settings)
         if structure is not None and tools.active:
@@ -205,13 +203,7 @@ class ChatCompletionRequest(Lenient):
                 code="unsupported_parameter",
             )
         structure = structure or tools.output()
-        if structure is not None and stops:
-            raise InvalidRequest(
-                "stop cannot be combined with response_format or tools: a stop string could cut the JSON or the "
-                "call short; the answer already ends where its schema ends.",
-                param="stop",
-                code="unsupported_parameter",
-            )
+        refuse_stop_beside(structure, stops, "response_format or tools")
         param, max_new = "max_tokens", self.max_tokens
         if self.max_completion_tokens is not None:
             param, max_new = "max_completion_tokens", self.max_completion_tokens

@@ -31,7 +31,7 @@ from snark.api.lenient import Lenient
 from snark.api.messages import VideoOptions
 from snark.api.response_input import ChatInput, chat_input
 from snark.api.response_output import ResponseReply, response_stream
-from snark.api.sampling import resolve_sampling
+from snark.api.sampling import refuse_stop_beside, resolve_sampling, stop_strings
 from snark.api.state import AppState, get_state
 from snark.api.streaming import STREAM_HEADERS
 from snark.api.tools_and_formats import FunctionDefinition, NamedToolChoice, ToolDefinition, ToolUse
@@ -206,9 +206,7 @@ class ResponsesRequest(Lenient):
     def to_sampling_params(self, settings: Settings, defaults: SamplingParams, tools: ToolUse) -> SamplingParams:
         """Engine parameters; where the request is silent, ``defaults`` (the model's generation config)."""
         self.check_supported()
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if len(stops) > 16:
-            raise InvalidRequest(f"stop has {len(stops)} strings; send at most 16.", param="stop")
+        stops = stop_strings(self.stop)
         structure = self._text_output(settings)
         if structure is not None and tools.active:
             raise InvalidRequest(
@@ -218,13 +216,7 @@ class ResponsesRequest(Lenient):
                 code="unsupported_parameter",
             )
         structure = structure or tools.output()
-        if structure is not None and stops:
-            raise InvalidRequest(
-                "stop cannot be combined with text.format or tools: a stop string could cut the JSON or the call "
-                "short; the answer already ends where its schema ends.",
-                param="stop",
-                code="unsupported_parameter",
-            )
+        refuse_stop_beside(structure, stops, "text.format or tools")
         return resolve_sampling(
             settings,
             defaults,

@@ -11,7 +11,30 @@ from __future__ import annotations
 
 from snark.config import Settings
 from snark.errors import InvalidRequest
-from snark.values import SamplingParams
+from snark.values import SamplingParams, StructuredOutput
+
+MAX_STOP_STRINGS = 16  # as OpenAI
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """``stop`` as a tuple of at most 16 strings."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"stop has {len(stops)} strings; send at most {MAX_STOP_STRINGS}.", param="stop")
+    return stops
+
+
+def refuse_stop_beside(structure: StructuredOutput | None, stops: tuple[str, ...], constrained_by: str) -> None:
+    """A constrained answer ends where its schema ends, and a stop string could cut it short: refuse
+    both together, naming what constrains it (``constrained_by``: the request's field names)."""
+    if structure is not None and stops:
+        cut = "the JSON or the call" if "tools" in constrained_by else "the JSON"
+        raise InvalidRequest(
+            f"stop cannot be combined with {constrained_by}: a stop string could cut {cut} short; the answer "
+            "already ends where its schema ends.",
+            param="stop",
+            code="unsupported_parameter",
+        )
 
 
 def resolve_sampling(
